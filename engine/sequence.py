@@ -1,0 +1,96 @@
+"""A request's state inside the engine.
+
+There are no prefill and decode phases: a sequence has `num_tokens` (prompt + output so far)
+and `num_computed_tokens` whose KV is in the cache, and each step computes some of the gap.
+Chunked prefill, prefix-cache hits, resumption after preemption and imported KV are all just
+different ways of moving `num_computed_tokens`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from splitserve.engine.hashing import BlockHash, block_hashes
+from splitserve.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = None
+
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id or string that ended it
+
+    # KV state, owned by the block manager
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_registered_blocks: int = 0
+    num_cached_prompt_tokens: int = 0  # prefix-cache hit on first admission
+    num_preemptions: int = 0
+    _hashes: list[BlockHash] = field(default_factory=list)
+
+    # what the engine has already reported to the caller
+    num_reported_tokens: int = 0
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def block_hashes(self, block_size: int, namespace: bytes) -> list[BlockHash]:
+        """Hashes of all full blocks so far, extended incrementally as tokens arrive."""
+        start = len(self._hashes)
+        if (start + 1) * block_size <= self.num_tokens:
+            parent = self._hashes[-1] if self._hashes else None
+            self._hashes += block_hashes(
+                self.all_token_ids, block_size, namespace, self.cache_salt, start, parent
+            )
+        return self._hashes
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: the KV is gone, the tokens are not."""
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_preemptions += 1
