@@ -1,0 +1,205 @@
+"""KV tensors as bytes that can cross a process boundary safely: never pickle.
+
+Two uses, one set of rules (a whitelist of dtypes, shapes checked against what the receiver
+expects *before* anything is allocated, a checksum over the bytes):
+
+- **Block payloads** for the kvstore: one block of every layer, self-describing
+  (magic, version, dtype, shape, the block's key, CRC-32, raw bytes). A payload whose key or
+  checksum doesn't match is a miss, never a wrong answer.
+- **Transfers** from prefill to decode: a header (dtype, shape, byte count, CRC-32) and the raw
+  bytes cut into chunks of at most 4 MiB, reassembled by `KVAssembler`.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+MAGIC = b"SSKV"
+VERSION = 1
+CHUNK_BYTES = 4 * 1024 * 1024
+MAX_TRANSFER_BYTES = 4 * 1024**3
+
+DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int8: 4, torch.uint8: 5}
+DTYPE_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+
+
+class KVCodecError(ValueError):
+    """Bytes that don't describe the tensor the receiver expects."""
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def bytes_to_tensor(
+    data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: Sequence[int]
+) -> torch.Tensor:
+    expected = _numel(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise KVCodecError(f"{len(data)} bytes for shape {tuple(shape)} {dtype}: want {expected}")
+    if expected == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return flat.view(dtype).reshape(tuple(shape))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        if s < 0:
+            raise KVCodecError(f"negative dimension in {tuple(shape)}")
+        n *= s
+    return n
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype_name(name: str) -> torch.dtype:
+    if name not in DTYPE_NAMES:
+        raise KVCodecError(f"KV dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+# ---- kvstore block payloads -----------------------------------------------------------------
+_HEAD = struct.Struct("<4sBBB")  # magic, version, dtype code, ndim
+
+
+def encode_block(key: bytes, block: torch.Tensor) -> bytes:
+    """One block's KV (any shape) with its key and checksum."""
+    if block.dtype not in DTYPE_CODES:
+        raise KVCodecError(f"unsupported KV dtype {block.dtype}")
+    data = tensor_bytes(block)
+    shape = struct.pack(f"<{block.dim()}I", *block.shape)
+    return b"".join(
+        (
+            _HEAD.pack(MAGIC, VERSION, DTYPE_CODES[block.dtype], block.dim()),
+            shape,
+            struct.pack("<H", len(key)),
+            key,
+            struct.pack("<I", zlib.crc32(data)),
+            data,
+        )
+    )
+
+
+def decode_block(
+    payload: bytes, key: bytes, dtype: torch.dtype, shape: Sequence[int]
+) -> torch.Tensor:
+    """The block, or KVCodecError if the payload isn't exactly what `key` should hold."""
+    try:
+        magic, version, code, ndim = _HEAD.unpack_from(payload, 0)
+        off = _HEAD.size
+        got_shape = struct.unpack_from(f"<{ndim}I", payload, off)
+        off += 4 * ndim
+        (klen,) = struct.unpack_from("<H", payload, off)
+        got_key = payload[off + 2 : off + 2 + klen]
+        off += 2 + klen
+        (crc,) = struct.unpack_from("<I", payload, off)
+        data = memoryview(payload)[off + 4 :]
+    except struct.error as exc:
+        raise KVCodecError(f"truncated KV payload: {exc}") from None
+    if magic != MAGIC or version != VERSION:
+        raise KVCodecError("not a splitserve KV payload (bad magic or version)")
+    if got_key != key:
+        raise KVCodecError("KV payload was stored under another key")
+    if DTYPE_BY_CODE.get(code) != dtype or tuple(got_shape) != tuple(shape):
+        raise KVCodecError(
+            f"KV payload is {tuple(got_shape)} {DTYPE_BY_CODE.get(code)}, "
+            f"expected {tuple(shape)} {dtype}"
+        )
+    if zlib.crc32(data) != crc:
+        raise KVCodecError("KV payload checksum mismatch")
+    return bytes_to_tensor(data, dtype, shape)
+
+
+# ---- prefill -> decode transfers ------------------------------------------------------------
+@dataclass(frozen=True)
+class TransferHeader:
+    dtype: str
+    shape: tuple[int, ...]
+    num_tokens: int
+    total_bytes: int
+    crc32: int
+
+
+def split_transfer(
+    kv: torch.Tensor, num_tokens: int, chunk_bytes: int = CHUNK_BYTES
+) -> tuple[TransferHeader, Iterator[tuple[int, bytes]]]:
+    """A header and (offset, bytes) chunks of at most `chunk_bytes` each."""
+    data = tensor_bytes(kv)
+    header = TransferHeader(
+        dtype_name(kv.dtype), tuple(kv.shape), num_tokens, len(data), zlib.crc32(data)
+    )
+
+    def chunks() -> Iterator[tuple[int, bytes]]:
+        for off in range(0, len(data), chunk_bytes):
+            yield off, data[off : off + chunk_bytes]
+
+    return header, chunks()
+
+
+class KVAssembler:
+    """Reassembles one transfer; validates the header against what the receiver can accept."""
+
+    def __init__(
+        self,
+        header: TransferHeader,
+        expected_dtype: torch.dtype,
+        cache_shape: Sequence[int],
+        max_bytes: int = MAX_TRANSFER_BYTES,
+    ) -> None:
+        """`cache_shape`: the receiver's pool, (layers, 2, num_blocks, block_size, kvh, hd)."""
+        dtype = parse_dtype_name(header.dtype)
+        if dtype != expected_dtype:
+            raise KVCodecError(
+                f"KV dtype {header.dtype} does not match this worker's {dtype_name(expected_dtype)}"
+            )
+        shape, pool = tuple(header.shape), tuple(cache_shape)
+        if (
+            len(shape) != len(pool)
+            or shape[:2] + shape[3:] != pool[:2] + pool[3:]
+            or not 0 < shape[2] <= pool[2]
+        ):
+            raise KVCodecError(f"KV shape {shape} does not fit this worker's cache {pool}")
+        nbytes = _numel(shape) * dtype.itemsize
+        if nbytes != header.total_bytes or nbytes > max_bytes:
+            raise KVCodecError(
+                f"KV transfer declares {header.total_bytes} bytes; shape needs "
+                f"{nbytes} (limit {max_bytes})"
+            )
+        self.header, self.dtype = header, dtype
+        self._buf = bytearray(nbytes)
+        self._received = 0
+
+    def add(self, offset: int, data: bytes) -> None:
+        if offset != self._received or offset + len(data) > len(self._buf):
+            raise KVCodecError(f"KV chunk at offset {offset} (+{len(data)}) out of order")
+        self._buf[offset : offset + len(data)] = data
+        self._received += len(data)
+
+    def finish(self) -> torch.Tensor:
+        if self._received != len(self._buf):
+            raise KVCodecError(
+                f"KV transfer ended after {self._received} of {len(self._buf)} bytes"
+            )
+        if zlib.crc32(self._buf) != self.header.crc32:
+            raise KVCodecError("KV transfer checksum mismatch")
+        return (
+            torch.frombuffer(self._buf, dtype=torch.uint8)
+            .view(self.dtype)
+            .reshape(self.header.shape)
+        )

@@ -1,0 +1,68 @@
+"""OpenTelemetry tracing, with context carried in gRPC metadata across every hop.
+
+The exporter is chosen by `SPLITSERVE_OTEL_EXPORTER`: `none` (default: spans are created but
+dropped cheaply), `console`, or `otlp` (endpoint from the standard `OTEL_EXPORTER_OTLP_ENDPOINT`).
+
+    init_tracing("router")
+    with tracer().start_as_current_span("router.generate"):
+        metadata = inject_metadata()          # pass as `metadata=` on the outgoing call
+    ...
+    with tracer().start_as_current_span("decode.generate", context=extract_context(ctx)):
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+
+log = logging.getLogger("splitserve")
+_TRACER_NAME = "splitserve"
+
+
+def init_tracing(
+    service_name: str, exporter: str | None = None, span_exporter: SpanExporter | None = None
+) -> None:
+    """Install a tracer provider for this process. `span_exporter` overrides (tests)."""
+    kind = (exporter or os.environ.get("SPLITSERVE_OTEL_EXPORTER", "none")).lower()
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if span_exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    elif kind == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    elif kind == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    elif kind != "none":
+        raise ValueError(f"SPLITSERVE_OTEL_EXPORTER={kind!r}: use none, console or otlp")
+    trace.set_tracer_provider(provider)
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(_TRACER_NAME)
+
+
+def inject_metadata(extra: Sequence[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying the current span context (W3C traceparent)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return (*extra, *carrier.items())
+
+
+def extract_context(grpc_context) -> otel_context.Context:
+    """The caller's trace context from an incoming grpc.aio call's metadata."""
+    metadata = grpc_context.invocation_metadata() or ()
+    carrier = {k: v for k, v in metadata if isinstance(v, str)}
+    return propagate.extract(carrier)
