@@ -36,6 +36,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) long: where each token's K/V goes in the flat pool
     num_decodes: int = 0
     decode_block_tables: torch.Tensor | None = None  # (D, max_blocks) long
+    decode_context_lens: torch.Tensor | None = None  # (D,) long, including the new token
     decode_mask: torch.Tensor | None = None  # (D, 1, 1, max_blocks * block_size) bool
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -65,6 +66,7 @@ class AttentionMetadata:
             padded = [t + [0] * (max_blocks - len(t)) for t in block_tables[:num_decodes]]
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
             lens = torch.tensor([c + 1 for c in num_cached[:num_decodes]], device=device)
+            meta.decode_context_lens = lens
             positions = torch.arange(max_blocks * block_size, device=device)
             meta.decode_mask = (positions[None, :] < lens[:, None])[:, None, None, :]
         start = num_decodes
@@ -119,22 +121,29 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     return blocks.view(*block_table.shape[:-1], -1, *cache.shape[-2:])
 
 
-def torch_paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Decodes by gathering blocks into a padded batch and one masked SDPA."""
+    keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)  # (D, kvh, L, hd)
+    values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        keys,
+        values,
+        attn_mask=meta.decode_mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != keys.shape[1],
+    ).squeeze(2)
+
+
+def torch_paged_attention(
+    q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, decode=torch_decode
+):
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     d = meta.num_decodes
     if d:
-        keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)  # (D, kvh, L, hd)
-        values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
-        out[:d] = F.scaled_dot_product_attention(
-            q[:d].unsqueeze(2),
-            keys,
-            values,
-            attn_mask=meta.decode_mask,
-            scale=scale,
-            enable_gqa=gqa,
-        ).squeeze(2)
+        out[:d] = decode(q[:d], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         sl = slice(chunk.start, chunk.start + chunk.num_tokens)
         qc = q[sl].transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)

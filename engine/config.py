@@ -152,6 +152,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget; prefills are chunked to fit
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # "torch", "cpp" (CPU kernel), or "auto"
     num_threads: int | None = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)

@@ -5,27 +5,26 @@ expects *before* anything is allocated, a checksum over the bytes):
 
 - **Block payloads** for the kvstore: one block of every layer, self-describing
   (magic, version, dtype, shape, the block's key, CRC-32, raw bytes). A payload whose key or
-  checksum doesn't match is a miss, never a wrong answer.
+  checksum doesn't match is a miss, never a wrong answer. The format itself lives in
+  `kv_payload`, torch-free, so the kvstore checks values with exactly the same code.
 - **Transfers** from prefill to decode: a header (dtype, shape, byte count, CRC-32) and the raw
   bytes cut into chunks of at most 4 MiB, reassembled by `KVAssembler`.
 """
 
 from __future__ import annotations
 
-import struct
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-MAGIC = b"SSKV"
-VERSION = 1
+from splitserve.engine import kv_payload
+from splitserve.engine.kv_payload import MAGIC, VERSION, KVPayloadError  # noqa: F401 (re-exported)
+
 CHUNK_BYTES = 4 * 1024 * 1024
 MAX_TRANSFER_BYTES = 4 * 1024**3
 
-DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int8: 4, torch.uint8: 5}
-DTYPE_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
 DTYPE_NAMES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -33,10 +32,13 @@ DTYPE_NAMES = {
     "int8": torch.int8,
     "uint8": torch.uint8,
 }
+# The stored codes are kv_payload's, so torch-free readers (the kvstore) agree with us.
+DTYPE_CODES = {DTYPE_NAMES[name]: code for name, code in kv_payload.DTYPE_CODES.items()}
+DTYPE_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
 
-
-class KVCodecError(ValueError):
-    """Bytes that don't describe the tensor the receiver expects."""
+# One error type for every malformed-KV path, so `except KVCodecError` also catches the
+# payload checks that kv_payload makes.
+KVCodecError = KVPayloadError
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -75,24 +77,12 @@ def parse_dtype_name(name: str) -> torch.dtype:
 
 
 # ---- kvstore block payloads -----------------------------------------------------------------
-_HEAD = struct.Struct("<4sBBB")  # magic, version, dtype code, ndim
-
-
 def encode_block(key: bytes, block: torch.Tensor) -> bytes:
     """One block's KV (any shape) with its key and checksum."""
     if block.dtype not in DTYPE_CODES:
         raise KVCodecError(f"unsupported KV dtype {block.dtype}")
-    data = tensor_bytes(block)
-    shape = struct.pack(f"<{block.dim()}I", *block.shape)
-    return b"".join(
-        (
-            _HEAD.pack(MAGIC, VERSION, DTYPE_CODES[block.dtype], block.dim()),
-            shape,
-            struct.pack("<H", len(key)),
-            key,
-            struct.pack("<I", zlib.crc32(data)),
-            data,
-        )
+    return kv_payload.encode_payload(
+        key, dtype_name(block.dtype), tuple(block.shape), tensor_bytes(block)
     )
 
 
@@ -100,30 +90,12 @@ def decode_block(
     payload: bytes, key: bytes, dtype: torch.dtype, shape: Sequence[int]
 ) -> torch.Tensor:
     """The block, or KVCodecError if the payload isn't exactly what `key` should hold."""
-    try:
-        magic, version, code, ndim = _HEAD.unpack_from(payload, 0)
-        off = _HEAD.size
-        got_shape = struct.unpack_from(f"<{ndim}I", payload, off)
-        off += 4 * ndim
-        (klen,) = struct.unpack_from("<H", payload, off)
-        got_key = payload[off + 2 : off + 2 + klen]
-        off += 2 + klen
-        (crc,) = struct.unpack_from("<I", payload, off)
-        data = memoryview(payload)[off + 4 :]
-    except struct.error as exc:
-        raise KVCodecError(f"truncated KV payload: {exc}") from None
-    if magic != MAGIC or version != VERSION:
-        raise KVCodecError("not a splitserve KV payload (bad magic or version)")
-    if got_key != key:
-        raise KVCodecError("KV payload was stored under another key")
-    if DTYPE_BY_CODE.get(code) != dtype or tuple(got_shape) != tuple(shape):
+    header = kv_payload.verify_payload(payload, key)
+    if DTYPE_NAMES[header.dtype] != dtype or header.shape != tuple(shape):
         raise KVCodecError(
-            f"KV payload is {tuple(got_shape)} {DTYPE_BY_CODE.get(code)}, "
-            f"expected {tuple(shape)} {dtype}"
+            f"KV payload is {header.shape} {header.dtype}, expected {tuple(shape)} {dtype}"
         )
-    if zlib.crc32(data) != crc:
-        raise KVCodecError("KV payload checksum mismatch")
-    return bytes_to_tensor(data, dtype, shape)
+    return bytes_to_tensor(kv_payload.payload_data(payload, header), dtype, shape)
 
 
 # ---- prefill -> decode transfers ------------------------------------------------------------

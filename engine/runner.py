@@ -12,12 +12,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from splitserve.engine.attention import (
-    AttentionMetadata,
-    PagedAttentionBackend,
-    torch_paged_attention,
-)
+from splitserve.engine.attention import AttentionMetadata, PagedAttentionBackend
 from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
+from splitserve.engine.cpu_attention import select_backend
 from splitserve.engine.model import LlamaModel
 from splitserve.engine.outputs import KVExport
 from splitserve.engine.sequence import Sequence
@@ -46,14 +43,14 @@ class ModelRunner:
         engine_cfg: EngineConfig,
         tensors: Iterable[tuple[str, torch.Tensor]] | None,
         num_tensors: int = 0,
-        backend: PagedAttentionBackend = torch_paged_attention,
+        backend: PagedAttentionBackend | None = None,
     ) -> None:
         self.cfg = model_cfg
         self.dtype = parse_dtype(engine_cfg.dtype)
         self.device = torch.device(engine_cfg.device)
         self.block_size = engine_cfg.block_size
         self.max_model_len = engine_cfg.max_model_len or model_cfg.max_position_embeddings
-        self.backend = backend
+        self.backend = backend or select_backend(engine_cfg.attention_backend, self.device)
         torch.manual_seed(engine_cfg.seed)  # only matters for random-weight test models
         with torch.device(self.device):
             model = LlamaModel(model_cfg, max_positions=self.max_model_len)

@@ -1,0 +1,238 @@
+"""The prefill workers' client for the kvstore: a cache that may be down, so never a dependency.
+
+Every call has a deadline, and any failure (unreachable, slow, an error status) becomes a miss:
+the worker recomputes instead of failing. After a failure the client stays away for `backoff_s`
+(calls return misses at once, without an RPC) so a dead store costs nothing per request, and it
+logs the outage once, not once per call. `put_background` queues writes on a bounded queue and
+drops them when it is full: storing a block is never worth delaying a request.
+
+    client = KVStoreClient("127.0.0.1:50060")
+    n = await client.match(keys)              # leading keys present
+    payloads = await client.get(keys[:n])     # bytes or None, in order
+    client.put_background([(key, payload)])   # fire and forget
+    await client.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from splitserve.services.server import CHANNEL_OPTIONS
+from splitserve.services.tracing import inject_metadata
+from splitserve.v1 import pb, rpc
+
+log = logging.getLogger("splitserve")
+
+MAX_KEYS_PER_REQUEST = 4096  # the kvstore's default limit
+# gRPC's reconnect backoff grows to 120 s by default: after a long outage the store would stay
+# unused for up to two minutes after it came back. A cache is worth reconnecting to promptly.
+_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", 5_000)]
+
+
+@dataclass
+class KVClientCounters:
+    hits: int = 0
+    misses: int = 0
+    bytes_fetched: int = 0
+    errors: int = 0  # failed RPCs
+    skipped: int = 0  # calls answered as misses without an RPC while backing off
+    puts: int = 0  # blocks the store accepted
+    dropped_puts: int = 0  # blocks dropped: queue full, store down, or the put failed
+
+
+class KVStoreClient:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 0.5,
+        backoff_s: float = 2.0,
+        put_timeout_s: float = 2.0,
+        queue_size: int = 64,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.put_timeout_s = put_timeout_s
+        self.counters = KVClientCounters()
+        self._queue_size = queue_size
+        self._queue: asyncio.Queue[list[tuple[bytes, bytes]]] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: rpc.KVStoreStub | None = None
+        self._down_until = 0.0
+        self._is_down = False
+
+    # ---- health ---------------------------------------------------------------------------
+    @property
+    def is_healthy(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _skip(self) -> bool:
+        """True when backing off: the call should answer a miss without an RPC."""
+        if self.is_healthy:
+            return False
+        self.counters.skipped += 1
+        return True
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.counters.errors += 1
+        self._down_until = time.monotonic() + self.backoff_s
+        if not self._is_down:
+            self._is_down = True
+            log.warning(
+                "kvstore %s: %s failed (%s); treating it as empty for %.1fs at a time "
+                "until it answers again",
+                self.address,
+                what,
+                _describe(exc),
+                self.backoff_s,
+            )
+
+    def _succeeded(self) -> None:
+        if self._is_down:
+            self._is_down = False
+            log.info("kvstore %s: answering again", self.address)
+
+    def _rpc(self) -> rpc.KVStoreStub:
+        # Created on first use, inside the event loop the channel will belong to.
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self._stub = rpc.KVStoreStub(self._channel)
+        return self._stub
+
+    # ---- reads ----------------------------------------------------------------------------
+    async def match(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys the store holds; 0 when it is down or slow."""
+        if not keys or self._skip():
+            return 0
+        request = pb.MatchRequest(keys=keys[:MAX_KEYS_PER_REQUEST])
+        try:
+            response = await self._rpc().Match(
+                request, timeout=self.timeout_s, metadata=inject_metadata()
+            )
+        except (grpc.RpcError, OSError) as exc:
+            self._failed("Match", exc)
+            return 0
+        self._succeeded()
+        return response.num_matched
+
+    async def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Payloads in key order, None for a miss; what arrived before a failure is kept."""
+        out: dict[bytes, bytes] = {}
+        if keys and not self._skip():
+            try:
+                await self._fetch(keys[:MAX_KEYS_PER_REQUEST], out)
+            except (grpc.RpcError, OSError) as exc:
+                self._failed("Get", exc)
+            else:
+                self._succeeded()
+        values = [out.get(k) for k in keys]
+        self._count_reads(values)
+        return values
+
+    async def _fetch(self, keys: Sequence[bytes], out: dict[bytes, bytes]) -> None:
+        # One deadline for the whole stream: past it, recomputing is the faster path anyway.
+        call = self._rpc().Get(
+            pb.GetRequest(keys=keys), timeout=self.timeout_s, metadata=inject_metadata()
+        )
+        async for block in call:
+            if not block.missing:
+                out[block.key] = block.payload
+
+    def _count_reads(self, values: list[bytes | None]) -> None:
+        hits = [v for v in values if v is not None]
+        self.counters.hits += len(hits)
+        self.counters.misses += len(values) - len(hits)
+        self.counters.bytes_fetched += sum(len(v) for v in hits)
+
+    # ---- writes ---------------------------------------------------------------------------
+    async def put(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+        """Stores (key, payload) pairs; returns how many the store accepted (0 on failure)."""
+        if not items:
+            return 0
+        if self._skip():
+            self.counters.dropped_puts += len(items)
+            return 0
+        try:
+            response = await self._rpc().Put(
+                _blocks(items), timeout=self.put_timeout_s, metadata=inject_metadata()
+            )
+        except (grpc.RpcError, OSError) as exc:
+            self._failed("Put", exc)
+            self.counters.dropped_puts += len(items)
+            return 0
+        self._succeeded()
+        self.counters.puts += response.num_stored
+        return response.num_stored
+
+    def put_background(self, items: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Queues a put without waiting; False (and dropped) when the queue is full."""
+        if not items:
+            return True
+        queue = self._writer_queue()
+        try:
+            queue.put_nowait(list(items))
+        except asyncio.QueueFull:
+            self.counters.dropped_puts += len(items)
+            return False
+        return True
+
+    def _writer_queue(self) -> asyncio.Queue[list[tuple[bytes, bytes]]]:
+        if self._queue is None:
+            self._queue = asyncio.Queue(self._queue_size)
+            self._writer = asyncio.create_task(self._write_loop(self._queue))
+        return self._queue
+
+    async def _write_loop(self, queue: asyncio.Queue[list[tuple[bytes, bytes]]]) -> None:
+        while True:
+            items = await queue.get()
+            try:
+                await self.put(items)
+            except Exception:  # a bug must not kill the writer and silently stop all puts
+                log.exception("kvstore %s: background put failed", self.address)
+                self.counters.dropped_puts += len(items)
+            finally:
+                queue.task_done()
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        """Waits for queued puts to be sent (or dropped); False if that took over timeout_s."""
+        if self._queue is None:
+            return True
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stops the background writer (queued puts are dropped) and closes the channel."""
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                self.counters.dropped_puts += len(self._queue.get_nowait())
+            self._queue = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel, self._stub = None, None
+
+
+def _blocks(items: Sequence[tuple[bytes, bytes]]) -> Iterator[pb.BlockPayload]:
+    for key, payload in items:
+        yield pb.BlockPayload(key=key, payload=payload)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
