@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from splitserve.engine.config import EngineConfig
+if TYPE_CHECKING:  # torch is heavy: keep `splitserve --help` fast
+    from splitserve.engine.config import EngineConfig
 
 MIB = 1024 * 1024
 
@@ -42,6 +44,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    from splitserve.engine.config import EngineConfig
+
     if args.kv_cache_mib <= 0:
         raise ValueError("--kv-cache-mib must be positive")
     fields = dict(

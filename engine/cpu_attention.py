@@ -36,7 +36,7 @@ def load_kernel():
                 _module = load(
                     "splitserve_paged_decode",
                     [_SOURCE],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
                 )

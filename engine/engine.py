@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.block_manager import BlockManager, PrefixCacheStats
 from splitserve.engine.config import EngineConfig, ModelConfig
-from splitserve.engine.hashing import kv_namespace
+from splitserve.engine.hashing import BlockHash, block_hashes, kv_namespace
 from splitserve.engine.loader import Checkpoint, open_checkpoint
 from splitserve.engine.outputs import (
     EngineStats,
@@ -56,6 +56,15 @@ class _Request:
 
 
 @dataclass
+class _BlockHolder:
+    """Owns blocks for a moment without being a request (see cache_prefix_blocks)."""
+
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_registered_blocks: int = 0
+
+
+@dataclass
 class LLMEngine:
     config: EngineConfig
     model_config: ModelConfig
@@ -63,6 +72,8 @@ class LLMEngine:
     tokenizer: Tokenizer | None = None
     model_id: str = "model"
     _requests: dict[str, _Request] = field(default_factory=dict)
+    # Requests holding blocks for KV that is still in flight (reserve_prefilled).
+    _reserved: dict[str, _Request] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -117,30 +128,15 @@ class LLMEngine:
         params: SamplingParams,
         kv: KVExport,
         cache_salt: str | None = None,
-    ) -> None:
+    ) -> RequestOutput:
         """Adopt a request whose prompt KV was computed elsewhere and decode from there.
 
-        Blocks are reserved before anything is copied; CapacityError if the pool can't hold the
-        prompt now (the caller retries elsewhere or later).
+        CapacityError if the pool can't hold the prompt now (the caller retries elsewhere or
+        later). Returns the first token's output. Services that transfer the KV after
+        reserving call `reserve_prefilled` and `complete_prefilled` themselves.
         """
-        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
-        if kv.num_tokens != len(prompt_token_ids):
-            raise RequestError(
-                f"KV covers {kv.num_tokens} tokens, prompt has {len(prompt_token_ids)}"
-            )
-        if not self.block_manager.allocate_slots(seq, kv.num_tokens):
-            raise CapacityError("not enough free KV blocks to adopt this request now")
-        self.runner.write_blocks(seq.block_table, kv.data)
-        seq.num_computed_tokens = kv.num_tokens
-        self.block_manager.register_full_blocks(
-            seq, seq.block_hashes(self.block_size, self.namespace)
-        )
-        request = _Request(seq, self._stop_checker(seq, params))
-        self._requests[request_id] = request
-        seq.status = SequenceStatus.RUNNING
-        self.scheduler.running.append(seq)
-        seq.first_token_time = time.monotonic()
-        self._append_token(request, first_token_id)  # may finish it at once
+        self.reserve_prefilled(request_id, prompt_token_ids, params, cache_salt)
+        return self.complete_prefilled(request_id, kv, first_token_id)
 
     def abort_request(self, request_id: str) -> bool:
         request = self._requests.pop(request_id, None)
@@ -156,6 +152,127 @@ class LLMEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._requests)
+
+    # ---- disaggregation: blocks first, KV later -------------------------------------------
+    def reserve_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> int:
+        """Take the blocks a remotely prefilled prompt needs *before* its KV is transferred.
+
+        Returns the number of blocks reserved. CapacityError if the pool can't hold the prompt
+        now, so a transfer never starts for KV that has nowhere to go. The reservation ends in
+        exactly one of `complete_prefilled` or `cancel_reserved`.
+        """
+        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
+        request = _Request(seq, self._stop_checker(seq, params))
+        if not self.block_manager.allocate_slots(seq, seq.num_prompt_tokens):
+            raise CapacityError("not enough free KV blocks to adopt this request now")
+        self._reserved[request_id] = request
+        return len(seq.block_table)
+
+    def complete_prefilled(
+        self, request_id: str, kv: KVExport, first_token_id: int
+    ) -> RequestOutput:
+        """Write the transferred KV into the reserved blocks and start decoding.
+
+        Returns the first token's output (which may already be final). On any error the
+        reservation is released and the error re-raised.
+        """
+        request = self._reserved.pop(request_id, None)
+        if request is None:
+            raise RequestError(f"request id {request_id!r} has no reservation")
+        seq = request.seq
+        try:
+            if kv.num_tokens != seq.num_prompt_tokens:
+                raise RequestError(
+                    f"KV covers {kv.num_tokens} tokens, prompt has {seq.num_prompt_tokens}"
+                )
+            if not 0 <= first_token_id < self.model_config.vocab_size:
+                raise RequestError(f"first token id {first_token_id} is outside the vocabulary")
+            self.runner.write_blocks(seq.block_table, kv.data)
+        except Exception:
+            self.block_manager.free(seq)
+            raise
+        seq.num_computed_tokens = kv.num_tokens
+        self.block_manager.register_full_blocks(
+            seq, seq.block_hashes(self.block_size, self.namespace)
+        )
+        self._skip_first_draw(seq)
+        self._requests[request_id] = request
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        seq.first_token_time = time.monotonic()
+        return self._append_token(request, first_token_id)
+
+    def cancel_reserved(self, request_id: str) -> bool:
+        request = self._reserved.pop(request_id, None)
+        if request is None:
+            return False
+        self.block_manager.free(request.seq)
+        return True
+
+    @property
+    def num_reserved_requests(self) -> int:
+        return len(self._reserved)
+
+    def _skip_first_draw(self, seq: Sequence) -> None:
+        # The prefill worker drew the first token from this seed's stream: consume the same
+        # draw (the sampler takes exactly `vocab` exponentials per step) so a seeded request
+        # samples the same tokens disaggregated as it does in one engine.
+        if seq.generator is not None and not seq.params.is_greedy:
+            torch.empty(self.model_config.vocab_size).exponential_(generator=seq.generator)
+
+    # ---- prefix blocks from outside (the kvstore) ----------------------------------------
+    def prompt_block_hashes(
+        self, prompt_token_ids: Seq[int], cache_salt: str | None
+    ) -> list[BlockHash]:
+        """The hash chain of the prompt's full blocks, in this engine's namespace."""
+        return block_hashes(prompt_token_ids, self.block_size, self.namespace, cache_salt)
+
+    def num_cached_prefix_blocks(self, hashes: Seq[BlockHash]) -> int:
+        """How many leading blocks of `hashes` are in the local prefix cache (no stats)."""
+        return len(self._peek_cached_prefix(hashes))
+
+    def cache_prefix_blocks(self, hashes: Seq[BlockHash], data: torch.Tensor) -> int:
+        """Adopt KV fetched from elsewhere as cached, unowned blocks so add_request hits them.
+
+        `hashes` is the chain from block 0; `data` (layers, 2, n, block_size, kv_heads,
+        head_dim) holds its last n blocks, and the blocks before them must be cached here
+        already (otherwise the new ones could never be reached). Returns the number of blocks
+        adopted: 0 when caching is off, the chain is broken or the pool has no room.
+        """
+        n = data.shape[2]
+        start = len(hashes) - n
+        bm = self.block_manager
+        if not self.config.enable_prefix_caching or n <= 0 or start < 0:
+            return 0
+        held = self._peek_cached_prefix(hashes[:start])
+        if len(held) < start:
+            return 0
+        # A placeholder owner pins the cached prefix (so allocating can't evict it) and takes
+        # the new blocks; freeing it leaves them all cached with ref 0, most recent last.
+        holder = _BlockHolder()
+        if not bm.allocate_slots(holder, n * self.block_size, held):
+            return 0
+        try:
+            self.runner.write_blocks(holder.block_table[start:], data)
+            holder.num_computed_tokens = len(hashes) * self.block_size
+            bm.register_full_blocks(holder, hashes)
+        finally:
+            bm.free(holder)
+        return n
+
+    def _peek_cached_prefix(self, hashes: Seq[BlockHash]) -> list[int]:
+        bm = self.block_manager
+        real, bm.stats = bm.stats, PrefixCacheStats()  # a peek is not a query
+        try:
+            return bm.find_cached_prefix(hashes, len(hashes) * self.block_size + 1)
+        finally:
+            bm.stats = real
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -231,8 +348,18 @@ class LLMEngine:
     def _new_sequence(
         self, request_id: str, prompt: Seq[int], params: SamplingParams, cache_salt: str | None
     ) -> Sequence:
-        if request_id in self._requests:
+        if request_id in self._requests or request_id in self._reserved:
             raise RequestError(f"request id {request_id!r} is already running")
+        self.check_request(prompt, params)
+        return Sequence(
+            request_id, list(prompt), params, cache_salt, generator=make_generator(params.seed)
+        )
+
+    def check_request(self, prompt: Seq[int], params: SamplingParams) -> None:
+        """RequestError / SamplingParamsError if the request can never run here.
+
+        Reads only immutable config, so services may call it from any thread before queueing.
+        """
         if not prompt:
             raise RequestError("prompt is empty")
         if len(prompt) >= self.max_model_len:
@@ -244,9 +371,6 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
-        return Sequence(
-            request_id, list(prompt), params, cache_salt, generator=make_generator(params.seed)
-        )
 
     def _stop_checker(self, seq: Sequence, params: SamplingParams) -> StopChecker:
         if params.stop and self.tokenizer is None:

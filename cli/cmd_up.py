@@ -1,0 +1,274 @@
+"""`splitserve up`: the whole mesh as OS processes on this machine, in one terminal.
+
+Starts every launchable service of the topology (kvstore, prefill, decode, router; see
+topology.py) under mesh.py's supervision, prints the endpoints once all report SERVING, and
+stops everything on Ctrl-C / SIGTERM (exit 0; a second Ctrl-C skips the drain). A child that
+dies while up stops the rest (exit 1); a startup failure is one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from splitserve.cli import CLIError
+from splitserve.mesh import GRACE_SECONDS, Console, Mesh, StartupError
+from splitserve.topology import COMPOSE, Topology, render_compose_yaml
+
+DEMO_PROMPT = "What is the capital of France?"
+POLICIES = ("prefix_aware", "round_robin", "least_tokens")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run the whole mesh (kvstore, prefill, decode, router) on this machine",
+        description="Start kvstore, prefill and decode workers and the router as separate "
+        "processes on loopback, wait until each reports SERVING, print the endpoints, and stop "
+        "everything on Ctrl-C.",
+    )
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`up`'s flags alone (tests and Topology.from_args callers)."""
+    p = argparse.ArgumentParser(prog="splitserve up")
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from splitserve.engine_args import add_engine_args
+
+    g = p.add_argument_group("mesh")
+    g.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill workers (1)")
+    g.add_argument("--decode", type=int, default=1, metavar="M", help="decode workers (1)")
+    g.add_argument(
+        "--colocated",
+        action="store_true",
+        help="M colocated workers (prefill and decode in one) instead of the two pools",
+    )
+    g.add_argument(
+        "--redis-url",
+        default=None,
+        help="kvstore keeps blocks in this Redis (yours to run); default: in memory",
+    )
+    g.add_argument("--policy", default="prefix_aware", choices=POLICIES, help="routing policy")
+    g.add_argument("--http-port", type=int, default=8000, help="router HTTP (OpenAI) port")
+    g.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port")
+    g.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="shift every internal port (kvstore, workers, metrics) by this much, to run two "
+        "meshes side by side",
+    )
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--log-dir", default=None, help="write each service's log to DIR/NAME.log")
+    g.add_argument("--timeout", type=float, default=180.0, help="startup timeout, seconds")
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        help="send one chat completion once up, print the answer, then stop everything",
+    )
+    g.add_argument(
+        "--print-compose",
+        action="store_true",
+        help="print the compose file for these flags (Redis backend, container hostnames); "
+        "start nothing",
+    )
+    add_engine_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_compose:
+        sys.stdout.write(render_compose_yaml(Topology.from_args(args, COMPOSE)))
+        return 0
+    return serve(
+        Topology.from_args(args), timeout=args.timeout, demo=args.demo, log_dir=args.log_dir
+    )
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+def serve(
+    topology: Topology,
+    *,
+    timeout: float = 180.0,
+    demo: bool = False,
+    log_dir: str | None = None,
+    grace: float = GRACE_SECONDS,
+) -> int:
+    """Run the topology's services until Ctrl-C/SIGTERM (0), a child dies (1), or --demo ends."""
+    check_ports_free(topology)
+    console = Console([s.name for s in topology.services], log_dir)
+    mesh = Mesh(topology, console)
+    stop = threading.Event()
+    restore = _handle_signals(stop, mesh.force)
+    try:
+        if not mesh.start(timeout, stop):
+            return 0
+        http_port = topology.router.ports["http"]
+        model = served_model(http_port)
+        console.say(describe(topology, model, log_dir))
+        if demo:
+            run_demo(http_port, model, console)
+            return 0
+        dead = mesh.wait(stop)
+        if dead is None:
+            return 0
+        _print_lines(console, mesh.tails([dead.name]))
+        console.say(
+            f"splitserve: error: {dead.name} exited with status {dead.proc.returncode}; "
+            "stopping the rest",
+            sys.stderr,
+        )
+        return 1
+    except StartupError as exc:
+        _print_lines(console, mesh.tails(exc.culprits))
+        raise CLIError(str(exc)) from None
+    finally:
+        if mesh.children:
+            console.say(f"splitserve: stopping {', '.join(reversed(mesh.children))}")
+        mesh.stop(grace)
+        console.close()
+        restore()
+
+
+def _print_lines(console: Console, lines: Iterator[str]) -> None:
+    for line in lines:
+        console.say(line, sys.stderr)
+
+
+def _handle_signals(stop: threading.Event, force: threading.Event) -> Callable[[], None]:
+    """Ctrl-C, SIGTERM and a closed terminal all mean stop; the second one means now."""
+
+    first: list[float] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not first:
+            first.append(time.monotonic())
+            stop.set()
+        # A human's second Ctrl-C comes later than this; one kill delivered twice (to us and
+        # to our group, as `timeout` does) must not cut the drain short.
+        elif time.monotonic() - first[0] > 0.5:
+            force.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # only the main thread may install handlers (tests drive `stop`)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in sigs}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def check_ports_free(topology: Topology) -> None:
+    """Fail in one line before starting anything.
+
+    gRPC servers bind with SO_REUSEPORT, so a second one on a taken port would start "fine"
+    and split the traffic with a stranger; a plain bind probe catches that.
+    """
+    host = topology.placement.bind_host
+    for spec in topology.services:
+        for role, port in spec.ports.items() if spec.launchable else ():
+            if not _port_is_free(host, port):
+                raise CLIError(
+                    f"port {port} ({spec.name} {role}) is already in use on {host}; free it or "
+                    "move the mesh with --http-port, --grpc-port or --port-offset"
+                )
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+# --- what the user sees once up ---------------------------------------------------------------
+
+
+def describe(topology: Topology, model: str | None, log_dir: str | None) -> str:
+    host = topology.placement.bind_host
+    router = topology.router
+    http = f"http://{host}:{router.ports['http']}"
+    metrics = [("router", f"{http}/metrics")]  # the router serves them on its HTTP port
+    metrics += [
+        (s.name, f"http://{host}:{s.ports['metrics']}/metrics")
+        for s in topology.services
+        if "metrics" in s.ports
+    ]
+    width = max(len(name) for name, _ in metrics)
+    body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64}
+    if model:
+        body = {"model": model, **body}
+    lines = [
+        f"splitserve is up: {', '.join(s.name for s in topology.services if s.launchable)}",
+        f"  HTTP (OpenAI)  {http}/v1",
+        f"  gRPC           {host}:{router.ports['grpc']}  (splitserve.v1.Inference, health, "
+        "reflection)",
+        *(
+            f"  {'metrics' if i == 0 else '':<15}{name:<{width}}  {url}"
+            for i, (name, url) in enumerate(metrics)
+        ),
+        *([f"  logs           {log_dir}/<service>.log"] if log_dir else []),
+        "  try:",
+        f"    curl {http}/v1/chat/completions -H 'Content-Type: application/json' \\",
+        f"      -d {shlex.quote(json.dumps(body))}",
+        "  Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 10.0) -> dict:
+    # No proxy: the router is on loopback and an HTTP(S)_PROXY from the environment would
+    # swallow the request.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with opener.open(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def served_model(http_port: int) -> str | None:
+    """The router's model id for examples, or None if it won't say."""
+    try:
+        return _http(f"http://127.0.0.1:{http_port}/v1/models")["data"][0]["id"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def run_demo(http_port: int, model: str | None, console: Console) -> str:
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": DEMO_PROMPT}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
+    if model:
+        body["model"] = model
+    url = f"http://127.0.0.1:{http_port}/v1/chat/completions"
+    try:
+        reply = _http(url, body, timeout=120.0)
+        answer = reply["choices"][0]["message"]["content"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise CLIError(f"demo request to {url} failed: {exc}") from None
+    console.say(f"demo> {DEMO_PROMPT}\ndemo< {answer.strip()}")
+    return answer

@@ -1,0 +1,364 @@
+"""The deployment as data: which services run, with which flags, ports and environment.
+
+One `Topology` feeds both `splitserve up` (OS processes on loopback) and compose.yaml (one
+container per service), so the two can't drift: they differ only in their `Placement`.
+
+    kvstore ◄── prefill-0..N-1 ──┐
+       ▲                         ├──► router (the only public service)
+       └────── decode-0..M-1 ────┘    (or colocated-0..M-1 with --colocated)
+
+Port plan (each shifted by --port-offset, skipping ports already taken by the plan):
+router gRPC 50051 and HTTP 8000 (never shifted: they are the public face), kvstore 50060,
+prefill 50070+i, decode 50080+i, worker metrics 9100+k (prefill workers first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import yaml
+
+KVSTORE_PORT = 50060
+PREFILL_PORT = 50070
+DECODE_PORT = 50080
+METRICS_PORT = 9100
+ROUTER_GRPC_PORT = 50051
+ROUTER_HTTP_PORT = 8000
+COMPOSE_REDIS_URL = "redis://redis:6379/0"
+IMAGE = "splitserve:0.1.0"
+OTEL_COLLECTOR_IMAGE = "otel/opentelemetry-collector:0.111.0"
+REDIS_COMMAND = [
+    "redis-server",
+    *("--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"),
+    # A KV cache is recomputable: persistence would only cost latency and disk.
+    *("--save", "", "--appendonly", "no"),
+]
+COMPOSE_HEADER = (
+    "# Generated from cli/topology.py by `splitserve up --print-compose`; don't edit by hand.\n"
+    "# docker compose up --build                  # router on :8000 (HTTP) and :50051 (gRPC)\n"
+    "# SPLITSERVE_OTEL_EXPORTER=otlp docker compose --profile otel up --build   # with tracing\n"
+)
+# Exits 0 only if the gRPC server at argv[1] answers grpc.health.v1 with SERVING.
+GRPC_PROBE = (
+    "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; "
+    "r = g.HealthStub(grpc.insecure_channel(sys.argv[1])).Check(h.HealthCheckRequest(), "
+    "timeout=3); sys.exit(r.status != h.HealthCheckResponse.SERVING)"
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the services run: one host's loopback, or one container each on a network."""
+
+    bind_host: str
+    by_name: bool  # peers reach a service by its name (container DNS), not by bind_host
+    env: dict[str, str] = field(default_factory=dict)
+
+    def address(self, service: str, port: int) -> str:
+        return f"{service if self.by_name else self.bind_host}:{port}"
+
+
+LOCAL = Placement(bind_host="127.0.0.1", by_name=False)
+COMPOSE = Placement(
+    bind_host="0.0.0.0",  # inside its container; only the router's ports are published
+    by_name=True,
+    env={
+        # Tracing stays off unless the otel profile is up and the exporter is switched on.
+        "SPLITSERVE_OTEL_EXPORTER": "${SPLITSERVE_OTEL_EXPORTER:-none}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector:4317",
+    },
+)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    module: str | None  # run as `python -m module`; None: a third-party image (redis, otel)
+    args: list[str]  # after `python -m module`, or the image's whole command
+    ports: dict[str, int]  # role ("grpc", "http", "metrics", "redis", ...) -> port
+    env: dict[str, str] = field(default_factory=dict)
+    depends_on: list[str] = field(default_factory=list)
+    public: bool = False  # reachable from outside (compose publishes its ports)
+    image: str | None = None
+    profiles: list[str] = field(default_factory=list)  # compose profiles; [] = always on
+
+    @property
+    def launchable(self) -> bool:
+        """`splitserve up` runs it; redis and the collector are the user's to run."""
+        return self.module is not None
+
+    def argv(self, python: str = sys.executable) -> list[str]:
+        if self.module is None:
+            return list(self.args)
+        return [python, "-m", self.module, *self.args]
+
+
+@dataclass(frozen=True)
+class Topology:
+    services: list[ServiceSpec]  # in start order: every service after what it depends on
+    placement: Placement
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, placement: Placement = LOCAL) -> Topology:
+        """Build from `splitserve up`'s parsed flags (see cmd_up.build_parser)."""
+        return _build(args, placement)
+
+    def service(self, name: str) -> ServiceSpec:
+        for spec in self.services:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.services]
+
+    @property
+    def router(self) -> ServiceSpec:
+        return self.service("router")
+
+    @property
+    def workers(self) -> list[ServiceSpec]:
+        return [s for s in self.services if s.module in ("splitserve.prefill", "splitserve.decode")]
+
+
+class PortPlan:
+    """Hands out each preferred port, or the next free one, so no two services share one."""
+
+    def __init__(self, reserved: Iterable[int]) -> None:
+        self.used = set(reserved)
+
+    def take(self, preferred: int) -> int:
+        port = preferred
+        while port in self.used:
+            port += 1
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} is out of range; lower --port-offset")
+        self.used.add(port)
+        return port
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """Every engine flag `up` was given (defaults included), in the workers' own spelling."""
+    from splitserve.engine_args import add_engine_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_engine_args(parser)
+    argv: list[str] = []
+    for action in parser._actions:  # the engine flags' one definition, so none is forgotten
+        value = getattr(args, action.dest)
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [action.option_strings[0]] if value else []
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.colocated and args.prefill is not None:
+        raise ValueError("--colocated runs no prefill workers; drop --prefill")
+    if (args.prefill is not None and args.prefill < 1) or args.decode < 1:
+        raise ValueError("--prefill and --decode need at least one worker each")
+    if args.http_port == args.grpc_port:
+        raise ValueError(f"--http-port and --grpc-port are both {args.http_port}")
+
+
+def _build(args: argparse.Namespace, placement: Placement) -> Topology:
+    _validate(args)
+    redis_url = args.redis_url or (COMPOSE_REDIS_URL if placement is COMPOSE else None)
+    redis = _redis(redis_url) if redis_url else None
+    builder = _Builder(args, placement, reserved=redis.ports.values() if redis else ())
+    kvstore = builder.kvstore(redis_url)
+    workers = builder.workers(kv_address=placement.address(kvstore.name, kvstore.ports["grpc"]))
+    services = [*([redis] if redis else []), kvstore, *workers, builder.router(workers)]
+    if placement is COMPOSE:
+        services.append(_otel_collector())
+    return Topology(services=services, placement=placement)
+
+
+class _Builder:
+    """The splitserve services' specs, sharing one port plan, placement and flag set."""
+
+    def __init__(self, args: argparse.Namespace, placement: Placement, reserved: Iterable[int]):
+        self.args = args
+        self.placement = placement
+        self.plan = PortPlan([args.http_port, args.grpc_port, *reserved])
+        # Unbuffered, so log lines reach the launcher (and `docker logs`) as they happen.
+        self.env = {"PYTHONUNBUFFERED": "1", **placement.env}
+
+    def _port(self, base: int) -> int:
+        return self.plan.take(base + self.args.port_offset)
+
+    def _common(self, port: int) -> list[str]:
+        host, level = self.placement.bind_host, self.args.log_level
+        return ["--host", host, "--port", str(port), "--log-level", level]
+
+    def kvstore(self, redis_url: str | None) -> ServiceSpec:
+        port = self._port(KVSTORE_PORT)
+        backend = ["--backend", "redis", "--redis-url", redis_url] if redis_url else []
+        return ServiceSpec(
+            name="kvstore",
+            module="splitserve.kvstore",
+            args=[*self._common(port), *(backend or ["--backend", "memory"])],
+            ports={"grpc": port},
+            env=self.env,
+            depends_on=["redis"] if redis_url else [],
+        )
+
+    def workers(self, kv_address: str) -> list[ServiceSpec]:
+        """prefill-0..N-1 then decode-0..M-1 (or colocated-0..M-1); metrics ports in that order."""
+        args = self.args
+        decode_role = "colocated" if args.colocated else "decode"
+        num_prefill = 0 if args.colocated else (args.prefill or 1)
+        slots = [("prefill", i, self._port(PREFILL_PORT + i)) for i in range(num_prefill)]
+        slots += [(decode_role, i, self._port(DECODE_PORT + i)) for i in range(args.decode)]
+        metrics = [self._port(METRICS_PORT + k) for k in range(len(slots))]
+        shared = engine_argv(args)
+        return [
+            self._worker(f"{role}-{i}", role, port, metrics[k], kv_address, shared)
+            for k, (role, i, port) in enumerate(slots)
+        ]
+
+    def _worker(
+        self, name: str, role: str, port: int, metrics_port: int, kv_address: str, engine: list[str]
+    ) -> ServiceSpec:
+        if role == "prefill":  # decode workers pull this prefill's KV from the address it gives
+            own = ["--worker-id", name, "--advertise-address", self.placement.address(name, port)]
+        else:
+            own = ["--role", role, "--worker-id", name]
+        return ServiceSpec(
+            name=name,
+            module="splitserve.prefill" if role == "prefill" else "splitserve.decode",
+            args=[
+                *self._common(port),
+                *own,
+                *("--kvstore", kv_address, "--metrics-port", str(metrics_port)),
+                *engine,
+            ],
+            ports={"grpc": port, "metrics": metrics_port},
+            env=self.env,
+            depends_on=["kvstore"],
+        )
+
+    def router(self, workers: list[ServiceSpec]) -> ServiceSpec:
+        args = self.args
+        pools: list[str] = []
+        for w in workers:
+            pool = w.name.rsplit("-", 1)[0]  # prefill, decode or colocated: the router's flag
+            pools += [f"--{pool}", self.placement.address(w.name, w.ports["grpc"])]
+        # The router hashes prompt blocks itself, so its block size and KV dtype must be the
+        # workers': otherwise no key it computes would ever hit their caches.
+        return ServiceSpec(
+            name="router",
+            module="splitserve.router",
+            args=[
+                *("--host", self.placement.bind_host),
+                *("--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port)),
+                *(["--model", args.model] if args.model else []),
+                *pools,
+                *("--policy", args.policy, "--kv-dtype", args.dtype),
+                *("--block-size", str(args.block_size), "--log-level", args.log_level),
+            ],
+            ports={"grpc": args.grpc_port, "http": args.http_port},
+            env=self.env,
+            depends_on=[w.name for w in workers],
+            public=True,
+        )
+
+
+def _redis(url: str) -> ServiceSpec:
+    port = urlsplit(url).port or 6379
+    return ServiceSpec(
+        name="redis",
+        module=None,
+        image="redis:7",
+        args=[*REDIS_COMMAND, *(["--port", str(port)] if port != 6379 else [])],
+        ports={"redis": port},
+    )
+
+
+def _otel_collector() -> ServiceSpec:
+    return ServiceSpec(
+        name="otel-collector",
+        module=None,
+        image=OTEL_COLLECTOR_IMAGE,
+        args=[],  # the image's default config: OTLP in on 4317/4318, spans to its log
+        ports={"otlp-grpc": 4317, "otlp-http": 4318},
+        profiles=["otel"],
+    )
+
+
+# --- compose ---------------------------------------------------------------------------------
+
+
+def render_compose(topology: Topology) -> dict:
+    """The compose file for a topology built with the COMPOSE placement."""
+    if topology.placement is not COMPOSE:
+        raise ValueError("render_compose needs a topology built with placement=COMPOSE")
+    return {
+        "name": "splitserve",
+        "services": {s.name: _compose_service(s) for s in topology.services},
+    }
+
+
+class _ComposeDumper(yaml.SafeDumper):
+    """Lists of short values on one (wrapped) line: a command reads as a command."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(x, str | int) and len(str(x)) < 40 for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ComposeDumper.add_representer(list, _represent_list)
+
+
+def render_compose_yaml(topology: Topology) -> str:
+    body = yaml.dump(render_compose(topology), Dumper=_ComposeDumper, sort_keys=False, width=80)
+    return COMPOSE_HEADER + body
+
+
+def _compose_service(spec: ServiceSpec) -> dict:
+    out: dict = {}
+    if spec.profiles:
+        out["profiles"] = list(spec.profiles)
+    if spec.module is None:
+        out["image"] = spec.image
+    else:
+        out["image"] = IMAGE
+        out["build"] = "."
+    if spec.args:
+        out["command"] = spec.argv(python="python")
+    if spec.env:
+        out["environment"] = dict(spec.env)
+    if spec.public:
+        out["ports"] = [f"{p}:{p}" for p in spec.ports.values()]
+    else:
+        out["expose"] = [str(p) for p in spec.ports.values()]
+    probe = _probe(spec)
+    if probe:
+        out["healthcheck"] = {
+            "test": probe,
+            "interval": "5s",
+            "timeout": "5s",
+            "retries": 5,
+            # Loading weights on a small CPU box takes a while; Redis is up at once.
+            "start_period": "180s" if spec.module else "10s",
+        }
+    if spec.depends_on:
+        out["depends_on"] = {d: {"condition": "service_healthy"} for d in spec.depends_on}
+    if spec.module is not None:
+        out["stop_grace_period"] = "35s"  # workers drain in-flight work for up to 30 s
+    return out
+
+
+def _probe(spec: ServiceSpec) -> list[str] | None:
+    if "grpc" in spec.ports:
+        return ["CMD", "python", "-c", GRPC_PROBE, f"127.0.0.1:{spec.ports['grpc']}"]
+    if "redis" in spec.ports:
+        return ["CMD", "redis-cli", "-p", str(spec.ports["redis"]), "ping"]
+    return None

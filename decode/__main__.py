@@ -1,0 +1,48 @@
+"""Run a decode worker: `python -m splitserve.decode --port 50080 --role decode|colocated ...`.
+
+`--role colocated` is the same servicer under another name: a worker that prefills every prompt
+itself (what the router talks to in colocated mode). A decode worker also prefills locally when
+a request comes without KV. Binds loopback by default: only the router is public.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from splitserve.decode.service import DecodeServicer
+from splitserve.services.server import ServiceServer, full_service_name
+from splitserve.services.worker import Build, Worker, add_worker_arguments, run_worker
+from splitserve.v1 import rpc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--role", choices=("decode", "colocated"), default="decode")
+    add_worker_arguments(parser, default_port=50080)
+    parser.add_argument(
+        "--kv-pull-timeout-s",
+        type=float,
+        default=10.0,
+        help="deadline for pulling a prompt's KV (plus 1 s per 64 MiB); past it, recompute",
+    )
+
+
+def build(args: argparse.Namespace) -> Build:
+    def make(worker: Worker, server: ServiceServer) -> DecodeServicer:
+        servicer = DecodeServicer(worker, pull_timeout_s=args.kv_pull_timeout_s)
+        rpc.add_DecodeServicer_to_server(servicer, server.grpc)
+        return servicer
+
+    return make
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="splitserve decode", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_worker(args, args.role, [full_service_name("Decode")], build(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The Decode servicer (also the colocated worker): stream a request's tokens.
+
+    Generate(req with kv)     reserve the prompt's blocks (RESOURCE_EXHAUSTED if the pool can't)
+                              -> PullKV from the prefill worker under a deadline -> validate the
+                              header against this cache before allocating -> adopt -> stream.
+                              A failed transfer never fails the request: the reservation is
+                              returned and the prompt is prefilled here instead.
+    Generate(req without kv)  prefill here (the router's short-prompt path; a colocated worker
+                              always takes it), with the kvstore's prefix blocks when configured.
+    Abort                     by request id; the stream ends with FINISH_REASON_ABORT.
+
+The stream carries every output token, the prefill worker's first token included, so the
+router relays one stream whichever path ran. A cancelled RPC aborts the request; every ending
+returns its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import grpc
+
+from splitserve.engine.engine import RequestError
+from splitserve.engine.kv_codec import KVAssembler, KVCodecError, TransferHeader
+from splitserve.engine.outputs import KVExport, RequestOutput
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.services.engine_loop import RequestStream
+from splitserve.services.kv_prefix import PrefixPlan
+from splitserve.services.server import CHANNEL_OPTIONS
+from splitserve.services.tracing import extract_context, inject_metadata, tracer
+from splitserve.services.worker import (
+    FINISH_REASONS,
+    Worker,
+    abort_with,
+    token_logprobs,
+    usage,
+    worker_load,
+)
+from splitserve.services.worker import (
+    sampling_params as to_params,
+)
+from splitserve.v1 import pb, rpc
+
+log = logging.getLogger("splitserve")
+Ctx = grpc.aio.ServicerContext
+
+MIN_PULL_BYTES_PER_S = 64 * 1024 * 1024  # the pull deadline grows with the KV's size
+MAX_CHANNELS = 64
+
+
+class TransferError(Exception):
+    """The KV could not be pulled or doesn't fit: recompute instead."""
+
+
+class _Request:
+    """One Generate call's state: the stream, and what the first response must carry."""
+
+    def __init__(self, stream: RequestStream, params: SamplingParams) -> None:
+        self.stream = stream
+        self.params = params
+        self.plan: PrefixPlan | None = None  # set when prefilled here with a kvstore
+        self.adopted = False  # the prompt KV came from a prefill worker
+        self.first_logprob: pb.TokenLogprob | None = None  # the prefill worker's, if sent
+
+
+class DecodeServicer(rpc.DecodeServicer):
+    def __init__(self, worker: Worker, pull_timeout_s: float = 10.0) -> None:
+        self.w = worker
+        self.pull_timeout_s = pull_timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        pass
+
+    async def drain(self, timeout: float) -> None:
+        await self.w.engine.drain(timeout)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        await self.w.prefix.close()
+
+    # ---- RPCs ------------------------------------------------------------------------------
+    async def Generate(
+        self, request: pb.DecodeRequest, context: Ctx
+    ) -> AsyncIterator[pb.DecodeResponse]:
+        with tracer().start_as_current_span("decode.Generate", context=extract_context(context)):
+            error: BaseException | None = None
+            try:
+                req = await self._open(request)
+            except Exception as exc:
+                error = exc
+            if error is not None:
+                self.w.metrics.request_done("rejected")
+                await abort_with(context, error)
+            with req.stream:
+                try:
+                    async for response in self._responses(req):
+                        yield response
+                except asyncio.CancelledError:
+                    self.w.metrics.request_done("cancelled")
+                    raise
+                except Exception as exc:
+                    error = exc
+            if error is not None:
+                self.w.metrics.request_done("error")
+                await abort_with(context, error)
+
+    async def Abort(self, request: pb.AbortRequest, context: Ctx) -> pb.AbortResponse:
+        return pb.AbortResponse(found=await self.w.engine.abort(request.request_id))
+
+    async def GetLoad(self, request: pb.LoadRequest, context: Ctx) -> pb.WorkerLoad:
+        return worker_load(self.w.engine, self.w.worker_id, self.w.role)
+
+    # ---- opening a request -----------------------------------------------------------------
+    async def _open(self, request: pb.DecodeRequest) -> _Request:
+        prompt = list(request.prompt_token_ids)
+        params = to_params(request.sampling)
+        self.w.engine.engine.check_request(prompt, params)
+        request_id = request.request_id or uuid.uuid4().hex
+        salt = request.cache_salt or None
+        if not request.HasField("kv"):
+            return await self._prefill_here(request_id, prompt, params, salt)
+        if not request.HasField("first_token_id"):
+            raise RequestError("a request with kv needs first_token_id")
+        if request.kv.num_tokens != len(prompt):
+            raise RequestError(
+                f"kv covers {request.kv.num_tokens} tokens, the prompt has {len(prompt)}"
+            )
+        stream = await self.w.engine.reserve_prefilled(request_id, prompt, params, salt)
+        try:
+            adopted = await self._adopt(stream, request)
+        except BaseException:
+            stream.close()
+            raise
+        if adopted or stream.finished:  # finished: aborted while the KV was in flight
+            req = _Request(stream, params)
+            req.adopted = True
+            if request.HasField("first_logprob"):
+                req.first_logprob = request.first_logprob
+            return req
+        stream.close()
+        self._release_remote(request.kv)
+        self.w.metrics.transfer_fallback()
+        return await self._prefill_here(request_id, prompt, params, salt)
+
+    async def _adopt(self, stream: RequestStream, request: pb.DecodeRequest) -> bool:
+        """Pull the KV into the reservation. False if that failed: the caller recomputes."""
+        try:
+            kv = await self._pull(request.kv, stream.num_prompt_tokens)
+            return await self.w.engine.complete_prefilled(stream, kv, request.first_token_id)
+        except (TransferError, KVCodecError, RequestError, ValueError) as exc:
+            log.warning(
+                "request %s: KV from %s unusable, prefilling here: %s",
+                stream.request_id,
+                request.kv.prefill_address,
+                exc,
+            )
+            return False
+
+    async def _prefill_here(
+        self, request_id: str, prompt: list[int], params: SamplingParams, salt: str | None
+    ) -> _Request:
+        prefix = self.w.prefix
+        plan = await prefix.prepare(prompt, salt) if prefix.store is not None else None
+        stream = await self.w.engine.add_request(
+            request_id, prompt, params, salt, export_kv=plan is not None
+        )
+        req = _Request(stream, params)
+        req.plan = plan
+        return req
+
+    # ---- the KV transfer -------------------------------------------------------------------
+    async def _pull(self, handle: pb.KVHandle, num_tokens: int) -> KVExport:
+        llm = self.w.engine.engine
+        blocks = -(-num_tokens // llm.block_size)
+        pool = llm.runner.kv_cache.shape
+        expected_shape = (*pool[:2], blocks, *pool[3:])
+        # num_bytes is the sender's word: it stretches the deadline only up to a point.
+        timeout = self.pull_timeout_s + min(handle.num_bytes / MIN_PULL_BYTES_PER_S, 120.0)
+        start = time.perf_counter()
+        stub = rpc.PrefillStub(self._channel(handle.prefill_address))
+        call = stub.PullKV(
+            pb.PullKVRequest(lease_id=handle.lease_id), timeout=timeout, metadata=inject_metadata()
+        )
+        assembler: KVAssembler | None = None
+        try:
+            async for chunk in call:
+                if assembler is None:
+                    assembler = _assembler(chunk, llm.runner.dtype, expected_shape, num_tokens)
+                assembler.add(chunk.offset, chunk.data)
+                self.w.metrics.transfer_bytes("received", len(chunk.data))
+        except grpc.RpcError as exc:
+            raise TransferError(f"PullKV failed: {_describe(exc)}") from None
+        finally:
+            call.cancel()  # a rejected header stops the sender too
+        if assembler is None:
+            raise TransferError("PullKV sent no chunks")
+        data = await asyncio.to_thread(assembler.finish)  # checksums tens of MB
+        self.w.metrics.kv_transfer_seconds.observe(time.perf_counter() - start)
+        return KVExport(data, num_tokens)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            if len(self._channels) >= MAX_CHANNELS:  # drop the oldest peer
+                old = self._channels.pop(next(iter(self._channels)))
+                self._background(old.close(grace=5.0))
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    def _release_remote(self, handle: pb.KVHandle) -> None:
+        """Best effort: free the prefill worker's lease now instead of at its expiry."""
+
+        async def release() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                stub = rpc.PrefillStub(self._channel(handle.prefill_address))
+                await stub.ReleaseKV(
+                    pb.ReleaseKVRequest(lease_id=handle.lease_id),
+                    timeout=2.0,
+                    metadata=inject_metadata(),
+                )
+
+        self._background(release())
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- streaming -------------------------------------------------------------------------
+    async def _responses(self, req: _Request) -> AsyncIterator[pb.DecodeResponse]:
+        first = True
+        async for out in req.stream:
+            response = self._response(out, req.params)
+            if first and req.first_logprob is not None and response.logprobs:
+                response.logprobs[0].CopyFrom(req.first_logprob)
+            first = False
+            yield response
+            if out.finished:
+                self._finished(req, out)
+                return
+
+    def _response(self, out: RequestOutput, params: SamplingParams) -> pb.DecodeResponse:
+        response = pb.DecodeResponse(token_ids=out.new_token_ids)
+        if params.logprobs is not None:
+            response.logprobs.extend(token_logprobs(out))
+        if out.finished:
+            response.finish_reason = FINISH_REASONS[out.finish_reason or "abort"]
+            if isinstance(out.stop_reason, int):
+                response.stop_token_id = out.stop_reason
+            response.usage.CopyFrom(usage(out))
+        return response
+
+    def _finished(self, req: _Request, out: RequestOutput) -> None:
+        m = self.w.metrics
+        m.request_done(out.finish_reason or "abort")
+        if not req.adopted:  # the prefill worker counts the prompts it computed
+            cached = out.num_cached_tokens
+            m.prompt_tokens(out.num_prompt_tokens - cached, cached)
+        if req.plan is not None and out.kv is not None:
+            self.w.prefix.write_back(req.plan, out.kv)
+
+
+def _assembler(
+    chunk: pb.KVChunk, dtype: object, expected_shape: tuple[int, ...], num_tokens: int
+) -> KVAssembler:
+    """Check the header against exactly what the reservation can take, before allocating."""
+    if not chunk.HasField("header"):
+        raise TransferError("the first KV chunk has no header")
+    h = chunk.header
+    header = TransferHeader(h.dtype, tuple(h.shape), h.num_tokens, h.total_bytes, h.crc32)
+    if header.num_tokens != num_tokens or header.shape != expected_shape:
+        raise TransferError(
+            f"KV header says {header.num_tokens} tokens {header.shape}; "
+            f"this request needs {num_tokens} tokens {expected_shape}"
+        )
+    return KVAssembler(header, dtype, expected_shape)  # type: ignore[arg-type]
+
+
+def _describe(exc: grpc.RpcError) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)

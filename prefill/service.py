@@ -1,0 +1,241 @@
+"""The Prefill servicer: compute a prompt's KV and first token, lease the KV to a decode worker.
+
+    Prefill(req)  validate -> reserve lease bytes -> local + kvstore prefix -> run the prompt
+                  (max_tokens=1, export_kv) -> lease the KV -> write new blocks to the kvstore
+                  in the background -> first token + KVHandle
+    PullKV(lease) header on the first chunk, <= 4 MiB of raw bytes per chunk; the lease ends
+                  with the stream, however the stream ends
+    ReleaseKV     the router gives a lease up (its decode failed or went elsewhere)
+    GetLoad       the engine loop's last snapshot
+
+A request whose first token already ends it gets no lease (there is nothing to decode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from splitserve.engine.kv_codec import CHUNK_BYTES, split_transfer
+from splitserve.engine.outputs import KVExport, RequestOutput
+from splitserve.engine.runner import kv_block_bytes
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.prefill.leases import Lease, LeaseCapacityError, LeaseTable, Reservation
+from splitserve.services.kv_prefix import PrefixPlan
+from splitserve.services.tracing import extract_context, tracer
+from splitserve.services.worker import (
+    OverloadedError,
+    Worker,
+    abort_with,
+    token_logprob,
+    worker_load,
+)
+from splitserve.services.worker import (
+    sampling_params as to_params,
+)
+from splitserve.v1 import pb, rpc
+
+log = logging.getLogger("splitserve")
+Ctx = grpc.aio.ServicerContext
+
+
+def prefill_params(params: SamplingParams) -> SamplingParams:
+    """Sample only the first token, exactly as the whole request would.
+
+    min_tokens stays at most 1, so EOS and stop ids are masked for the first token iff the
+    request masks them; max_tokens=1 ends the run after it.
+    """
+    return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
+
+
+class PrefillServicer(rpc.PrefillServicer):
+    def __init__(
+        self,
+        worker: Worker,
+        leases: LeaseTable,
+        chunk_bytes: int = CHUNK_BYTES,
+        expire_interval_s: float = 1.0,
+    ) -> None:
+        self.w = worker
+        self.leases = leases
+        self.chunk_bytes = chunk_bytes
+        self.expire_interval_s = expire_interval_s
+        llm = worker.engine.engine
+        self.block_size = llm.block_size
+        self.block_bytes = kv_block_bytes(llm.model_config, llm.block_size, llm.runner.dtype)
+        self._expirer: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._expirer = asyncio.create_task(self._expire_loop())
+
+    async def drain(self, timeout: float) -> None:
+        """Finish in-flight prefills, then give decode workers time to pull their leases."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.w.engine.drain(timeout)
+        while len(self.leases) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._expirer is not None:
+            self._expirer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expirer
+        await self.w.prefix.close()
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.expire_interval_s)
+            n = self.leases.expire()
+            if n:
+                log.info("dropped %d KV leases that were never pulled", n)
+                self.w.metrics.leases_expired(n)
+
+    # ---- RPCs ------------------------------------------------------------------------------
+    async def Prefill(self, request: pb.PrefillRequest, context: Ctx) -> pb.PrefillResponse:
+        with tracer().start_as_current_span("prefill.Prefill", context=extract_context(context)):
+            try:
+                return await self._prefill(request)
+            except Exception as exc:
+                error = exc
+        self.w.metrics.request_done("rejected")
+        await abort_with(context, error)
+
+    async def PullKV(self, request: pb.PullKVRequest, context: Ctx) -> AsyncIterator[pb.KVChunk]:
+        lease = self.leases.begin_pull(request.lease_id)
+        if lease is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                "no such KV lease: expired, released, already pulled, or never issued",
+            )
+        with tracer().start_as_current_span("prefill.PullKV", context=extract_context(context)):
+            try:
+                for i, (offset, data) in enumerate(lease.chunks(self.chunk_bytes)):
+                    chunk = pb.KVChunk(offset=offset, data=data)
+                    if i == 0:
+                        chunk.header.CopyFrom(self._header(lease))
+                    yield chunk
+                    self.w.metrics.transfer_bytes("sent", len(data))
+            finally:
+                self.leases.release(lease.lease_id)  # pulled, or the puller went away
+
+    async def ReleaseKV(self, request: pb.ReleaseKVRequest, context: Ctx) -> pb.ReleaseKVResponse:
+        return pb.ReleaseKVResponse(released=self.leases.release(request.lease_id))
+
+    async def GetLoad(self, request: pb.LoadRequest, context: Ctx) -> pb.WorkerLoad:
+        return worker_load(self.w.engine, self.w.worker_id, self.w.role)
+
+    # ---- the prefill -----------------------------------------------------------------------
+    async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
+        prompt = list(request.prompt_token_ids)
+        params = to_params(request.sampling)
+        llm = self.w.engine.engine
+        llm.check_request(prompt, params)
+        salt = request.cache_salt or None
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            reservation = self.leases.reserve(self._kv_bytes(len(prompt)))
+        except LeaseCapacityError as exc:
+            raise OverloadedError(str(exc)) from None
+        with reservation:
+            plan = await self.w.prefix.prepare(prompt, salt)
+            out = await self._run(request_id, prompt, params, salt)
+            assert out.kv is not None  # export_kv=True always attaches it
+            finish = self._finish_reason(out, params, len(prompt))
+            lease = None if finish else await self._lease(reservation, out.kv)
+        self.w.prefix.write_back(plan, out.kv)
+        self._count(out)
+        return self._response(request_id, out, params, finish, lease, plan)
+
+    async def _run(
+        self, request_id: str, prompt: list[int], params: SamplingParams, salt: str | None
+    ) -> RequestOutput:
+        stream = await self.w.engine.add_request(
+            request_id, prompt, prefill_params(params), salt, export_kv=True
+        )
+        result = RequestOutput.empty(request_id)
+        with stream:
+            async for out in stream:
+                result.merge(out)
+        return result
+
+    def _finish_reason(
+        self, out: RequestOutput, params: SamplingParams, num_prompt: int
+    ) -> pb.FinishReason.ValueType:
+        """Whether the first token ends the whole request (not just this max_tokens=1 run)."""
+        if out.finish_reason == "stop":
+            return pb.FINISH_REASON_STOP
+        if params.max_tokens <= 1 or num_prompt + 1 >= self.w.engine.engine.max_model_len:
+            return pb.FINISH_REASON_LENGTH
+        return pb.FINISH_REASON_UNSPECIFIED
+
+    async def _lease(self, reservation: Reservation, kv: KVExport) -> Lease:
+        # Serializing and checksumming tens of MB would stall every other RPC on the loop.
+        header, chunks = await asyncio.to_thread(split_transfer, kv.data, kv.num_tokens, 1 << 62)
+        data = b"".join(c for _, c in chunks)
+        return reservation.commit(header, data)
+
+    def _response(
+        self,
+        request_id: str,
+        out: RequestOutput,
+        params: SamplingParams,
+        finish: pb.FinishReason.ValueType,
+        lease: Lease | None,
+        plan: PrefixPlan,
+    ) -> pb.PrefillResponse:
+        response = pb.PrefillResponse(
+            request_id=request_id,
+            first_token_id=out.new_token_ids[0],
+            num_cached_tokens=out.num_cached_tokens,
+            num_fetched_tokens=min(
+                plan.num_fetched_blocks * self.block_size, out.num_cached_tokens
+            ),
+            finished=finish != pb.FINISH_REASON_UNSPECIFIED,
+            finish_reason=finish,
+        )
+        if params.logprobs is not None:
+            response.first_logprob.CopyFrom(
+                token_logprob(out.new_logprobs[0], out.new_top_logprobs[0])
+            )
+        if lease is not None:
+            response.kv.CopyFrom(
+                pb.KVHandle(
+                    prefill_address=self.w.address,
+                    lease_id=lease.lease_id,
+                    num_tokens=lease.header.num_tokens,
+                    num_bytes=lease.num_bytes,
+                    lease_ms=int(self.leases.ttl_s * 1000),
+                )
+            )
+        return response
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _kv_bytes(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size) * self.block_bytes
+
+    def _header(self, lease: Lease) -> pb.KVHeader:
+        h = lease.header
+        return pb.KVHeader(
+            dtype=h.dtype,
+            shape=h.shape,
+            layer_start=0,
+            layer_end=h.shape[0],
+            num_tokens=h.num_tokens,
+            total_bytes=h.total_bytes,
+            crc32=h.crc32,
+            tp_rank=0,
+            tp_size=1,
+        )
+
+    def _count(self, out: RequestOutput) -> None:
+        m = self.w.metrics
+        m.prompt_tokens(out.num_prompt_tokens - out.num_cached_tokens, out.num_cached_tokens)
+        m.request_done("prefilled")

@@ -1,0 +1,133 @@
+"""The public gRPC service: splitserve.v1.Inference (Generate stream, Abort, ListModels).
+
+Errors are status codes (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...),
+never messages in the stream. A client that cancels its call cancels the worker's stream.
+Health and reflection come with `ServiceServer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+
+from splitserve.services.tracing import extract_context
+from splitserve.v1 import pb, rpc
+
+from .app import Router
+from .errors import RouterError
+from .generation import FINISH_CODES, GenerationDelta
+from .validation import GenerateInput
+
+log = logging.getLogger("splitserve.router")
+
+SERVICE_NAME = "splitserve.v1.Inference"
+
+
+class InferenceServicer(rpc.InferenceServicer):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        arrival = time.monotonic()
+        try:
+            with self.router.admit("grpc"):
+                raw = generate_input(request, caller=_caller(context))
+                validated = await self.router.validate(raw)
+                parent = extract_context(context)
+                deltas = self.router.generate(validated, parent, arrival)
+                async with aclosing(deltas) as stream:
+                    async for delta in stream:
+                        yield to_response(delta)
+        except RouterError as e:
+            await context.abort(e.grpc_code, e.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("Generate failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the router")
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        return pb.AbortResponse(found=self.router.abort(request.request_id))
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        m = self.router.model
+        card = pb.ModelCard(id=m.name, max_model_len=m.max_model_len, vocab_size=m.vocab_size)
+        return pb.ListModelsResponse(models=[card])
+
+
+def _caller(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    return None
+
+
+def generate_input(request: pb.GenerateRequest, caller: str | None = None) -> GenerateInput:
+    """The proto's fields as the validator's input (proto3 has no null: unset = default)."""
+    kind = request.WhichOneof("input")
+    raw = GenerateInput(
+        model=request.model or None,
+        request_id=request.request_id or None,
+        cache_salt=request.cache_salt or None,
+        caller=caller,
+        disaggregate=request.disaggregate if request.HasField("disaggregate") else None,
+        sampling=_sampling_fields(request.sampling),
+        body_bytes=request.ByteSize(),
+    )
+    if kind == "prompt":
+        raw.prompt = request.prompt
+    elif kind == "chat":
+        raw.messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+    elif kind == "token_ids":
+        raw.prompt_token_ids = list(request.token_ids.ids)
+    return raw
+
+
+def _sampling_fields(s: pb.SamplingOptions) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "min_tokens": s.min_tokens,
+        "top_k": s.top_k,
+        "min_p": s.min_p,
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+        "stop": tuple(s.stop),
+        "stop_token_ids": tuple(s.stop_token_ids),
+        "ignore_eos": s.ignore_eos,
+    }
+    for name in ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs"):
+        if s.HasField(name):
+            fields[name] = getattr(s, name)
+    return fields
+
+
+def to_response(delta: GenerationDelta) -> pb.GenerateResponse:
+    out = pb.GenerateResponse(
+        request_id=delta.request_id, token_ids=delta.token_ids, text=delta.text
+    )
+    for lp in delta.logprobs:
+        top = [pb.TopLogprob(token_id=t.token_id, logprob=t.logprob, text=t.token) for t in lp.top]
+        out.logprobs.append(pb.TokenLogprob(logprob=lp.logprob, top=top))
+    if delta.finish_reason is not None:
+        out.finish_reason = FINISH_CODES[delta.finish_reason]
+        if delta.stop_reason is not None:
+            out.stop_reason = str(delta.stop_reason)
+    if delta.usage is not None:
+        u = delta.usage
+        out.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                cached_prompt_tokens=u.cached_tokens,
+            )
+        )
+    return out

@@ -1,0 +1,297 @@
+"""One validator for both front doors, run before anything is tokenized, queued or sent.
+
+    validator = RequestValidator(model_info, tokenizer, max_body_bytes=1 << 20)
+    request = await validator.validate(GenerateInput(prompt="Hi", sampling={"temperature": 0}))
+
+HTTP and gRPC each turn their wire format into a `GenerateInput` (untrusted values, any type)
+and get back a `ValidatedRequest` or a `RequestValidationError`. The checks run cheapest first:
+body size, model name, `n`, the input's shape and the sampling fields, and only then the
+tokenizer; the prompt's length is checked against the context after tokenization, and
+`max_tokens` is capped so that prompt + output fits the context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from splitserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from splitserve.engine.tokenizer import Tokenizer
+
+from .errors import (
+    ModelNotFoundError,
+    RequestTooLargeError,
+    RequestValidationError,
+)
+
+__all__ = [
+    "GenerateInput",
+    "ModelInfo",
+    "RequestValidationError",
+    "RequestValidator",
+    "ValidatedRequest",
+]
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+MAX_MESSAGES = 1024
+MAX_ID_CHARS = 128
+MAX_SALT_CHARS = 256
+# Above this many characters tokenization goes to a thread so the event loop keeps serving.
+THREAD_TOKENIZE_CHARS = 32_768
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the router serves: the name clients use and the limits requests are checked against."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    aliases: tuple[str, ...] = ()
+
+    def matches(self, model: str | None) -> bool:
+        return not model or model == self.name or model in self.aliases
+
+
+@dataclass
+class GenerateInput:
+    """A request as a front door received it: values are untrusted and of any type."""
+
+    model: Any = None
+    prompt: Any = None  # text
+    prompt_token_ids: Any = None  # pre-tokenized
+    messages: Any = None  # chat: [{"role", "content"}]
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
+    n: Any = 1
+    default_max_tokens: int | None = 16  # None: whatever context is left
+    request_id: Any = None
+    cache_salt: Any = None
+    caller: str | None = None  # the caller's credential (Authorization), if it sent one
+    disaggregate: bool | None = None
+    body_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # max_tokens already capped to the context left
+    cache_salt: str | None = None
+    disaggregate: bool | None = None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """Phase one's result: everything but the token ids."""
+
+    request_id: str
+    text: str | None
+    token_ids: list[int] | None
+    param: str  # where the prompt came from, for error messages
+    params: SamplingParams
+    max_tokens: int | None  # asked for or the front door's default; None: the context left
+    cache_salt: str | None
+    disaggregate: bool | None
+
+
+class RequestValidator:
+    def __init__(self, model: ModelInfo, tokenizer: Tokenizer, max_body_bytes: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_body_bytes = max_body_bytes
+
+    async def validate(self, raw: GenerateInput) -> ValidatedRequest:
+        checked = self.check(raw)
+        if checked.text is not None and len(checked.text) > THREAD_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(self.tokenize, checked)
+        else:
+            ids = self.tokenize(checked)
+        return self.finish(checked, ids)
+
+    # ---- phase one: no tokenizer -----------------------------------------------------------
+    def check(self, raw: GenerateInput) -> _Checked:
+        if raw.body_bytes > self.max_body_bytes:
+            raise RequestTooLargeError(raw.body_bytes, self.max_body_bytes)
+        if raw.model is not None and not isinstance(raw.model, str):
+            raise _invalid("model", f"model must be a string; got {raw.model!r}")
+        if not self.model.matches(raw.model):
+            raise ModelNotFoundError(raw.model, self.model.name)
+        if raw.n is not None and (not _is_int(raw.n) or raw.n != 1):
+            raise _invalid("n", f"n must be 1: one choice per request is supported; got {raw.n!r}")
+        text, token_ids, param = self._check_input(raw)
+        params, max_tokens = self._check_sampling(raw)
+        return _Checked(
+            request_id=_check_request_id(raw.request_id),
+            text=text,
+            token_ids=token_ids,
+            param=param,
+            params=params,
+            max_tokens=max_tokens,
+            cache_salt=_tenant_salt(_check_salt(raw.cache_salt), raw.caller),
+            disaggregate=raw.disaggregate,
+        )
+
+    def _check_input(self, raw: GenerateInput) -> tuple[str | None, list[int] | None, str]:
+        given = [x is not None for x in (raw.prompt, raw.prompt_token_ids, raw.messages)]
+        if sum(given) != 1:
+            raise _invalid("prompt", "give exactly one of a prompt, token ids or chat messages")
+        if raw.messages is not None:
+            return self._chat_text(raw.messages), None, "messages"
+        if raw.prompt is not None:
+            if not isinstance(raw.prompt, str):
+                kind = type(raw.prompt).__name__
+                raise _invalid("prompt", f"prompt must be a string; got {kind}")
+            if not raw.prompt:
+                raise _empty("prompt")
+            return raw.prompt, None, "prompt"
+        return None, self._check_token_ids(raw.prompt_token_ids), "prompt"
+
+    def _check_token_ids(self, ids: Any) -> list[int]:
+        if not isinstance(ids, list | tuple) or not all(_is_int(t) for t in ids):
+            raise _invalid("prompt", "token ids must be a list of integers")
+        if not ids:
+            raise _empty("prompt")
+        vocab = self.model.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise _invalid("prompt", f"token ids must be in [0, {vocab})")
+        return list(ids)
+
+    def _chat_text(self, messages: Any) -> str:
+        if not isinstance(messages, list | tuple):
+            raise _invalid("messages", "messages must be a list of {role, content} objects")
+        if not messages:
+            raise _empty("messages")
+        if len(messages) > MAX_MESSAGES:
+            raise _invalid("messages", f"at most {MAX_MESSAGES} messages are allowed")
+        turns = [_check_message(i, m) for i, m in enumerate(messages)]
+        if not any(t["content"] for t in turns):
+            raise _empty("messages")
+        try:
+            return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True)
+        except Exception as e:  # a template's raise_exception() rejects the conversation
+            raise _invalid("messages", f"the chat template rejected the messages: {e}") from e
+
+    def _check_sampling(self, raw: GenerateInput) -> tuple[SamplingParams, int | None]:
+        fields = dict(raw.sampling)
+        max_tokens = fields.pop("max_tokens", None)
+        if max_tokens is None:
+            max_tokens = raw.default_max_tokens
+        try:
+            # 1 stands in for "the context left" until finish() knows the prompt's length.
+            params = SamplingParams(max_tokens=1 if max_tokens is None else max_tokens, **fields)
+            # max_tokens above the whole context is absurd whatever the prompt: reject it here.
+            params.validate(self.model.vocab_size, self.model.max_model_len)
+        except SamplingParamsError as e:
+            raise _invalid(str(e).split(" ", 1)[0], str(e)) from e
+        except TypeError as e:  # a field SamplingParams doesn't have
+            raise _invalid(None, f"unsupported sampling option: {e}") from e
+        if params.seed is not None and not _INT64_MIN <= params.seed <= _INT64_MAX:
+            # The wire format carries an int64.
+            raise _invalid("seed", f"seed must be in [{_INT64_MIN}, {_INT64_MAX}]")
+        return params, max_tokens
+
+    # ---- phase two: tokens ------------------------------------------------------------------
+    def tokenize(self, checked: _Checked) -> list[int]:
+        if checked.token_ids is not None:
+            return checked.token_ids
+        assert checked.text is not None  # invariant of _check_input, not an input check
+        # A chat template writes the special tokens out itself.
+        special = checked.param != "messages"
+        return self.tokenizer.encode(checked.text, add_special_tokens=special)
+
+    def finish(self, checked: _Checked, ids: list[int]) -> ValidatedRequest:
+        if not ids:
+            raise _empty(checked.param)
+        context = self.model.max_model_len
+        if len(ids) >= context:
+            raise RequestValidationError(
+                "context_length_exceeded",
+                f"the prompt has {len(ids)} tokens; this model's context is {context} tokens, "
+                f"so a prompt may have at most {context - 1}",
+                checked.param,
+            )
+        room = context - len(ids)
+        max_tokens = room if checked.max_tokens is None else min(checked.max_tokens, room)
+        min_tokens = min(checked.params.min_tokens, max_tokens)
+        params = replace(checked.params, max_tokens=max_tokens, min_tokens=min_tokens)
+        return ValidatedRequest(
+            request_id=checked.request_id,
+            prompt_token_ids=ids,
+            params=params,
+            cache_salt=checked.cache_salt,
+            disaggregate=checked.disaggregate,
+        )
+
+
+def _check_message(index: int, message: Any) -> dict[str, str]:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise _invalid(param, f"{param} must be an object with a role and content")
+    role, content = message.get("role"), message.get("content")
+    if role not in CHAT_ROLES:
+        raise _invalid(f"{param}.role", f"{param}.role must be one of {sorted(CHAT_ROLES)}")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):
+        content = _text_parts(param, content)
+    elif not isinstance(content, str):
+        raise _invalid(f"{param}.content", f"{param}.content must be a string or text parts")
+    return {"role": role, "content": content}
+
+
+def _text_parts(param: str, parts: list[Any]) -> str:
+    """OpenAI's content parts; only text is supported by a text-only model."""
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") != "text":
+            raise _invalid(f"{param}.content", "only text content parts are supported")
+        if not isinstance(part.get("text"), str):
+            raise _invalid(f"{param}.content", "a text content part needs a string `text`")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _check_request_id(value: Any) -> str:
+    if value in (None, ""):
+        return f"cmpl-{uuid.uuid4().hex}"
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS or not value.isprintable():
+        raise _invalid("request_id", f"request_id must be printable, at most {MAX_ID_CHARS} chars")
+    return value
+
+
+def _check_salt(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) > MAX_SALT_CHARS:
+        raise _invalid("cache_salt", f"cache_salt must be a string of at most {MAX_SALT_CHARS}")
+    return value
+
+
+def _tenant_salt(salt: str | None, caller: str | None) -> str | None:
+    """Callers with different credentials never share prefix-cache entries (timing leaks).
+
+    The server derives the tenant part from the credential, so no caller can pick another's;
+    a caller's own `cache_salt` only narrows it further.
+    """
+    if not caller:
+        return salt
+    tenant = hashlib.sha256(caller.encode()).hexdigest()[:32]
+    return f"{tenant}:{salt}" if salt else tenant
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _invalid(
+    param: str | None, message: str, code: str = "invalid_value"
+) -> RequestValidationError:
+    return RequestValidationError(code, message, param)
+
+
+def _empty(param: str) -> RequestValidationError:
+    return RequestValidationError("empty_prompt", f"{param} must not be empty", param)

@@ -1,0 +1,183 @@
+"""The deployment topology: who runs, on which port, with which flags, after whom."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+
+import pytest
+
+from splitserve import cmd_up
+from splitserve.topology import COMPOSE, LOCAL, PortPlan, ServiceSpec, Topology
+
+
+def topology(*argv: str, placement=LOCAL) -> Topology:
+    return Topology.from_args(cmd_up.build_parser().parse_args(list(argv)), placement)
+
+
+def flag(spec: ServiceSpec, name: str) -> list[str]:
+    """Every value given to `name` in the spec's args (repeatable flags give several)."""
+    return [spec.args[i + 1] for i, a in enumerate(spec.args) if a == name]
+
+
+def all_ports(t: Topology) -> list[int]:
+    return [p for s in t.services for p in s.ports.values()]
+
+
+def test_default_topology_follows_the_port_plan():
+    t = topology()
+    assert t.names == ["kvstore", "prefill-0", "decode-0", "router"]
+    assert t.service("kvstore").ports == {"grpc": 50060}
+    assert t.service("prefill-0").ports == {"grpc": 50070, "metrics": 9100}
+    assert t.service("decode-0").ports == {"grpc": 50080, "metrics": 9101}
+    assert t.router.ports == {"grpc": 50051, "http": 8000}
+    assert all(flag(s, "--host") == ["127.0.0.1"] for s in t.services)  # loopback only
+    assert flag(t.service("kvstore"), "--backend") == ["memory"]
+    assert [s.name for s in t.services if s.public] == ["router"]
+
+
+def test_workers_are_wired_to_kvstore_and_router():
+    t = topology("--prefill", "2", "--decode", "3")
+    kv = f"127.0.0.1:{t.service('kvstore').ports['grpc']}"
+    for w in t.workers:
+        assert flag(w, "--worker-id") == [w.name]
+        assert flag(w, "--kvstore") == [kv]
+        assert flag(w, "--port") == [str(w.ports["grpc"])]
+        assert flag(w, "--metrics-port") == [str(w.ports["metrics"])]
+        assert w.depends_on == ["kvstore"]
+    prefill = [w for w in t.workers if w.module == "splitserve.prefill"]
+    decode = [w for w in t.workers if w.module == "splitserve.decode"]
+    assert [w.name for w in prefill] == ["prefill-0", "prefill-1"]
+    assert [w.name for w in decode] == ["decode-0", "decode-1", "decode-2"]
+    for w in prefill:
+        assert flag(w, "--advertise-address") == [f"127.0.0.1:{w.ports['grpc']}"]
+    assert all(flag(w, "--role") == ["decode"] for w in decode)
+    assert flag(t.router, "--prefill") == [f"127.0.0.1:{w.ports['grpc']}" for w in prefill]
+    assert flag(t.router, "--decode") == [f"127.0.0.1:{w.ports['grpc']}" for w in decode]
+    assert t.router.depends_on == [w.name for w in t.workers]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--prefill", "3", "--decode", "2"],
+        ["--prefill", "12", "--decode", "12"],  # prefill 50070+i runs into decode's 50080
+        ["--colocated", "--decode", "4"],
+        ["--http-port", "50060", "--grpc-port", "9100"],  # router takes kvstore's and metrics'
+        ["--port-offset", "1000", "--redis-url", "redis://127.0.0.1:50060/0"],
+    ],
+)
+def test_ports_are_unique(argv):
+    for placement in (LOCAL, COMPOSE):
+        ports = all_ports(topology(*argv, placement=placement))
+        assert len(ports) == len(set(ports)), ports
+
+
+def test_port_offset_moves_internal_ports_only():
+    t = topology("--port-offset", "1000")
+    assert t.service("kvstore").ports["grpc"] == 51060
+    assert t.service("prefill-0").ports == {"grpc": 51070, "metrics": 10100}
+    assert t.router.ports == {"grpc": 50051, "http": 8000}
+
+
+def test_colocated_has_no_prefill_pool():
+    t = topology("--colocated", "--decode", "2")
+    assert t.names == ["kvstore", "colocated-0", "colocated-1", "router"]
+    assert not any(s.module == "splitserve.prefill" for s in t.services)
+    assert all(flag(w, "--role") == ["colocated"] for w in t.workers)
+    assert flag(t.router, "--prefill") == flag(t.router, "--decode") == []
+    assert flag(t.router, "--colocated") == [f"127.0.0.1:{w.ports['grpc']}" for w in t.workers]
+
+
+def test_redis_url_goes_to_kvstore_and_redis_is_not_launched():
+    t = topology("--redis-url", "redis://127.0.0.1:6390/2")
+    kv = t.service("kvstore")
+    assert flag(kv, "--backend") == ["redis"]
+    assert flag(kv, "--redis-url") == ["redis://127.0.0.1:6390/2"]
+    assert kv.depends_on == ["redis"]
+    redis = t.service("redis")
+    assert not redis.launchable and redis.ports == {"redis": 6390}
+    assert [s.name for s in t.services if s.launchable] == [
+        "kvstore",
+        "prefill-0",
+        "decode-0",
+        "router",
+    ]
+
+
+def test_engine_flags_reach_every_worker_and_the_router_agrees():
+    t = topology(
+        "--model", "/m/x.gguf", "--dtype", "bfloat16", "--kv-cache-mib", "64", "--block-size", "32"
+    )
+    t2 = topology("--no-prefix-caching", "--threads", "1")
+    for w in t.workers:
+        assert flag(w, "--model") == ["/m/x.gguf"]
+        assert flag(w, "--dtype") == ["bfloat16"]
+        assert flag(w, "--kv-cache-mib") == ["64"]
+        assert flag(w, "--block-size") == ["32"]
+    for w in t2.workers:
+        assert "--no-prefix-caching" in w.args and flag(w, "--threads") == ["1"]
+        assert flag(w, "--model") == []  # the default model: no flag at all
+    # The router hashes blocks itself: its keys only match with the workers' dtype and size.
+    assert flag(t.router, "--kv-dtype") == ["bfloat16"]
+    assert flag(t.router, "--block-size") == ["32"]
+    assert flag(t.router, "--model") == ["/m/x.gguf"]
+
+
+def test_compose_placement_uses_service_names_and_binds_all_interfaces():
+    t = topology(placement=COMPOSE)
+    assert t.names == ["redis", "kvstore", "prefill-0", "decode-0", "router", "otel-collector"]
+    assert flag(t.service("kvstore"), "--redis-url") == ["redis://redis:6379/0"]
+    assert flag(t.service("prefill-0"), "--kvstore") == ["kvstore:50060"]
+    assert flag(t.service("prefill-0"), "--advertise-address") == ["prefill-0:50070"]
+    assert flag(t.router, "--decode") == ["decode-0:50080"]
+    assert all(flag(s, "--host") == ["0.0.0.0"] for s in t.services if s.launchable)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--colocated", "--prefill", "2"], "--colocated runs no prefill"),
+        (["--decode", "0"], "at least one"),
+        (["--prefill", "0"], "at least one"),
+        (["--http-port", "7000", "--grpc-port", "7000"], "both 7000"),
+        (["--port-offset", "20000"], "out of range"),
+    ],
+)
+def test_bad_flags_are_refused(argv, message):
+    with pytest.raises(ValueError, match=message):
+        topology(*argv)
+
+
+def test_port_plan_skips_taken_ports():
+    plan = PortPlan([8000, 8001])
+    assert [plan.take(8000), plan.take(8000), plan.take(9000)] == [8002, 8003, 9000]
+
+
+# The flag names are a contract with the services' own parsers: once a service's entry point
+# exists, every argument list the topology builds for it must parse there.
+@pytest.mark.parametrize("package", ["kvstore", "prefill", "decode", "router"])
+@pytest.mark.parametrize(
+    "argv", [["--redis-url", "redis://127.0.0.1:6379/0"], ["--colocated", "--decode", "2"]]
+)
+def test_the_services_accept_the_topologys_flags(package, argv):
+    if importlib.util.find_spec(f"splitserve.{package}.__main__") is None:
+        pytest.skip(f"splitserve.{package}.__main__ isn't in yet")
+    module = importlib.import_module(f"splitserve.{package}.__main__")
+    for placement in (LOCAL, COMPOSE):
+        for spec in topology(*argv, placement=placement).services:
+            if spec.module == f"splitserve.{package}":
+                parser = argparse.ArgumentParser(prog=spec.name, exit_on_error=False)
+                module.add_arguments(parser)
+                parser.parse_args(spec.args)  # raises on an unknown or malformed flag
+
+
+def test_up_offers_exactly_the_routers_policies():
+    if importlib.util.find_spec("splitserve.router.__main__") is None:
+        pytest.skip("splitserve.router.__main__ isn't in yet")
+    parser = argparse.ArgumentParser()
+    importlib.import_module("splitserve.router.__main__").add_arguments(parser)
+    (policy,) = [a for a in parser._actions if a.dest == "policy"]
+    assert set(cmd_up.POLICIES) == set(policy.choices)

@@ -1,0 +1,286 @@
+"""The router as a real process in front of real workers: a colocated worker and a prefill
+worker (so both the local and the disaggregated path run), checked with the official `openai`
+client, raw HTTP and the gRPC stubs. Greedy output must equal the in-process engine's for the
+same token ids; every bad input gets its 4xx and the router keeps serving; SIGTERM exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiohttp
+import grpc
+import openai
+import pytest
+from router_testing import Service, free_port
+
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.engine import LLMEngine
+from splitserve.engine.loader import Checkpoint
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.v1 import pb, rpc
+
+pytestmark = pytest.mark.slow
+
+COMPLETION_PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Name three colours."}]
+# Over --disagg-min-tokens (256), so the router would disaggregate on its own too.
+LONG_PROMPT = " ".join(f"Item {i} costs {i * 3} euros." for i in range(40))
+MAX_TOKENS = 16
+MIB = 1024 * 1024
+
+
+@dataclass
+class Mesh:
+    router: Service
+    http_port: int
+    grpc_port: int
+    decode_port: int
+    reference: dict[str, list[int]]  # prompt name -> greedy token ids from the engine
+    model: str = ""
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="test-key", max_retries=0)
+
+
+def reference_outputs(ckpt: Checkpoint) -> dict[str, list[int]]:
+    """Greedy tokens from the engine in this process, for the prompts the tests send."""
+    tok = ckpt.tokenizer
+    assert tok is not None
+    prompts = {
+        "completion": tok.encode(COMPLETION_PROMPT),
+        "chat": tok.encode(tok.apply_chat_template(CHAT), add_special_tokens=False),
+        "long": tok.encode(LONG_PROMPT),
+    }
+    engine = LLMEngine.from_config(EngineConfig(kv_cache_memory_bytes=64 * MIB), ckpt)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    outs = engine.generate(list(prompts.values()), params)
+    return {name: out.new_token_ids for name, out in zip(prompts, outs, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_checkpoint: Checkpoint
+) -> Iterator[Mesh]:
+    logs = tmp_path_factory.mktemp("router-mesh")
+    worker_args = ["--kv-cache-mib", "64", "--threads", "1", "--host", "127.0.0.1"]
+    dport, pport, gport, hport = (free_port() for _ in range(4))
+    services = [
+        Service(
+            "colocated",
+            "splitserve.decode",
+            ["--role", "colocated", "--port", str(dport), *worker_args],
+            logs,
+            dport,
+        ),
+        Service("prefill", "splitserve.prefill", ["--port", str(pport), *worker_args], logs, pport),
+    ]
+    router = Service(
+        "router",
+        "splitserve.router",
+        [
+            *("--grpc-port", str(gport), "--http-port", str(hport)),
+            *("--colocated", f"127.0.0.1:{dport}", "--prefill", f"127.0.0.1:{pport}"),
+            *("--health-interval", "0.5", "--drain-seconds", "5"),
+        ],
+        logs,
+        gport,
+    )
+    services.append(router)
+    try:
+        reference = reference_outputs(smollm2_checkpoint)  # while the workers load
+        for service in services:
+            service.wait_serving()
+        mesh = Mesh(router, hport, gport, dport, reference)
+        mesh.model = mesh.client().models.list().data[0].id
+        wait_healthy(mesh)
+        yield mesh
+    finally:
+        for service in services:
+            service.stop()
+
+
+def wait_healthy(mesh: Mesh, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if http_get(mesh, "/health")[0] == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"router /health never 200:\n{mesh.router.log_tail()}")
+
+
+def http_get(mesh: Mesh, path: str) -> tuple[int, str]:
+    async def get() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as s, s.get(mesh.base_url + path) as r:
+            return r.status, await r.text()
+
+    return asyncio.run(get())
+
+
+def http_post(mesh: Mesh, path: str, data: bytes) -> tuple[int, dict]:
+    async def post() -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json"}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(mesh.base_url + path, data=data, headers=headers) as r,
+        ):
+            return r.status, await r.json()
+
+    return asyncio.run(post())
+
+
+def decode_text(ckpt: Checkpoint, ids: list[int]) -> str:
+    assert ckpt.tokenizer is not None
+    return ckpt.tokenizer.decode(ids)
+
+
+# ---- happy paths ------------------------------------------------------------------------------
+def test_completions_match_the_engine(mesh: Mesh, smollm2_checkpoint: Checkpoint) -> None:
+    expected = decode_text(smollm2_checkpoint, mesh.reference["completion"])
+    client = mesh.client()
+    kw = dict(model=mesh.model, prompt=COMPLETION_PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    full = client.completions.create(**kw)
+    assert full.choices[0].text == expected
+    assert full.usage.completion_tokens == len(mesh.reference["completion"])
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_chat_stream_and_not_match_the_engine(mesh: Mesh, smollm2_checkpoint: Checkpoint) -> None:
+    expected = decode_text(smollm2_checkpoint, mesh.reference["chat"])
+    client = mesh.client()
+    kw = dict(model=mesh.model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
+    full = client.chat.completions.create(**kw, logprobs=True, top_logprobs=2)
+    assert full.choices[0].message.content == expected
+    assert full.choices[0].message.role == "assistant"
+    lps = full.choices[0].logprobs.content
+    assert len(lps) == full.usage.completion_tokens and len(lps[0].top_logprobs) == 2
+    stream = client.chat.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_grpc_local_and_disaggregated_match_the_engine(mesh: Mesh) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_port}") as channel:
+        stub = rpc.InferenceStub(channel)
+        sampling = pb.SamplingOptions(max_tokens=MAX_TOKENS, temperature=0)
+        for disaggregate in (False, True):
+            request = pb.GenerateRequest(
+                prompt=LONG_PROMPT, sampling=sampling, disaggregate=disaggregate
+            )
+            out = list(stub.Generate(request, timeout=120))
+            ids = [t for r in out for t in r.token_ids]
+            assert ids == mesh.reference["long"], f"disaggregate={disaggregate}"
+            assert out[-1].usage.completion_tokens == len(ids) and out[-1].finish_reason
+        (card,) = stub.ListModels(pb.ListModelsRequest(), timeout=5).models
+        assert card.id == mesh.model and card.max_model_len > 0
+    status, body = http_get(mesh, "/metrics")
+    assert status == 200
+    assert 'mode="disaggregated"' in body and 'mode="local"' in body
+
+
+def test_models_health_and_metrics(mesh: Mesh) -> None:
+    status, body = http_get(mesh, "/v1/models")
+    assert status == 200 and json.loads(body)["data"][0]["id"] == mesh.model
+    status, body = http_get(mesh, "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = http_get(mesh, "/metrics")
+    for name in (
+        "splitserve_router_requests_total",
+        "splitserve_router_time_to_first_token_seconds",
+        "splitserve_router_inter_token_latency_seconds",
+        "splitserve_router_requests_in_flight",
+        "splitserve_router_worker_outstanding_tokens",
+        "splitserve_router_routing_decisions_total",
+    ):
+        assert name in body, name
+
+
+# ---- bad inputs -------------------------------------------------------------------------------
+def test_bad_inputs_get_4xx_and_the_router_keeps_serving(mesh: Mesh) -> None:
+    client = mesh.client()
+    ok = dict(model=mesh.model, prompt="Hi", max_tokens=2)
+    over_context = "hello " * 9000  # more tokens than the model's 8192 context
+    cases = [
+        (dict(ok, prompt=""), openai.BadRequestError),
+        (dict(ok, prompt=over_context), openai.BadRequestError),
+        (dict(ok, max_tokens=0), openai.BadRequestError),
+        (dict(ok, max_tokens=10**9), openai.BadRequestError),
+        (dict(ok, model="no-such-model"), openai.NotFoundError),
+        (dict(ok, temperature=-1), openai.BadRequestError),
+        (dict(ok, top_p=0), openai.BadRequestError),
+        (dict(ok, top_p=1.5), openai.BadRequestError),
+        (dict(ok, n=2), openai.BadRequestError),
+    ]
+    for kwargs, error in cases:
+        with pytest.raises(error) as info:
+            client.completions.create(**kwargs)
+        body = info.value.body
+        assert body["type"] == "invalid_request_error" and body["message"], kwargs
+    status, body = http_post(mesh, "/v1/completions", b'{"prompt": "Hi", ')
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    assert client.completions.create(**ok).choices[0].finish_reason == "length"
+
+
+def test_a_100mb_body_gets_413_without_being_read(mesh: Mesh) -> None:
+    """Content-Length alone decides: send the headers and 1 MiB of a 100 MB body, then read."""
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {100 * 1000 * 1000}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", mesh.http_port), timeout=10) as s:
+        s.sendall(head + b'{"prompt": "' + b"x" * MIB)
+        reply = s.recv(65536).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413"), reply[:200]
+    assert '"request_too_large"' in reply
+    # And a real 100 MB upload, as a client would send it.
+    body = b'{"prompt": "' + b"x" * (100 * MIB) + b'"}'
+    status, payload = http_post(mesh, "/v1/completions", body)
+    assert status == 413 and payload["error"]["type"] == "invalid_request_error"
+    assert mesh.client().completions.create(model=mesh.model, prompt="Hi", max_tokens=2)
+
+
+# ---- cancellation and shutdown ---------------------------------------------------------------
+def test_a_client_leaving_mid_stream_frees_the_worker(mesh: Mesh) -> None:
+    async def leave_early() -> None:
+        body = {"prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(mesh.base_url + "/v1/completions", json=body)
+            seen = 0
+            async for line in r.content:
+                seen += line.startswith(b"data:")
+                if seen == 3:
+                    break
+            r.close()
+
+    asyncio.run(leave_early())
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.decode_port}") as channel:
+        stub = rpc.DecodeStub(channel)
+        deadline = time.monotonic() + 10
+        while stub.GetLoad(pb.LoadRequest(), timeout=5).num_running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stub.GetLoad(pb.LoadRequest(), timeout=5).num_running == 0
+    status, body = http_get(mesh, "/metrics")
+    assert status == 200
+    outstanding = [x for x in body.splitlines() if x.startswith("splitserve_router_worker_out")]
+    assert outstanding and all(x.endswith(" 0.0") for x in outstanding), outstanding
+
+
+def test_sigterm_drains_and_exits_zero(mesh: Mesh) -> None:
+    """Last in this module: the router goes away."""
+    assert mesh.router.stop() == 0
+    assert "stopped" in mesh.router.log_tail()

@@ -1,0 +1,195 @@
+"""The one validator, through both front doors' parsers: each bad input gets the right status
+(HTTP and gRPC) and OpenAI's error shape; good inputs come out tokenized and capped."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from splitserve.engine.loader import Checkpoint
+from splitserve.router.errors import RequestValidationError, RouterError
+from splitserve.router.grpc_api import generate_input
+from splitserve.router.openai_protocol import parse_chat, parse_completion
+from splitserve.router.validation import ModelInfo, RequestValidator, ValidatedRequest
+from splitserve.v1 import pb
+
+CONTEXT = 64
+MAX_BODY = 4096
+MODEL = "test-model"
+
+
+@pytest.fixture(scope="module")
+def validator(smollm2_checkpoint: Checkpoint) -> RequestValidator:
+    cfg = smollm2_checkpoint.config
+    info = ModelInfo(MODEL, CONTEXT, cfg.vocab_size, aliases=(cfg.name,))
+    assert smollm2_checkpoint.tokenizer is not None
+    return RequestValidator(info, smollm2_checkpoint.tokenizer, MAX_BODY)
+
+
+def http(validator: RequestValidator, body: dict[str, Any], chat: bool = False) -> ValidatedRequest:
+    parse = parse_chat if chat else parse_completion
+    parsed = parse(body, len(str(body)), None)
+    return asyncio.run(validator.validate(parsed.raw))
+
+
+LONG = "hello " * 200  # ~200 tokens, over the 64-token context
+BAD_COMPLETIONS = [
+    # (body, http status, grpc code, OpenAI code, param)
+    ({"prompt": ""}, 400, "INVALID_ARGUMENT", "empty_prompt", "prompt"),
+    ({"prompt": []}, 400, "INVALID_ARGUMENT", "empty_prompt", "prompt"),
+    ({"prompt": LONG}, 400, "INVALID_ARGUMENT", "context_length_exceeded", "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "INVALID_ARGUMENT", "invalid_value", "max_tokens"),
+    ({"prompt": "hi", "max_tokens": -3}, 400, "INVALID_ARGUMENT", "invalid_value", "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 10**9}, 400, "INVALID_ARGUMENT", "invalid_value", "max_tokens"),
+    ({"prompt": "hi", "max_tokens": "8"}, 400, "INVALID_ARGUMENT", "invalid_value", "max_tokens"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "NOT_FOUND", "model_not_found", "model"),
+    ({"prompt": "hi", "temperature": -1}, 400, "INVALID_ARGUMENT", "invalid_value", "temperature"),
+    ({"prompt": "hi", "top_p": 0}, 400, "INVALID_ARGUMENT", "invalid_value", "top_p"),
+    ({"prompt": "hi", "top_p": 1.5}, 400, "INVALID_ARGUMENT", "invalid_value", "top_p"),
+    ({"prompt": "hi", "n": 2}, 400, "INVALID_ARGUMENT", "invalid_value", "n"),
+    ({"prompt": "hi", "logprobs": -1}, 400, "INVALID_ARGUMENT", "invalid_value", "logprobs"),
+    ({"prompt": "hi", "logprobs": 99}, 400, "INVALID_ARGUMENT", "invalid_value", "logprobs"),
+    ({"prompt": "hi", "stop": ["x"] * 17}, 400, "INVALID_ARGUMENT", "invalid_value", "stop"),
+    ({"prompt": "hi", "stop": [""]}, 400, "INVALID_ARGUMENT", "invalid_value", "stop"),
+    ({"prompt": "hi", "seed": 2**64 - 1}, 400, "INVALID_ARGUMENT", "invalid_value", "seed"),
+    ({"prompt": ["a", "b"]}, 400, "INVALID_ARGUMENT", "invalid_value", "prompt"),
+    ({"prompt": [10**9]}, 400, "INVALID_ARGUMENT", "invalid_value", "prompt"),
+    ({"prompt": 5}, 400, "INVALID_ARGUMENT", "invalid_value", "prompt"),
+    ({}, 400, "INVALID_ARGUMENT", "invalid_value", "prompt"),
+    ({"prompt": "hi", "echo": True}, 400, "INVALID_ARGUMENT", "unsupported_parameter", "echo"),
+    ({"prompt": "hi", "best_of": 3}, 400, "INVALID_ARGUMENT", "invalid_value", "best_of"),
+    ({"prompt": "x" * MAX_BODY}, 413, "INVALID_ARGUMENT", "request_too_large", None),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "grpc_code", "code", "param"), BAD_COMPLETIONS)
+def test_bad_completion_requests(
+    validator: RequestValidator,
+    body: dict[str, Any],
+    status: int,
+    grpc_code: str,
+    code: str,
+    param: str | None,
+) -> None:
+    with pytest.raises(RouterError) as info:
+        http(validator, body)
+    err = info.value
+    assert (err.http_status, err.grpc_code.name, err.code, err.param) == (
+        status,
+        grpc_code,
+        code,
+        param,
+    )
+    shape = err.openai_body()["error"]
+    assert set(shape) == {"message", "type", "param", "code"}
+    assert shape["type"] == "invalid_request_error" and shape["message"]
+
+
+BAD_CHATS = [
+    ({"messages": []}, "empty_prompt", "messages"),
+    ({"messages": [{"role": "user", "content": ""}]}, "empty_prompt", "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "invalid_value", "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 3}]}, "invalid_value", "messages[0].content"),
+    ({"messages": "hi"}, "invalid_value", "messages"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        "invalid_value",
+        "messages[0].content",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        "invalid_value",
+        "top_logprobs",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 50},
+        "invalid_value",
+        "logprobs",
+    ),
+    ({"messages": [{"role": "user", "content": LONG}]}, "context_length_exceeded", "messages"),
+]
+
+
+@pytest.mark.parametrize(("body", "code", "param"), BAD_CHATS)
+def test_bad_chat_requests(
+    validator: RequestValidator, body: dict[str, Any], code: str, param: str
+) -> None:
+    with pytest.raises(RequestValidationError) as info:
+        http(validator, body, chat=True)
+    assert (info.value.http_status, info.value.code, info.value.param) == (400, code, param)
+
+
+def test_max_tokens_is_capped_to_the_context_left(validator: RequestValidator) -> None:
+    req = http(validator, {"prompt": "Hello there", "max_tokens": CONTEXT, "min_tokens": CONTEXT})
+    room = CONTEXT - len(req.prompt_token_ids)
+    assert req.params.max_tokens == room and req.params.min_tokens == room
+
+
+def test_defaults_completion_16_chat_the_rest(validator: RequestValidator) -> None:
+    assert http(validator, {"prompt": "Hello"}).params.max_tokens == 16
+    chat = http(validator, {"messages": [{"role": "user", "content": "Hi"}]}, chat=True)
+    assert chat.params.max_tokens == CONTEXT - len(chat.prompt_token_ids)
+
+
+def test_good_requests_keep_their_options(validator: RequestValidator, smollm2_checkpoint) -> None:
+    body = {"model": MODEL, "prompt": "Hi", "temperature": 0, "stop": "\n", "logprobs": 2}
+    req = http(validator, body)
+    assert req.prompt_token_ids == smollm2_checkpoint.tokenizer.encode("Hi")
+    assert (req.params.temperature, req.params.stop, req.params.logprobs) == (0, ("\n",), 2)
+    # The checkpoint's own name is an alias of the served name.
+    assert http(validator, {"model": smollm2_checkpoint.config.name, "prompt": [1, 2]})
+
+
+def test_chat_uses_the_template_without_extra_special_tokens(
+    validator: RequestValidator, smollm2_checkpoint: Checkpoint
+) -> None:
+    tok = smollm2_checkpoint.tokenizer
+    assert tok is not None
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    req = http(validator, {"messages": messages}, chat=True)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert req.prompt_token_ids == tok.encode(text, add_special_tokens=False)
+
+
+def test_grpc_requests_go_through_the_same_checks(validator: RequestValidator) -> None:
+    def check(request: pb.GenerateRequest) -> ValidatedRequest:
+        return asyncio.run(validator.validate(generate_input(request)))
+
+    ok = check(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingOptions(max_tokens=4)))
+    assert ok.params.max_tokens == 4 and ok.params.temperature == 1.0 and ok.disaggregate is None
+    forced = check(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), disaggregate=True))
+    assert forced.disaggregate is True and forced.params.max_tokens == 16
+    cases = [
+        (pb.GenerateRequest(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.GenerateRequest(prompt="Hi", model="nope"), grpc.StatusCode.NOT_FOUND),
+        (
+            pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingOptions(top_p=0)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingOptions(max_tokens=0)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (pb.GenerateRequest(chat=pb.ChatMessages()), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for request, code in cases:
+        with pytest.raises(RouterError) as info:
+            check(request)
+        assert info.value.grpc_code == code, request
+
+
+def test_the_cache_salt_is_derived_from_the_callers_credential(
+    validator: RequestValidator,
+) -> None:
+    def salt(caller: str | None, cache_salt: str | None = None) -> str | None:
+        raw = parse_completion({"prompt": "Hi", "cache_salt": cache_salt}, 20, caller).raw
+        return asyncio.run(validator.validate(raw)).cache_salt
+
+    assert salt(None) is None and salt(None, "mine") == "mine"
+    alice, bob = salt("Bearer alice"), salt("Bearer bob")
+    assert alice and bob and alice != bob and salt("Bearer alice") == alice
+    assert salt("Bearer alice", "mine") not in (alice, "mine", salt("Bearer bob", "mine"))
