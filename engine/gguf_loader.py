@@ -125,7 +125,7 @@ def open_gguf(path: str) -> Checkpoint:
     hf_config = hf_config_from_gguf(metadata, reader)  # first: names the architecture
     tensors = _tensors_by_hf_name(reader, path)
     try:
-        config = ModelConfig.from_hf(hf_config, name=_model_name(metadata, path))
+        config = ModelConfig.from_hf(hf_config, name=_model_name(path))
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: unsupported or incomplete GGUF metadata ({e})") from e
     tokenizer = Tokenizer.from_gguf_metadata(metadata)
@@ -181,8 +181,10 @@ def _load_tensor(tensor: ReaderTensor, hf_name: str, config: ModelConfig) -> tor
     return weight
 
 
-def _model_name(metadata: dict[str, Any], path: str) -> str:
-    return str(metadata.get("general.name") or os.path.splitext(os.path.basename(path))[0])
+def _model_name(path: str) -> str:
+    # The file's name, not `general.name`: two quantizations of one model share the latter,
+    # and the model id seeds the KV cache keys, which must differ when the weights do.
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def hf_config_from_gguf(metadata: dict[str, Any], reader: GGUFReader) -> dict[str, Any]:

@@ -59,10 +59,14 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].to(q.dtype)[:, None, :]  # (T, 1, head_dim)
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """(T, 1, head_dim) tables for a step, looked up once and shared by every layer."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]):
+    cos, sin = cos_sin
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,13 +86,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x, positions, rotary: Rotary, k_cache, v_cache, meta, backend):
+    def forward(self, x, cos_sin, k_cache, v_cache, meta, backend):
         qkv = self.qkv_proj(x)  # (T, q_size + 2 * kv_size)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, k, cos_sin)
         out = backend(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, H, hd)
         return self.o_proj(out.flatten(1))
 
@@ -113,10 +117,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, k_cache, v_cache, meta, backend):
-        x = x + self.self_attn(
-            self.input_layernorm(x), positions, rotary, k_cache, v_cache, meta, backend
-        )
+    def forward(self, x, cos_sin, k_cache, v_cache, meta, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, k_cache, v_cache, meta, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -153,8 +155,9 @@ class LlamaModel(nn.Module):
         backend: PagedAttentionBackend,
     ) -> torch.Tensor:  # (T, hidden), before the final norm
         x = self.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, kv_cache[i, 0], kv_cache[i, 1], meta, backend)
+            x = layer(x, cos_sin, kv_cache[i, 0], kv_cache[i, 1], meta, backend)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

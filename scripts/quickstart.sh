@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Quick start, step 1: install, then show the engine answering on the default model.
+# Quick start, step 1: install, bring up the mesh (router, kvstore, prefill and decode workers
+# as separate processes) on the default model, ask it one question over HTTP, then stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "== splitserve generate (SmolLM2-135M-Instruct, greedy, streamed) =="
-splitserve generate "In one sentence, why does paged attention save memory?" --max-tokens 64 --stats
+splitserve up --demo
