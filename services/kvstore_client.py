@@ -52,6 +52,9 @@ class KVClientCounters:
     dropped_puts: int = 0  # blocks dropped: queue full, store down, or the put failed
 
 
+PUT_MIN_BYTES_PER_S = 50e6  # below this a store is too slow to be worth writing to
+
+
 class KVStoreClient:
     def __init__(
         self,
@@ -174,7 +177,8 @@ class KVStoreClient:
         try:
             response = await self._rpc().Put(
                 _blocks(items),
-                timeout=self.put_timeout_s,
+                # long prompts write back hundreds of MB: the deadline grows with the bytes
+                timeout=self.put_timeout_s + sum(len(p) for _, p in items) / PUT_MIN_BYTES_PER_S,
                 metadata=inject_metadata() if metadata is None else metadata,
             )
         except (grpc.RpcError, OSError) as exc:

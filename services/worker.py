@@ -148,7 +148,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         "--advertise-address", default=None, help="HOST:PORT peers use (default: host:port)"
     )
     g.add_argument("--kvstore", default=None, help="HOST:PORT of the kvstore (optional)")
-    g.add_argument("--kvstore-timeout-s", type=float, default=1.0, help="per kvstore call")
+    g.add_argument(
+        "--kvstore-timeout-s",
+        type=float,
+        default=3.0,
+        help="deadline of a kvstore lookup; past it the worker recomputes",
+    )
     g.add_argument("--metrics-port", type=int, default=0, help="Prometheus port; 0 = off")
     g.add_argument("--max-waiting-requests", type=int, default=256)
     g.add_argument("--max-queued-tokens", type=int, default=256 * 1024)

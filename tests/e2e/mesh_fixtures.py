@@ -1,0 +1,371 @@
+"""Real meshes for the end-to-end tests, started by the launcher's own code.
+
+`start_mesh("--prefill", "2", ...)` parses `splitserve up` flags into a `Topology`, adjusts a
+few specs (a Redis key prefix of this run's own, extra worker flags, the tracing exporter) and
+runs it under `splitserve.mesh.Mesh`: the processes, the health waits, the log files and the
+ordered shutdown are exactly what `splitserve up` does. Ports are found the way the launcher's
+own tests find them (free router ports, a random --port-offset whose plan is free).
+
+Also here: the checks every module ends with (`assert_idle`: no request, KV block, lease or
+outstanding token left anywhere), metric scraping, and the reference engine's greedy output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from splitserve import cmd_up
+from splitserve.cli import CLIError
+from splitserve.engine.engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.tokenizer import Tokenizer
+from splitserve.mesh import Console, Mesh, StartupError
+from splitserve.services.metrics import PREFIX as WORKER_PREFIX
+from splitserve.services.server import CHANNEL_OPTIONS
+from splitserve.topology import ServiceSpec, Topology
+from splitserve.v1 import pb, rpc
+
+# A shared Redis (other developers use db 0): our own database, and a key prefix of our own
+# per run, deleted afterwards; never FLUSHDB/FLUSHALL.
+REDIS_URL = os.environ.get("SPLITSERVE_E2E_REDIS_URL", "redis://127.0.0.1:6379/3")
+# Small pools and one thread per worker: the test machine has two cores. 96 MiB holds 136
+# blocks of 16 tokens (fp32 SmolLM2-135M: 720 KiB a block): room for a 1,050-token prompt.
+ENGINE_FLAGS = ("--kv-cache-mib", "96", "--threads", "1")
+# The default deadline is 1 s per kvstore call; fetching ~45 MB of fp32 blocks can take longer
+# than that on a loaded 2-core box, and this suite is about *whether* blocks are shared, so
+# give the store time (a timeout would make the worker recompute, and the test fail).
+WORKER_FLAGS = ("--kvstore-timeout-s", "20")
+STARTUP_TIMEOUT_S = 600.0
+RPC_TIMEOUT_S = 300.0
+
+
+# ---- ports ----------------------------------------------------------------------------------
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def up_argv(*flags: str) -> list[str]:
+    """`up` flags on ports nobody uses: free router ports, a random offset for the rest."""
+    http, grpc_port = free_ports(2)
+    for _ in range(50):
+        offset = random.randrange(1000, 15000)
+        argv = ["--http-port", str(http), "--grpc-port", str(grpc_port)]
+        argv += ["--port-offset", str(offset), *flags]
+        try:
+            cmd_up.check_ports_free(Topology.from_args(cmd_up.build_parser().parse_args(argv)))
+        except CLIError:
+            continue
+        return argv
+    raise AssertionError("no free port range")
+
+
+# ---- the mesh -------------------------------------------------------------------------------
+@dataclass
+class RunningMesh:
+    topology: Topology
+    mesh: Mesh
+    console: Console
+    log_dir: Path
+    redis_prefix: str | None = None
+    baseline_kv_usage: dict[str, float] = field(default_factory=dict)
+    _channels: dict[str, grpc.Channel] = field(default_factory=dict)
+
+    # ---- addresses
+    def port(self, service: str, role: str = "grpc") -> int:
+        return self.topology.service(service).ports[role]
+
+    def address(self, service: str) -> str:
+        return f"127.0.0.1:{self.port(service)}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port('router', 'http')}"
+
+    @property
+    def workers(self) -> list[str]:
+        return [s.name for s in self.topology.workers]
+
+    def workers_of(self, role: str) -> list[str]:
+        return [w for w in self.workers if w.rsplit("-", 1)[0] == role]
+
+    # ---- clients
+    def channel(self, service: str) -> grpc.Channel:
+        if service not in self._channels:
+            self._channels[service] = grpc.insecure_channel(
+                self.address(service), options=CHANNEL_OPTIONS
+            )
+        return self._channels[service]
+
+    def inference(self) -> rpc.InferenceStub:
+        return rpc.InferenceStub(self.channel("router"))
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.http_url}/v1", api_key="e2e", max_retries=0, timeout=RPC_TIMEOUT_S
+        )
+
+    def load(self, worker: str) -> pb.WorkerLoad:
+        stub_type = rpc.PrefillStub if worker.startswith("prefill") else rpc.DecodeStub
+        return stub_type(self.channel(worker)).GetLoad(pb.LoadRequest(), timeout=10)
+
+    def kvstore_stats(self) -> pb.StatsResponse:
+        return rpc.KVStoreStub(self.channel("kvstore")).Stats(pb.StatsRequest(), timeout=10)
+
+    # ---- observation
+    def worker_metric(self, worker: str, name: str, **labels: str) -> float:
+        url = f"http://127.0.0.1:{self.port(worker, 'metrics')}/metrics"
+        return scrape(url, WORKER_PREFIX + name, **labels)
+
+    def router_metrics(self) -> str:
+        return http_get(f"{self.http_url}/metrics")
+
+    def log(self, service: str) -> str:
+        return (self.log_dir / f"{service}.log").read_text(errors="replace")
+
+    def tails(self) -> str:
+        return "\n".join(self.mesh.tails(list(self.mesh.children)))
+
+    # ---- lifecycle
+    def stop(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
+        try:
+            self.mesh.stop(grace=20.0)
+        finally:
+            self.console.close()
+            if self.redis_prefix:
+                delete_redis_keys(self.redis_prefix)
+
+
+def start_mesh(
+    log_dir: Path,
+    *up_flags: str,
+    env: dict[str, str] | None = None,
+    worker_flags: Sequence[str] = WORKER_FLAGS,
+    redis: bool = False,
+) -> RunningMesh:
+    """Start a mesh as `splitserve up <flags>` would, wait until every service is SERVING."""
+    redis_prefix = f"splitserve:e2e:{os.getpid()}:{random.getrandbits(48):012x}:" if redis else None
+    flags = [*up_flags, *ENGINE_FLAGS, "--log-level", "info"]
+    if redis:
+        flags += ["--redis-url", REDIS_URL]
+    base = Topology.from_args(cmd_up.build_parser().parse_args(up_argv(*flags)))
+    services = [_adjust(s, env or {}, worker_flags, redis_prefix) for s in base.services]
+    topology = Topology(services=services, placement=base.placement)
+    cmd_up.check_ports_free(topology)
+    console = Console(topology.names, str(log_dir))
+    mesh = Mesh(topology, console)
+    running = RunningMesh(topology, mesh, console, log_dir, redis_prefix)
+    try:
+        mesh.start(STARTUP_TIMEOUT_S, threading.Event())
+    except StartupError as exc:
+        tails = "\n".join(mesh.tails(exc.culprits))
+        running.stop()
+        raise RuntimeError(f"mesh did not start: {exc}\n{tails}") from None
+    except BaseException:
+        running.stop()
+        raise
+    try:
+        wait_router_healthy(running)
+        running.baseline_kv_usage = {w: running.load(w).kv_usage for w in running.workers}
+        # kv_usage counts blocks owned by live requests (cached free blocks don't count).
+        assert set(running.baseline_kv_usage.values()) == {0.0}, running.baseline_kv_usage
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def _adjust(
+    spec: ServiceSpec, env: dict[str, str], worker_flags: Sequence[str], redis_prefix: str | None
+) -> ServiceSpec:
+    args = list(spec.args)
+    if spec.name == "kvstore" and redis_prefix:
+        args += ["--redis-prefix", redis_prefix]
+    if spec.module in ("splitserve.prefill", "splitserve.decode"):
+        args += list(worker_flags)
+    if spec.name == "router":
+        args += ["--health-interval", "0.5"]
+    return dataclasses.replace(spec, args=args, env={**spec.env, **env})
+
+
+def wait_router_healthy(mesh: RunningMesh, timeout_s: float = 60.0) -> None:
+    """The router's /health is 200 once it has seen a decode worker healthy."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            http_get(f"{mesh.http_url}/health")
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"router /health never answered 200\n{mesh.tails()}")
+
+
+def delete_redis_keys(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        batch = []
+        for key in client.scan_iter(match=prefix + "*", count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                client.delete(*batch)
+                batch.clear()
+        if batch:
+            client.delete(*batch)
+    finally:
+        client.close()
+
+
+# ---- HTTP and metrics -----------------------------------------------------------------------
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_get(url: str, timeout: float = 10.0) -> str:
+    with _NO_PROXY.open(url, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def http_post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with _NO_PROXY.open(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels` (0 if none)."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    ]
+
+
+def scrape(url: str, name: str, **labels: str) -> float:
+    return metric_value(http_get(url), name, **labels)
+
+
+# ---- no leaks -------------------------------------------------------------------------------
+def idle_report(mesh: RunningMesh) -> list[str]:
+    """What is still held anywhere in the mesh; [] when everything is back to its baseline."""
+    problems = []
+    for w in mesh.workers:
+        load = mesh.load(w)
+        if load.num_running or load.num_waiting or load.outstanding_tokens:
+            problems.append(
+                f"{w}: {load.num_running} running (incl. reserved), {load.num_waiting} waiting, "
+                f"{load.outstanding_tokens} outstanding tokens"
+            )
+        if load.kv_usage != mesh.baseline_kv_usage[w]:
+            problems.append(
+                f"{w}: kv_usage {load.kv_usage} != baseline {mesh.baseline_kv_usage[w]}"
+            )
+        if w.startswith("prefill"):
+            held = mesh.worker_metric(w, "kv_lease_bytes")
+            if held:
+                problems.append(f"{w}: {held:.0f} bytes still leased")
+    text = mesh.router_metrics()
+    if metric_value(text, "splitserve_router_requests_in_flight"):
+        problems.append("router: requests still in flight")
+    for name in ("worker_outstanding_tokens", "worker_outstanding_requests"):
+        for labels, value in metric_samples(text, f"splitserve_router_{name}"):
+            if value:
+                problems.append(f"router: {name} {value} on {labels['worker']}")
+    return problems
+
+
+def assert_idle(mesh: RunningMesh, timeout_s: float = 30.0) -> None:
+    """Every worker's KV, queue and leases, and the router's load counters, back to idle.
+
+    Polls: the last stream's blocks and a released lease go back a moment after the client
+    saw the final token.
+    """
+    deadline = time.monotonic() + timeout_s
+    while problems := idle_report(mesh):
+        if time.monotonic() > deadline:
+            raise AssertionError("the mesh did not return to idle:\n" + "\n".join(problems))
+        time.sleep(0.25)
+    for w in mesh.workers_of("prefill"):  # nothing was left to expire: all pulled or released
+        assert mesh.worker_metric(w, "kv_leases_expired_total") == 0, w
+    for w in mesh.workers:  # no test walks away from a stream: none ended cancelled or failed
+        for outcome in ("cancelled", "error"):
+            assert mesh.worker_metric(w, "requests_total", outcome=outcome) == 0, (w, outcome)
+
+
+# ---- the reference --------------------------------------------------------------------------
+def chat_ids(tok: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The router's tokenization of chat messages (router/validation.py)."""
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), False)
+
+
+def prompt_ids(tok: Tokenizer, text: str) -> list[int]:
+    """The router's tokenization of a raw prompt: the model's special tokens added."""
+    return tok.encode(text, add_special_tokens=True)
+
+
+def greedy(engine: LLMEngine, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+    """The in-process engine's greedy tokens for each prompt, run as one batch.
+
+    On one thread, like the workers: on a small shared machine torch's default (a thread per
+    core, spinning at barriers) runs up to ten times slower whenever another process is busy.
+    """
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [out.new_token_ids for out in engine.generate(list(prompts), params)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stream_ids(responses: Iterator[pb.GenerateResponse]) -> tuple[list[int], str, pb.Usage, int]:
+    """(token ids, text, usage, finish reason) of a router Generate stream."""
+    ids: list[int] = []
+    text = ""
+    usage = pb.Usage()
+    finish = pb.FINISH_REASON_UNSPECIFIED
+    for r in responses:
+        ids += r.token_ids
+        text += r.text
+        if r.HasField("usage"):
+            usage = r.usage
+        finish = r.finish_reason or finish
+    return ids, text, usage, finish
