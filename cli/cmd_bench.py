@@ -6,6 +6,7 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark (ratios against a same-run baseline)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from splitserve.bench import engine_bench
+    from splitserve.bench import engine_bench, mesh_bench
 
     engine_bench.add_parser(bsub)
+    mesh_bench.add_parser(bsub)

@@ -1,0 +1,421 @@
+"""Meshes for `splitserve bench mesh`: built from `splitserve up`'s own flags and Topology, run
+under the launcher's process supervision (cli/mesh.py), and talked to as a client would.
+
+    colocated_topology(engine_flags, ...)   router + 1 colocated worker, kvstore off
+    disagg_topology(engine_flags, ...)      kvstore + prefill-0 + prefill-1 + decode-0 and two
+                                            routers: `router` (prefill-1, decode-0) and
+                                            `router-cold` (prefill-0, decode-0)
+    with running_mesh(topology, log_dir) as mesh:
+        await stream_generate(stub, request)    # first-token and last-token times at the client
+        scrape_metrics(mesh.metrics_url("decode-0"))
+
+Every service logs to LOG_DIR/<name>.log; a startup failure raises MeshError with the tails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import IO, TYPE_CHECKING
+
+from splitserve.mesh import Console, Mesh, StartupError
+from splitserve.topology import ServiceSpec, Topology
+
+if TYPE_CHECKING:
+    from splitserve.v1 import pb
+
+HOST = "127.0.0.1"
+STOP_GRACE_S = 15.0  # idle workers exit at once; this only bounds a stuck one
+FIRST_PORT_OFFSET = 3000  # internal ports: kvstore 53060, prefill 53070+, metrics 12100+, ...
+PORT_OFFSET_STEP = 100
+# No proxy may see loopback traffic; large KV never crosses this client, token streams only.
+CLIENT_CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
+
+
+class MeshError(RuntimeError):
+    """A mesh would not start (or a request to it failed in a way the bench can't use)."""
+
+
+# ---- topologies --------------------------------------------------------------------------------
+def up_args(engine_flags: Sequence[str], *extra: str) -> argparse.Namespace:
+    """`splitserve up`'s parsed flags: the mesh gets exactly the engine flags the baseline got."""
+    from splitserve.cmd_up import build_parser
+
+    return build_parser().parse_args([*extra, *engine_flags, "--log-level", "warning"])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _all_ports_free(topology: Topology) -> bool:
+    from splitserve.cli import CLIError
+    from splitserve.cmd_up import check_ports_free
+
+    try:
+        check_ports_free(topology)
+    except CLIError:
+        return False
+    return True
+
+
+def _place(build: Callable[[int], Topology], tries: int = 50) -> Topology:
+    """The first port offset at which every port the topology plans is free right now."""
+    for k in range(tries):
+        topology = build(FIRST_PORT_OFFSET + k * PORT_OFFSET_STEP)
+        if _all_ports_free(topology):
+            return topology
+    raise MeshError("no free set of ports for the benchmark's mesh; is another one running?")
+
+
+def strip_flag(args: Sequence[str], flag: str, value: str | None = None) -> list[str]:
+    """`args` without `flag VALUE` pairs (only the pair with `value`, when given)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] == flag and i + 1 < len(args) and value in (None, args[i + 1]):
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def set_flag(args: Sequence[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    out[out.index(flag) + 1] = value
+    return out
+
+
+def without_kvstore(topology: Topology) -> Topology:
+    """The same mesh with no kvstore: workers keep only their local prefix cache."""
+    services = [
+        replace(
+            s,
+            args=strip_flag(s.args, "--kvstore"),
+            depends_on=[d for d in s.depends_on if d != "kvstore"],
+        )
+        for s in topology.services
+        if s.name != "kvstore"
+    ]
+    return Topology(services=services, placement=topology.placement)
+
+
+def colocated_topology(engine_flags: Sequence[str]) -> Topology:
+    """Router + one colocated worker: one engine process does all the work (no kvstore)."""
+    grpc_port, http_port = free_port(), free_port()
+
+    def build(offset: int) -> Topology:
+        args = up_args(
+            engine_flags,
+            *("--colocated", "--decode", "1", "--port-offset", str(offset)),
+            *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
+        )
+        return without_kvstore(Topology.from_args(args))
+
+    return _place(build)
+
+
+def _route_only(router: ServiceSpec, drop: ServiceSpec, topology: Topology) -> ServiceSpec:
+    address = topology.placement.address(drop.name, drop.ports["grpc"])
+    return replace(
+        router,
+        args=strip_flag(router.args, "--prefill", address),
+        depends_on=[d for d in router.depends_on if d != drop.name],
+    )
+
+
+def split_routers(topology: Topology, cold_grpc: int, cold_http: int) -> Topology:
+    """Two routers over one decode worker and kvstore, each with a prefill worker of its own:
+    `router` sends prompts to prefill-1 only, `router-cold` to prefill-0 only. A prefix
+    computed through router-cold reaches prefill-1 only by way of the kvstore."""
+    router = topology.router
+    prefill = [w for w in topology.workers if w.name.startswith("prefill-")]
+    if len(prefill) != 2:
+        raise ValueError("split_routers needs exactly two prefill workers")
+    main = _route_only(router, prefill[0], topology)
+    cold = _route_only(router, prefill[1], topology)
+    cold = replace(
+        cold,
+        name="router-cold",
+        args=set_flag(
+            set_flag(cold.args, "--grpc-port", str(cold_grpc)), "--http-port", str(cold_http)
+        ),
+        ports={"grpc": cold_grpc, "http": cold_http},
+    )
+    services = [s for s in topology.services if s.name != "router"] + [main, cold]
+    return Topology(services=services, placement=topology.placement)
+
+
+def disagg_topology(engine_flags: Sequence[str]) -> Topology:
+    """kvstore (in memory), prefill-0, prefill-1, decode-0, `router` and `router-cold`."""
+    ports = [free_port() for _ in range(4)]
+
+    def build(offset: int) -> Topology:
+        args = up_args(
+            engine_flags,
+            *("--prefill", "2", "--decode", "1", "--port-offset", str(offset)),
+            *("--grpc-port", str(ports[0]), "--http-port", str(ports[1])),
+        )
+        return split_routers(Topology.from_args(args), ports[2], ports[3])
+
+    return _place(build)
+
+
+# ---- running one ------------------------------------------------------------------------------
+class QuietConsole(Console):
+    """Children's logs to LOG_DIR/<name>.log, the launcher's own lines to LOG_DIR/launcher.log:
+    nothing on the terminal but the benchmark's progress bar and tables."""
+
+    def __init__(self, names: list[str], log_dir: str) -> None:
+        super().__init__(names, log_dir)
+        path = os.path.join(log_dir, "launcher.log")
+        self._own: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+        self.files.append(self._own)
+
+    def say(self, text: str, stream: IO[str] | None = None) -> None:
+        with self.lock:
+            self._own.write(text + "\n")
+
+
+@dataclass
+class RunningMesh:
+    topology: Topology
+    mesh: Mesh
+    log_dir: str
+    started_s: float = 0.0  # launch to every service SERVING
+
+    def address(self, name: str) -> str:
+        return f"{HOST}:{self.topology.service(name).ports['grpc']}"
+
+    def metrics_url(self, name: str) -> str:
+        return f"http://{HOST}:{self.topology.service(name).ports['metrics']}/metrics"
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.mesh.children.values() if c.proc.poll() is None]
+
+    def check_alive(self) -> None:
+        dead = self.mesh.first_exited()
+        if dead is not None:
+            tail = "\n".join(self.mesh.tails([dead.name]))
+            raise MeshError(f"{dead.name} exited with status {dead.proc.returncode}\n{tail}")
+
+
+@contextmanager
+def running_mesh(topology: Topology, log_dir: str, timeout: float = 300.0) -> Iterator[RunningMesh]:
+    """Start every service (dependencies first), yield once all are SERVING, stop them all."""
+    os.makedirs(log_dir, exist_ok=True)
+    console = QuietConsole(topology.names, log_dir)
+    mesh = Mesh(topology, console)
+    start = time.perf_counter()
+    try:
+        try:
+            mesh.start(timeout, threading.Event())
+        except StartupError as exc:
+            tail = "\n".join(mesh.tails(exc.culprits))
+            raise MeshError(f"{exc} (logs in {log_dir})\n{tail}") from None
+        yield RunningMesh(topology, mesh, log_dir, time.perf_counter() - start)
+    finally:
+        mesh.stop(STOP_GRACE_S)
+        console.close()
+
+
+# ---- the client side --------------------------------------------------------------------------
+@dataclass
+class StreamResult:
+    """One Generate call as the client saw it; times are time.perf_counter() values."""
+
+    sent: float
+    first_token: float
+    done: float
+    token_ids: list[int] = field(default_factory=list)
+    cached_prompt_tokens: int = 0
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.sent
+
+
+def generate_request(
+    request_id: str,
+    prompt: Sequence[int],
+    num_tokens: int,
+    *,
+    cache_salt: str = "",
+    disaggregate: bool | None = None,
+) -> pb.GenerateRequest:
+    """Exactly `num_tokens` greedy tokens (EOS ignored), from token ids: no tokenizer on the way."""
+    from splitserve.v1 import pb
+
+    req = pb.GenerateRequest(
+        request_id=request_id,
+        token_ids=pb.TokenIds(ids=list(prompt)),
+        sampling=pb.SamplingOptions(
+            max_tokens=num_tokens, min_tokens=num_tokens, temperature=0.0, ignore_eos=True
+        ),
+        cache_salt=cache_salt,
+    )
+    if disaggregate is not None:
+        req.disaggregate = disaggregate
+    return req
+
+
+async def stream_generate(
+    stub, request: pb.GenerateRequest, timeout: float = 600.0
+) -> StreamResult:
+    sent = time.perf_counter()
+    first: float | None = None
+    tokens: list[int] = []
+    cached = 0
+    async for resp in stub.Generate(request, timeout=timeout):
+        if resp.token_ids and first is None:
+            first = time.perf_counter()
+        tokens.extend(resp.token_ids)
+        if resp.HasField("usage"):
+            cached = resp.usage.cached_prompt_tokens
+    done = time.perf_counter()
+    return StreamResult(sent, first if first is not None else done, done, tokens, cached)
+
+
+async def wait_until_served(
+    stub, request: pb.GenerateRequest, timeout: float = 60.0
+) -> StreamResult:
+    """The first request to a fresh router: retried while it doesn't see its workers yet."""
+    import grpc
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await stream_generate(stub, request)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+# ---- kvstore and metrics ----------------------------------------------------------------------
+async def store_match(stub, keys: Sequence[bytes]) -> int:
+    """How many leading keys of a hash chain the kvstore holds."""
+    from splitserve.v1 import pb
+
+    if not keys:
+        return 0
+    return (await stub.Match(pb.MatchRequest(keys=list(keys)), timeout=10.0)).num_matched
+
+
+async def wait_stored(stub, keys: Sequence[bytes], timeout: float = 30.0) -> bool:
+    """Until every key is in the kvstore (a prefill's write-back is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while await store_match(stub, keys) < len(keys):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus text exposition: (name, sorted label items) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape_metrics(url: str, timeout: float = 10.0) -> dict[tuple[str, tuple], float]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=timeout) as resp:
+        return parse_metrics(resp.read().decode())
+
+
+def sample(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 if none)."""
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in samples.items() if n == name and want <= set(lbl))
+
+
+# ---- who used the CPUs ------------------------------------------------------------------------
+def _clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy since boot, stolen time included (Linux)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _clock_ticks()
+
+
+def process_cpu_seconds(pid: int, with_reaped_children: bool = False) -> float:
+    """utime + stime of a process (all its threads), 0 if it is gone; optionally plus what its
+    children that it already waited for used."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return 0.0
+    fields = text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + (cutime + cstime if with_reaped_children else 0)) / _clock_ticks()
+
+
+@dataclass
+class CpuShare:
+    """Where the machine's CPU time went over an interval."""
+
+    wall_s: float
+    ours_s: float  # this process + the mesh processes (and children they reaped)
+    others_s: float  # every other process on the machine, and time stolen by the hypervisor
+    cpus: int
+
+    @property
+    def others_fraction(self) -> float:
+        """Of the machine's capacity over the interval (wall x CPUs)."""
+        capacity = self.wall_s * self.cpus
+        return self.others_s / capacity if capacity > 0 else 0.0
+
+
+class CpuMeter:
+    """CPU time used by us (this process + `pids()`) vs everyone else, between start and stop.
+
+    A mesh started mid-interval counts from zero; one stopped mid-interval is counted through
+    this process's reaped-children time, so neither shows up as someone else's."""
+
+    def __init__(self, pids: Callable[[], list[int]] = list) -> None:
+        self.pids = pids  # the mesh processes running now
+        self._start: tuple[float, float, dict[int, float]] | None = None
+
+    def _ours(self) -> dict[int, float]:
+        me = os.getpid()
+        out = {me: process_cpu_seconds(me, with_reaped_children=True)}
+        out.update({p: process_cpu_seconds(p) for p in self.pids() if p != me})
+        return out
+
+    def start(self) -> None:
+        self._start = (time.perf_counter(), machine_busy_seconds(), self._ours())
+
+    def stop(self) -> CpuShare:
+        assert self._start is not None, "stop() before start()"
+        t0, busy0, ours0 = self._start
+        ours1 = self._ours()
+        me = os.getpid()
+        # A child alive at the start and reaped since moved into our own reaped-children time.
+        ours = sum(v - ours0.get(p, 0.0) for p, v in ours1.items() if p == me or p in ours0)
+        ours += sum(v for p, v in ours1.items() if p not in ours0)  # started since
+        ours -= sum(v for p, v in ours0.items() if p not in ours1 and p != me)  # reaped since
+        wall = time.perf_counter() - t0
+        others = max(0.0, machine_busy_seconds() - busy0 - ours)
+        return CpuShare(wall, ours, others, os.cpu_count() or 1)
