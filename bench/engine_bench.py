@@ -44,10 +44,12 @@ class BenchSettings:
     hf_batch_size: int = 8
     single_prompt_len: int = 128
     single_decode_tokens: int = 128  # after the first token, which the prefill yields
-    kv_fraction: float = 0.6  # KV pool slots / the workload's total tokens
+    # KV pool slots / the workload's total tokens: small enough that the workload fills it (peak
+    # slot use > 0.9), large enough that it never has to preempt and recompute.
+    kv_fraction: float = 0.85
     block_size: int = 16
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048  # prefill chunks big enough for efficient matmuls
     matmul_size: int = 2048
     copy_bytes: int = 256 * MIB
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
@@ -220,12 +221,19 @@ async def serve_worker(
             await store.close()
 
 
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def run_worker(
     args: argparse.Namespace, role: str, service_names: Sequence[str], build: Build
 ) -> int:
     configure_logging(role, args.log_level)
     init_tracing(role)
     install_uvloop()
+    # The engine thread gives up the GIL at every torch op and needs it back to issue the next;
+    # with the default 5 ms switch interval a busy gRPC thread can make it wait that long each
+    # time, hundreds of times a step.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         asyncio.run(serve_worker(args, role, service_names, build))
     except (OSError, ValueError) as exc:  # a port in use, a model that won't load
