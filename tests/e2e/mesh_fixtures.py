@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import random
-import socket
 import threading
 import time
 import urllib.request
@@ -29,10 +28,10 @@ from typing import Any
 import grpc
 import openai
 import torch
+from mesh_ports import up_args
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve import cmd_up
-from splitserve.cli import CLIError
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tokenizer import Tokenizer
@@ -57,32 +56,6 @@ RPC_TIMEOUT_S = 300.0
 
 
 # ---- ports ----------------------------------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def up_argv(*flags: str) -> list[str]:
-    """`up` flags on ports nobody uses: free router ports, a random offset for the rest."""
-    http, grpc_port = free_ports(2)
-    for _ in range(50):
-        offset = random.randrange(1000, 15000)
-        argv = ["--http-port", str(http), "--grpc-port", str(grpc_port)]
-        argv += ["--port-offset", str(offset), *flags]
-        try:
-            cmd_up.check_ports_free(Topology.from_args(cmd_up.build_parser().parse_args(argv)))
-        except CLIError:
-            continue
-        return argv
-    raise AssertionError("no free port range")
-
-
 # ---- the mesh -------------------------------------------------------------------------------
 @dataclass
 class RunningMesh:
@@ -174,7 +147,7 @@ def start_mesh(
     flags = [*up_flags, *ENGINE_FLAGS, "--log-level", "info"]
     if redis:
         flags += ["--redis-url", REDIS_URL]
-    base = Topology.from_args(cmd_up.build_parser().parse_args(up_argv(*flags)))
+    base = Topology.from_args(cmd_up.build_parser().parse_args(up_args(*flags)))
     services = [_adjust(s, env or {}, worker_flags, redis_prefix) for s in base.services]
     topology = Topology(services=services, placement=base.placement)
     cmd_up.check_ports_free(topology)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import re
 import signal
 import socket
@@ -21,9 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+from mesh_ports import free_ports, up_args
 
 from splitserve import cli, cmd_up
-from splitserve.cli import CLIError
 from splitserve.topology import Topology
 
 FAKE_SERVICE = textwrap.dedent(
@@ -96,17 +95,6 @@ STARTED = re.compile(r"splitserve: started (\S+) \(pid (\d+)\)")
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def live_in_groups(pgids: set[int]) -> list[str]:
@@ -281,21 +269,6 @@ def test_help_lists_up_and_the_services(capsys):
     out = capsys.readouterr().out
     for name in ("generate", "bench", "up", "kvstore", "prefill", "decode", "router"):
         assert re.search(rf"^    {name} ", out, re.MULTILINE), name
-
-
-def up_args(*extra: str) -> list[str]:
-    """`up` flags on ports no one else uses (other developers run meshes on this machine)."""
-    http, grpc_port = free_ports(2)
-    for _ in range(50):
-        offset = random.randrange(1000, 15000)
-        argv = ["--http-port", str(http), "--grpc-port", str(grpc_port)]
-        argv += ["--port-offset", str(offset), *extra]
-        try:
-            cmd_up.check_ports_free(Topology.from_args(cmd_up.build_parser().parse_args(argv)))
-        except CLIError:
-            continue
-        return argv
-    raise AssertionError("no free port range")
 
 
 def run_up(*argv: str, timeout: float) -> subprocess.CompletedProcess:
