@@ -216,14 +216,12 @@ def run_engine_decode(
 
 
 def kv_report(engine: LLMEngine, requests: list[BenchRequest]) -> KVReport:
-    from splitserve.bench.roofline import module_bytes
-
     s = engine.stats
     return KVReport(
         num_blocks=engine.runner.num_blocks,
         block_size=engine.block_size,
         pool_bytes=engine.runner.kv_cache_bytes,
-        weight_bytes=module_bytes(engine.runner.model),
+        weight_bytes=engine.runner.weight_bytes,
         workload_tokens=sum(r.total_len for r in requests),
         peak_slot_usage=s.peak_slot_usage,
         peak_block_usage=s.peak_block_usage,

@@ -183,7 +183,7 @@ class DecodeServicer(rpc.DecodeServicer):
     async def _pull(self, handle: pb.KVHandle, num_tokens: int) -> KVExport:
         llm = self.w.engine.engine
         blocks = -(-num_tokens // llm.block_size)
-        pool = llm.runner.kv_cache.shape
+        pool = llm.runner.kv_layout
         expected_shape = (*pool[:2], blocks, *pool[3:])
         # num_bytes is the sender's word: it stretches the deadline only up to a point.
         timeout = self.pull_timeout_s + min(handle.num_bytes / MIN_PULL_BYTES_PER_S, 120.0)

@@ -155,6 +155,10 @@ class EngineConfig:
     attention_backend: str = "auto"  # "torch", "cpp" (CPU kernel), or "auto"
     num_threads: int | None = None
     seed: int = 0
+    tensor_parallel_size: int = 1  # ranks in this worker's torch.distributed group
+    pipeline_stages: int = 1  # processes the layers are split across
+    pipeline_layers: tuple[int, ...] | None = None  # layers per stage; None = balanced
+    micro_batches: int = 1  # a step is cut into this many micro-batches under PP
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -163,3 +167,5 @@ class EngineConfig:
             raise ValueError("block_size must be a positive power of two")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.tensor_parallel_size < 1 or self.pipeline_stages < 1 or self.micro_batches < 1:
+            raise ValueError("tensor_parallel_size, pipeline_stages and micro_batches must be >= 1")

@@ -106,6 +106,10 @@ class LLMEngine:
         """Random weights (seeded by `config.seed`): for tests of the engine's mechanics."""
         return cls(config, model_config, ModelRunner(model_config, config, None))
 
+    def close(self) -> None:
+        """Stop the processes the runner started (TP ranks, pipeline stages); idempotent."""
+        self.runner.close()
+
     # ---- requests ------------------------------------------------------------------------
     def add_request(
         self,

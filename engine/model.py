@@ -3,12 +3,20 @@
 Tokens of every sequence in a step are packed into one (T, hidden) tensor; only attention
 needs to know where one sequence ends (see attention.py). Q/K/V and gate/up are fused into one
 matmul each; `load_weights` maps Hugging Face parameter names onto the fused layout.
+
+A `LlamaModel` is one shard (engine/parallel.py): the layers of a pipeline stage, and within
+them one tensor-parallel rank's heads, intermediate columns and vocabulary rows. QKV and
+gate/up are column-parallel, O and down row-parallel with one all-reduce each; the embedding
+and LM head are vocab-parallel. `load_weights` slices full checkpoint tensors down to the shard,
+so no rank ever holds another rank's weights. With one shard of everything (the default) the
+collectives are no-ops and this is the plain model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +24,25 @@ from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata, PagedAttentionBackend
 from splitserve.engine.config import ModelConfig, RopeScaling
+from splitserve.engine.parallel import ShardSpec
+
+
+class Collectives(Protocol):
+    """What a tensor-parallel shard needs from its group."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...  # sum over ranks, in place
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor: ...  # concat on the last dim
+
+
+class SingleRank:
+    """The group of one: every collective is the identity."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class RMSNorm(nn.Module):
@@ -75,8 +102,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_heads: int, num_kv_heads: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, num_heads: int, num_kv_heads: int, comm: Collectives
+    ) -> None:
         super().__init__()
+        self.comm = comm
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, cfg.head_dim
         self.q_size = num_heads * cfg.head_dim
         self.kv_size = num_kv_heads * cfg.head_dim
@@ -94,26 +124,29 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, cos_sin)
         out = backend(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, H, hd)
-        return self.o_proj(out.flatten(1))
+        return self.comm.all_reduce(self.o_proj(out.flatten(1)))
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, comm: Collectives) -> None:
         super().__init__()
+        self.comm = comm
         self.intermediate = intermediate
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.comm.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: ShardSpec, comm: Collectives) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, cfg.num_heads, cfg.num_kv_heads)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        heads = shard.heads(cfg)
+        i0, i1 = shard.intermediate(cfg)
+        self.self_attn = Attention(cfg, heads.num_q, heads.num_kv, comm)
+        self.mlp = MLP(cfg.hidden_size, i1 - i0, comm)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -133,73 +166,140 @@ _FUSED = {
 
 
 class LlamaModel(nn.Module):
-    """Layers `[first_layer, last_layer)`; a pipeline stage owns a slice, a full model all."""
+    """One shard of the model (see the module docstring); the default shard is all of it."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_positions: int | None = None,
+        shard: ShardSpec | None = None,
+        comm: Collectives | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.shard = shard = shard or ShardSpec()
+        self.comm = comm or SingleRank()
+        self.first_layer, self.last_layer = shard.layers(cfg)
+        self.is_first, self.is_last = shard.is_first(cfg), shard.is_last(cfg)
+        self.heads = shard.heads(cfg)
+        self.vocab_range = shard.vocab(cfg)
+        self.intermediate_range = shard.intermediate(cfg)
+        local_vocab = self.vocab_range[1] - self.vocab_range[0]
+        if self.is_first:
+            self.embed_tokens = nn.Embedding(local_vocab, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, shard, self.comm) for _ in range(self.last_layer - self.first_layer)
+        )
+        if self.is_last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, local_vocab, bias=False)
+            if cfg.tie_word_embeddings and self.is_first:
+                self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg, max_positions or cfg.max_position_embeddings)
+
+    @property
+    def num_local_layers(self) -> int:
+        return len(self.layers)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.shard.tp_size == 1:
+            return self.embed_tokens(input_ids)
+        v0, v1 = self.vocab_range
+        mine = (input_ids >= v0) & (input_ids < v1)
+        x = self.embed_tokens((input_ids - v0).clamp(0, v1 - v0 - 1))
+        return self.comm.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # (T,)
+        input_ids: torch.Tensor,  # (T,); ignored by a shard that is not first
         positions: torch.Tensor,  # (T,)
-        kv_cache: torch.Tensor,  # (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
+        kv_cache: torch.Tensor,  # (local_layers, 2, num_blocks, block_size, kv_heads, head_dim)
         meta: AttentionMetadata,
         backend: PagedAttentionBackend,
+        hidden: torch.Tensor | None = None,  # (T, hidden) from the previous stage
     ) -> torch.Tensor:  # (T, hidden), before the final norm
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids) if hidden is None else hidden
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos_sin, kv_cache[i, 0], kv_cache[i, 1], meta, backend)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        return self.comm.all_gather_last(self.lm_head(self.norm(hidden)))
 
     @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy Hugging Face-named tensors in; returns the names of parameters filled."""
+        """Copy Hugging Face-named full tensors in, each cut down to this shard; returns the
+        names of parameters filled. Tensors of other stages are skipped."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in tensors:
-            name, shard = self._map_name(hf_name)
-            if name not in params:
-                continue
-            dst = params[name]
-            if shard is not None:
-                dst = self._shard_view(name, dst, shard)
-            if dst.shape != tensor.shape:
-                raise ValueError(
-                    f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}"
-                )
-            dst.copy_(tensor)
-            loaded.add(f"{name}#{shard}" if shard is not None else name)
+            for name, shard, piece in self._pieces(hf_name, tensor):
+                if name not in params:
+                    continue
+                dst = params[name]
+                if shard is not None:
+                    dst = self._shard_view(name, dst, shard)
+                if dst.shape != piece.shape:
+                    raise ValueError(
+                        f"{hf_name}: shape {tuple(piece.shape)} on this shard, "
+                        f"expected {tuple(dst.shape)}"
+                    )
+                dst.copy_(piece)
+                loaded.add(f"{name}#{shard}" if shard is not None else name)
         return loaded
 
-    def _map_name(self, hf_name: str) -> tuple[str, int | None]:
+    def _pieces(self, hf_name: str, tensor: torch.Tensor):
+        """(our name, fused shard index, this rank's slice) for one HF tensor; none if the
+        tensor belongs to another stage."""
         name = hf_name.removeprefix("model.")
-        for frag, (fused, shard) in _FUSED.items():
+        if name.startswith("layers."):
+            _, idx, rest = name.split(".", 2)
+            i = int(idx)
+            if not self.first_layer <= i < self.last_layer:
+                return []
+            name = f"layers.{i - self.first_layer}.{rest}"
+        if name == "embed_tokens.weight":
+            rows = self._rows(tensor, self.vocab_range)
+            out = [(name, None, rows)] if self.is_first else []
+            if self.is_last and self.cfg.tie_word_embeddings and not self.is_first:
+                out.append(("lm_head.weight", None, rows))
+            return out
+        if name == "lm_head.weight":
+            return [(name, None, self._rows(tensor, self.vocab_range))]
+        hd = self.cfg.head_dim
+        q0, q1 = self.heads.q_heads
+        k0, k1 = self.heads.kv_heads
+        col_ranges = {
+            "q_proj": (q0 * hd, q1 * hd),
+            "k_proj": (k0 * hd, k1 * hd),
+            "v_proj": (k0 * hd, k1 * hd),
+            "gate_proj": self.intermediate_range,
+            "up_proj": self.intermediate_range,
+        }
+        row_ranges = {"o_proj": (q0 * hd, q1 * hd), "down_proj": self.intermediate_range}
+        for frag, rng in col_ranges.items():
             if f".{frag}." in name:
-                return name.replace(frag, fused), shard
-        return name, None
+                fused, shard = _FUSED[frag]
+                return [(name.replace(frag, fused), shard, self._rows(tensor, rng))]
+        for frag, (c0, c1) in row_ranges.items():
+            if f".{frag}." in name:
+                return [(name, None, tensor[:, c0:c1])]
+        return [(name, None, tensor)]
+
+    def _rows(self, tensor: torch.Tensor, rng: tuple[int, int]) -> torch.Tensor:
+        return tensor if self.shard.tp_size == 1 else tensor[rng[0] : rng[1]]
 
     def _shard_view(self, name: str, param: torch.Tensor, shard: int) -> torch.Tensor:
         if "qkv_proj" in name:
             layer = self.layers[0].self_attn
             sizes = [layer.q_size, layer.kv_size, layer.kv_size]
         else:
-            sizes = [self.cfg.intermediate_size] * 2
+            sizes = [self.layers[0].mlp.intermediate] * 2
         return param.split(sizes, dim=0)[shard]
 
     def expected_weights(self) -> set[str]:
-        """What `load_weights` must have filled for the model to be complete."""
+        """What `load_weights` must have filled for the shard to be complete."""
         out: set[str] = set()
         for name, _ in self.named_parameters():
             if "qkv_proj.weight" in name or "qkv_proj.bias" in name:
@@ -208,6 +308,22 @@ class LlamaModel(nn.Module):
                 out |= {f"{name}#{i}" for i in range(2)}
             else:
                 out.add(name)
-        if self.cfg.tie_word_embeddings:
-            out.discard("lm_head.weight")
         return out
+
+    @torch.no_grad()
+    def hf_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """This (full, unsharded) model's weights under Hugging Face names: what a checkpoint
+        would hold. Random-weight shards load from it, so every layout has the same weights."""
+        for name, param in self.named_parameters():
+            base = f"model.{name}" if not name.startswith("lm_head") else name
+            if "qkv_proj" in name:
+                layer = self.layers[0].self_attn
+                parts = param.split([layer.q_size, layer.kv_size, layer.kv_size], dim=0)
+                for frag, part in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):
+                    yield base.replace("qkv_proj", frag), part
+            elif "gate_up_proj" in name:
+                gate, up = param.split(self.layers[0].mlp.intermediate, dim=0)
+                yield base.replace("gate_up_proj", "gate_proj"), gate
+                yield base.replace("gate_up_proj", "up_proj"), up
+            else:
+                yield base, param

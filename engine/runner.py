@@ -1,38 +1,122 @@
 """Builds the model and the KV pool, and turns a scheduled batch into logits.
 
-The KV pool is one preallocated tensor sized from a memory budget: after load it is the only
-large allocation, and nothing grows per request.
+The KV pool is preallocated and sized from a memory budget: after load it is the only large
+allocation, and nothing grows per request. Where the model runs is an `Executor`: one
+`ModelShard` in this process (the default), a tensor-parallel group (engine/tensor_parallel.py)
+or a pipeline of stage processes (engine/pipeline.py). The runner only schedules onto it: it
+sends a `StepWire` and gets logits back, and it moves KV in the full model's layout, whatever
+the shards hold.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
-from splitserve.engine.attention import AttentionMetadata, PagedAttentionBackend
+from splitserve.engine.attention import PagedAttentionBackend
 from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
-from splitserve.engine.cpu_attention import select_backend
-from splitserve.engine.model import LlamaModel
 from splitserve.engine.outputs import KVExport
+from splitserve.engine.parallel import ShardSpec, max_kv_block_elems, stage_layer_ranges
 from splitserve.engine.sequence import Sequence
+from splitserve.engine.shard import ModelShard, max_positions
+from splitserve.engine.step_wire import StepWire
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     return cfg.kv_bytes_per_token * block_size * dtype.itemsize
 
 
+def plan_num_blocks(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> int:
+    """Blocks in the pool. The memory budget is per process: every shard gets the block count
+    its largest sibling can afford, so all of them index the same blocks."""
+    if engine_cfg.num_kv_blocks:
+        return engine_cfg.num_kv_blocks
+    ranges = stage_layer_ranges(model_cfg, engine_cfg.pipeline_stages, engine_cfg.pipeline_layers)
+    elems = max_kv_block_elems(
+        model_cfg, engine_cfg.block_size, engine_cfg.tensor_parallel_size, ranges
+    )
+    itemsize = parse_dtype(engine_cfg.dtype).itemsize
+    return max(1, engine_cfg.kv_cache_memory_bytes // (elems * itemsize))
+
+
+class Executor(Protocol):
+    """Where the model runs. KV goes in and out in the full model's layout
+    `(num_layers, 2, n, block_size, num_kv_heads, head_dim)`."""
+
+    num_blocks: int
+    weight_bytes: int  # in this process
+    kv_cache_bytes: int  # in this process
+
+    def execute(self, wire: StepWire) -> torch.Tensor: ...  # float32 (S, vocab)
+
+    def read_kv(self, block_ids: list[int]) -> torch.Tensor: ...
+
+    def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """The whole model in this process."""
+
+    def __init__(self, shard: ModelShard) -> None:
+        self.shard = shard
+        self.num_blocks = shard.num_blocks
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.shard.weight_bytes
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.shard.kv_cache_bytes
+
+    def execute(self, wire: StepWire) -> torch.Tensor:
+        return self.shard.forward(wire)
+
+    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
+        return self.shard.read_kv(block_ids)
+
+    def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
+        self.shard.write_kv(block_ids, data)
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(
+    model_cfg: ModelConfig,
+    engine_cfg: EngineConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]] | None,
+    num_tensors: int,
+    backend: PagedAttentionBackend | None,
+) -> Executor:
+    num_blocks = plan_num_blocks(model_cfg, engine_cfg)
+    if engine_cfg.pipeline_stages > 1:
+        from splitserve.engine.pipeline import PipelineExecutor
+
+        return PipelineExecutor(model_cfg, engine_cfg, num_blocks, tensors, num_tensors)
+    if engine_cfg.tensor_parallel_size > 1:
+        from splitserve.engine.tensor_parallel import TPExecutor
+
+        return TPExecutor(
+            model_cfg, engine_cfg, ShardSpec(), num_blocks, tensors, num_tensors, backend
+        )
+    shard = ModelShard(
+        model_cfg, engine_cfg, ShardSpec(), num_blocks, tensors, num_tensors, backend=backend
+    )
+    return LocalExecutor(shard)
+
+
 @dataclass
 class StepInputs:
-    """A step's flattened tensors, with decodes first; `sample_seqs` get a next token."""
+    """A step's sequences (decodes first) and their wire; `sample_seqs` get a next token."""
 
     seqs: list[Sequence]
-    input_ids: torch.Tensor  # (T,)
-    positions: torch.Tensor  # (T,)
-    meta: AttentionMetadata
-    sample_index: torch.Tensor  # (S,) rows of the flat batch whose logits are sampled
+    wire: StepWire
     sample_seqs: list[Sequence]
 
 
@@ -49,107 +133,53 @@ class ModelRunner:
         self.dtype = parse_dtype(engine_cfg.dtype)
         self.device = torch.device(engine_cfg.device)
         self.block_size = engine_cfg.block_size
-        self.max_model_len = engine_cfg.max_model_len or model_cfg.max_position_embeddings
-        self.backend = backend or select_backend(engine_cfg.attention_backend, self.device)
-        torch.manual_seed(engine_cfg.seed)  # only matters for random-weight test models
-        with torch.device(self.device):
-            model = LlamaModel(model_cfg, max_positions=self.max_model_len)
-        self.model = model.to(self.dtype).eval()
-        self.model.rotary.float()  # cos/sin tables stay float32, like the reference
-        if tensors is not None:
-            self._load(tensors, num_tensors)
-        self.num_blocks = engine_cfg.num_kv_blocks or max(
-            1,
-            engine_cfg.kv_cache_memory_bytes
-            // kv_block_bytes(model_cfg, self.block_size, self.dtype),
-        )
-        self.kv_cache = torch.zeros(
-            (
-                model_cfg.num_layers,
-                2,
-                self.num_blocks,
-                self.block_size,
-                model_cfg.num_kv_heads,
-                model_cfg.head_dim,
-            ),
-            dtype=self.dtype,
-            device=self.device,
-        )
+        self.max_model_len = max_positions(model_cfg, engine_cfg)
+        self.executor = make_executor(model_cfg, engine_cfg, tensors, num_tensors, backend)
+        self.num_blocks = self.executor.num_blocks
 
-    def _load(self, tensors: Iterable[tuple[str, torch.Tensor]], num_tensors: int) -> None:
-        bar = tqdm(
-            tensors,
-            total=num_tensors or None,
-            desc="loading weights",
-            unit="tensor",
-            leave=False,
-            disable=None,
-        )
-        loaded = self.model.load_weights(bar)
-        missing = self.model.expected_weights() - loaded
-        if missing:
-            raise ValueError(
-                f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[0]}"
-            )
+    @property
+    def kv_layout(self) -> tuple[int, ...]:
+        """The pool's shape in the full model's layout, as KV is exported and imported."""
+        c = self.cfg
+        return (c.num_layers, 2, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.kv_cache.numel() * self.kv_cache.element_size()
+        return self.executor.kv_cache_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.executor.weight_bytes
+
+    def close(self) -> None:
+        self.executor.close()
 
     def prepare(self, seqs: list[Sequence], num_new: list[int]) -> StepInputs:
         order = sorted(range(len(seqs)), key=lambda i: num_new[i] != 1)  # stable: decodes first
         seqs = [seqs[i] for i in order]
-        num_new = [num_new[i] for i in order]
-        ids: list[int] = []
-        pos: list[int] = []
-        sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
-        for seq, n in zip(seqs, num_new, strict=True):
-            start = seq.num_computed_tokens
-            ids += seq.all_token_ids[start : start + n]
-            pos += range(start, start + n)
-            if start + n == seq.num_tokens:
-                sample_rows.append(len(ids) - 1)
-                sample_seqs.append(seq)
-        meta = AttentionMetadata.build(
-            self.block_size,
-            [s.block_table for s in seqs],
-            [s.num_computed_tokens for s in seqs],
-            num_new,
-            self.device,
-        )
-        return StepInputs(
-            seqs=seqs,
-            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
-            positions=torch.tensor(pos, dtype=torch.long, device=self.device),
-            meta=meta,
-            sample_index=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
-            sample_seqs=sample_seqs,
-        )
+        wire = StepWire.build(seqs, [num_new[i] for i in order])
+        sample_seqs = [
+            s
+            for s, n in zip(seqs, wire.num_new, strict=True)
+            if s.num_computed_tokens + n == s.num_tokens
+        ]
+        return StepInputs(seqs=seqs, wire=wire, sample_seqs=sample_seqs)
 
-    @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Run the step; returns float32 logits (S, vocab) for `inputs.sample_seqs`."""
-        hidden = self.model(
-            inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, self.backend
-        )
-        if not inputs.sample_seqs:
-            return hidden.new_empty((0, self.cfg.vocab_size), dtype=torch.float32)
-        return self.model.compute_logits(hidden[inputs.sample_index]).float()
+        return self.executor.execute(inputs.wire)
 
     # ---- KV handoff ----------------------------------------------------------------------
     def read_blocks(self, block_table: list[int], num_tokens: int) -> KVExport:
         """Copy the blocks holding a request's first `num_tokens` tokens out of the pool."""
-        ids = torch.tensor(
-            block_table[: -(-num_tokens // self.block_size)], dtype=torch.long, device=self.device
+        return KVExport(
+            self.executor.read_kv(block_table[: -(-num_tokens // self.block_size)]), num_tokens
         )
-        return KVExport(self.kv_cache[:, :, ids].clone(), num_tokens)
 
     def write_blocks(self, block_table: list[int], data: torch.Tensor) -> None:
-        expected = (*self.kv_cache.shape[:2], len(block_table), *self.kv_cache.shape[3:])
+        expected = (*self.kv_layout[:2], len(block_table), *self.kv_layout[3:])
         if tuple(data.shape) != expected or data.dtype != self.dtype:
             raise ValueError(
                 f"KV of shape {tuple(data.shape)} {data.dtype} does not fit {expected} {self.dtype}"
             )
-        ids = torch.tensor(block_table, dtype=torch.long, device=self.device)
-        self.kv_cache[:, :, ids] = data.to(self.device)
+        self.executor.write_kv(block_table, data)

@@ -115,6 +115,8 @@ class AsyncEngine:
             if not fut.done():
                 fut.set_exception(EngineClosedError("engine shut down"))
         self._thread = None
+        # Tensor-parallel ranks and pipeline stages this engine started go down with it.
+        await asyncio.to_thread(self.engine.close)
 
     @property
     def num_live_requests(self) -> int:

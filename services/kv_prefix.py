@@ -57,7 +57,7 @@ class PrefixTier:
         self.store = store
         self.metrics = metrics
         runner = engine.engine.runner
-        pool = tuple(runner.kv_cache.shape)  # (layers, 2, num_blocks, block_size, kvh, hd)
+        pool = runner.kv_layout  # (layers, 2, num_blocks, block_size, kvh, hd)
         self.block_shape = pool[:2] + pool[3:]
         self.dtype = runner.dtype
         self.block_size = engine.engine.block_size

@@ -61,7 +61,7 @@ async def test_prefill_then_pull_streams_the_kv_in_chunks_and_ends_the_lease():
         assert len(chunks) == -(-resp.kv.num_bytes // 1024)
         assert chunks[0].HasField("header") and not any(c.HasField("header") for c in chunks[1:])
         assert all(len(c.data) <= 1024 for c in chunks)
-        pool = tuple(served.worker.engine.engine.runner.kv_cache.shape)
+        pool = served.worker.engine.engine.runner.kv_layout
         assert torch.equal(assemble(chunks, pool), kv)
         # the lease ended with the stream: a second pull finds nothing
         with pytest.raises(grpc.aio.AioRpcError) as err:
