@@ -165,6 +165,8 @@ def disagg_topology(engine_flags: Sequence[str]) -> Topology:
         args = up_args(
             engine_flags,
             *("--prefill", "2", "--decode", "1", "--port-offset", str(offset)),
+            # Each router must keep to its own prefill worker: none may join `router` by itself.
+            "--no-register",
             *("--grpc-port", str(ports[0]), "--http-port", str(ports[1])),
         )
         return split_routers(Topology.from_args(args), ports[2], ports[3])

@@ -10,3 +10,11 @@ def add_parser(sub) -> None:
 
     engine_bench.add_parser(bsub)
     mesh_bench.add_parser(bsub)
+
+    from splitserve.bench import dp_bench
+
+    dp_bench.add_parser(bsub)
+
+    from splitserve.bench import pipeline_bench
+
+    pipeline_bench.add_parser(bsub)

@@ -59,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="M colocated workers (prefill and decode in one) instead of the two pools",
     )
     g.add_argument(
+        "--no-register",
+        dest="register",
+        action="store_false",
+        help="workers don't register with the router (it still knows them from its flags); by "
+        "default each passes --router, joins the pool once serving and leaves it on SIGTERM",
+    )
+    g.add_argument(
         "--redis-url",
         default=None,
         help="kvstore keeps blocks in this Redis (yours to run); default: in memory",

@@ -40,7 +40,46 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="token budget per step; longer prompts are prefilled in chunks",
     )
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks per worker, one process each (default: %(default)s)",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    g.add_argument(
+        "--pipeline-stages",
+        type=int,
+        default=1,
+        help="split the layers over this many stage processes; this worker is the first "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--pipeline-layers",
+        default=None,
+        metavar="N,N,...",
+        help="layers per stage, e.g. 8,22 (default: balanced by parameter count)",
+    )
+    g.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="under pipeline parallelism, cut each step into this many micro-batches so every "
+        "stage works at once (default: %(default)s)",
+    )
+    g.add_argument(
+        "--pipeline-stage-addresses",
+        default=None,
+        metavar="HOST:PORT,...",
+        help="stages 1..P-1 already running elsewhere (`python -m splitserve.services.stage`); "
+        "default: start them as child processes on loopback",
+    )
+    g.add_argument(
+        "--pipeline-timeout-s",
+        type=float,
+        default=60.0,
+        help="a stage that answers no micro-batch for this long counts as dead (%(default)s)",
+    )
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -57,6 +96,32 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_stages=args.pipeline_stages,
+        pipeline_layers=_int_list(args.pipeline_layers, "--pipeline-layers"),
+        micro_batches=args.micro_batches,
+        pipeline_stage_addresses=_address_list(args.pipeline_stage_addresses),
+        pipeline_timeout_s=args.pipeline_timeout_s,
     )
     fields.update(overrides)
     return EngineConfig(**fields)
+
+
+def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers (8,22); got {text!r}") from None
+
+
+def _address_list(text: str | None) -> tuple[str, ...] | None:
+    if not text:
+        return None
+    out = tuple(a.strip() for a in text.split(","))
+    for a in out:
+        host, sep, port = a.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"--pipeline-stage-addresses takes HOST:PORT,...; got {a!r}")
+    return out

@@ -7,6 +7,10 @@ container per service), so the two can't drift: they differ only in their `Place
        ▲                         ├──► router (the only public service)
        └────── decode-0..M-1 ────┘    (or colocated-0..M-1 with --colocated)
 
+The router lists every worker, and every worker also registers itself with the router
+(`--router`; `up --no-register` turns that off), so a replica started later by hand with
+`--router` joins the same pools (data parallelism).
+
 Port plan (each shifted by --port-offset, skipping ports already taken by the plan):
 router gRPC 50051 and HTTP 8000 (never shifted: they are the public face), kvstore 50060,
 prefill 50070+i, decode 50080+i, worker metrics 9100+k (prefill workers first).
@@ -226,10 +230,19 @@ class _Builder:
     def _worker(
         self, name: str, role: str, port: int, metrics_port: int, kv_address: str, engine: list[str]
     ) -> ServiceSpec:
-        if role == "prefill":  # decode workers pull this prefill's KV from the address it gives
-            own = ["--worker-id", name, "--advertise-address", self.placement.address(name, port)]
+        # Decode workers pull a prefill's KV from the address it advertises, and the router
+        # dials whatever address a worker registers with: advertise how peers reach it.
+        advertise = ["--advertise-address", self.placement.address(name, port)]
+        if role == "prefill":
+            own = ["--worker-id", name, *advertise]
         else:
             own = ["--role", role, "--worker-id", name]
+        if self.args.register:
+            # Workers also join the router's pool themselves (it lists them too, so that is
+            # idempotent) and leave it first on SIGTERM. The router starts after them: they
+            # retry until it answers.
+            router = self.placement.address("router", self.args.grpc_port)
+            own += ["--router", router, *(advertise if role != "prefill" else [])]
         return ServiceSpec(
             name=name,
             module="splitserve.prefill" if role == "prefill" else "splitserve.decode",

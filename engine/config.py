@@ -159,6 +159,9 @@ class EngineConfig:
     pipeline_stages: int = 1  # processes the layers are split across
     pipeline_layers: tuple[int, ...] | None = None  # layers per stage; None = balanced
     micro_batches: int = 1  # a step is cut into this many micro-batches under PP
+    # host:port of stages 1..P-1 started elsewhere (compose); None = start them as children
+    pipeline_stage_addresses: tuple[str, ...] | None = None
+    pipeline_timeout_s: float = 60.0  # a stage that doesn't answer a micro-batch by then is dead
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -25,6 +25,8 @@ from .app import MIB, Router, RouterConfig
 from .grpc_api import SERVICE_NAME, InferenceServicer
 from .http_api import HttpApi
 from .policy import DEFAULT_ABS_THRESHOLD, DEFAULT_REL_THRESHOLD, POLICY_NAMES
+from .registry_api import SERVICE_NAME as REGISTRY_SERVICE_NAME
+from .registry_api import RegistryServicer
 
 log = logging.getLogger("splitserve.router")
 
@@ -38,9 +40,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--model", default=None, help="a .gguf file or HF folder; default model")
     model.add_argument("--served-model-name", default=None, help="default: the model's name")
     model.add_argument("--max-model-len", type=int, default=None, help="cap the context")
-    workers = p.add_argument_group("workers (repeatable, or comma-separated HOST:PORT)")
+    workers = p.add_argument_group(
+        "workers (repeatable, or comma-separated HOST:PORT; more may join at runtime through "
+        "splitserve.v1.Registry, e.g. a worker started with --router)"
+    )
     for role in ("prefill", "decode", "colocated"):
         workers.add_argument(f"--{role}", action="append", default=[], metavar="ADDR")
+    workers.add_argument(
+        "--drop-after-failures",
+        type=int,
+        default=3,
+        metavar="N",
+        help="drop a worker that registered itself once N health checks in a row fail (listed "
+        "workers are kept: they may come back) (default: %(default)s)",
+    )
     _add_routing_arguments(p)
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-inflight", type=int, default=256, help="more get 429")
@@ -81,6 +94,12 @@ def _add_routing_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--prefill-retries", type=int, default=2, help="other prefill workers to try")
     g.add_argument(
+        "--decode-retries",
+        type=int,
+        default=2,
+        help="other decode replicas to try when one fails before streaming a token",
+    )
+    g.add_argument(
         "--kv-dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16"],
@@ -92,6 +111,8 @@ def _add_routing_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     if args.max_inflight < 1 or args.max_body_bytes < 1:
         raise ValueError("--max-inflight and --max-body-bytes must be positive")
+    if args.drop_after_failures < 1 or args.decode_retries < 0 or args.prefill_retries < 0:
+        raise ValueError("--drop-after-failures must be >= 1, --*-retries >= 0")
     return RouterConfig(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -105,11 +126,13 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         disagg_min_tokens=args.disagg_min_tokens,
         prefill_queue_max_tokens=args.prefill_queue_max_tokens,
         prefill_retries=args.prefill_retries,
+        decode_retries=args.decode_retries,
         kv_dtype=args.kv_dtype,
         block_size=args.block_size,
         max_inflight=args.max_inflight,
         max_body_bytes=args.max_body_bytes,
         health_interval_s=args.health_interval,
+        drop_after_failures=args.drop_after_failures,
         request_timeout_s=args.request_timeout,
     )
 
@@ -122,13 +145,14 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> None:
     init_tracing("router")
     router = Router(config)
     if not router.workers.workers:
-        log.warning("no workers given: every generation will get UNAVAILABLE / 503")
+        log.warning("no workers listed: generations get UNAVAILABLE / 503 until some register")
     server = ServiceServer(
         "router",
         f"{args.host}:{args.grpc_port}",
         max_concurrent_rpcs=2 * config.max_inflight + 64,  # our own 429 comes first
     )
     rpc.add_InferenceServicer_to_server(InferenceServicer(router), server.grpc)
+    rpc.add_RegistryServicer_to_server(RegistryServicer(router), server.grpc)
     http = HttpApi(router, args.host, args.http_port)
 
     async def on_started() -> None:
@@ -141,7 +165,7 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> None:
 
     try:
         await server.run(
-            [SERVICE_NAME],
+            [SERVICE_NAME, REGISTRY_SERVICE_NAME],
             drain_seconds=args.drain_seconds,
             on_started=on_started,
             on_draining=on_draining,

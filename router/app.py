@@ -53,11 +53,13 @@ class RouterConfig:
     disagg_min_tokens: int = 256
     prefill_queue_max_tokens: int = 8192
     prefill_retries: int = 2
+    decode_retries: int = 2  # other decode replicas tried when one fails before any token
     kv_dtype: str = "float32"  # must match the workers' --dtype, or no prefix ever matches
     block_size: int = 16  # must match the workers' --block-size
     max_inflight: int = 256
     max_body_bytes: int = MIB
     health_interval_s: float = 2.0
+    drop_after_failures: int = 3  # checks failed in a row before a registered worker is dropped
     request_timeout_s: float = 600.0
 
 
@@ -78,7 +80,11 @@ class Router:
         self.created = int(time.time())
         self.validator = RequestValidator(self.model, self.tokenizer, config.max_body_bytes)
         self.workers = WorkerRegistry(
-            config.prefill, config.decode, config.colocated, config.health_interval_s
+            config.prefill,
+            config.decode,
+            config.colocated,
+            config.health_interval_s,
+            drop_after_failures=config.drop_after_failures,
         )
         policy = make_policy(config.policy, config.balance_abs_tokens, config.balance_rel)
         self.metrics = RouterMetrics(self.workers, policy.name)
@@ -89,6 +95,7 @@ class Router:
             disagg_min_tokens=config.disagg_min_tokens,
             prefill_queue_max_tokens=config.prefill_queue_max_tokens,
             prefill_retries=config.prefill_retries,
+            decode_retries=config.decode_retries,
             request_timeout_s=config.request_timeout_s,
         )
         self.dispatcher = Dispatcher(self.workers, policy, dispatch, self.metrics.observe_route)

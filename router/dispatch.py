@@ -31,7 +31,7 @@ from splitserve.engine.hashing import block_hashes
 from splitserve.services.tracing import inject_metadata
 from splitserve.v1 import pb
 
-from .errors import UnavailableError, upstream_error
+from .errors import UnavailableError, UpstreamError, upstream_error
 from .policy import Policy, RoutingJob
 from .registry import DECODE, PREFILL, LoadTicket, Worker, WorkerRegistry
 from .validation import ValidatedRequest
@@ -52,7 +52,7 @@ class DispatchConfig:
     disagg_min_tokens: int = 256
     prefill_queue_max_tokens: int = 8192
     prefill_retries: int = 2  # further prefill workers tried after an UNAVAILABLE
-    decode_retries: int = 1  # further decode workers tried before the first token
+    decode_retries: int = 2  # further decode workers tried before the first token
     prefill_timeout_s: float = 120.0
     request_timeout_s: float = 600.0
     control_timeout_s: float = 5.0  # ReleaseKV and the like
@@ -222,7 +222,14 @@ class Dispatcher:
         slot: CallSlot,
         metadata: Metadata,
     ) -> AsyncIterator[WorkerTokens]:
-        """Stream from the decode worker; before any token, retry elsewhere if it can't serve."""
+        """Stream from the decode worker; before any token, retry elsewhere if it can't serve.
+
+        Data parallelism: a replica that dies (UNAVAILABLE) or is full (RESOURCE_EXHAUSTED)
+        before streaming a token costs the client nothing but time, since another replica
+        starts the request afresh. Once a token has been relayed, a retry could only repeat or
+        contradict it, so the request fails with the worker's status (UNAVAILABLE for a dead
+        one).
+        """
         tried: list[Worker] = []
         for attempt in range(self.config.decode_retries + 1):
             started = False
@@ -234,14 +241,24 @@ class Dispatcher:
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     self.registry.mark_failed(worker)
+                if started:
+                    why = e.details() or e.code().name
+                    raise UpstreamError(
+                        e.code(),
+                        f"worker {worker.address} failed mid-stream: {why}; the tokens already "
+                        "sent can't be redone elsewhere",
+                    ) from e
                 tried.append(worker)
                 others = [w for w in self.registry.healthy(DECODE) if w not in tried]
                 # With KV, a second decode worker pulls the same lease, or recomputes the
                 # prompt if the first one had already taken it.
-                retry = not started and e.code() in _DECODE_RETRY_CODES and others
+                retry = e.code() in _DECODE_RETRY_CODES and others
                 if not retry or attempt == self.config.decode_retries:
                     raise upstream_error(e, worker.address) from e
-                log.warning("decode on %s: %s %s", worker.address, e.code().name, e.details())
+                log.warning(
+                    "decode on %s: %s %s; retrying on another replica",
+                    worker.address, e.code().name, e.details(),
+                )  # fmt: skip
                 worker = self.policy.select(others, job)
 
     async def _decode_once(

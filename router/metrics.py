@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .dispatch import Route
@@ -102,4 +102,12 @@ class _WorkerCollector(Collector):
             healthy.add_metric(key, 1.0 if w.healthy else 0.0)
             if w.reported is not None:
                 kv_usage.add_metric(key, w.reported.kv_usage)
-        yield from (tokens, requests, healthy, kv_usage)
+        changes = CounterMetricFamily(
+            "splitserve_router_worker_pool_changes",
+            "Workers that joined (registered), left (deregistered) or were dropped (failed "
+            "health checks) at runtime",
+            labels=["event"],
+        )
+        for event, count in self.workers.events.items():
+            changes.add_metric([event], count)
+        yield from (tokens, requests, healthy, kv_usage, changes)

@@ -4,9 +4,17 @@
     await registry.check_all()            # once before serving
     registry.start()                      # then every `health_interval` seconds
     workers = registry.healthy(PREFILL)   # what a policy chooses among
+    await registry.register("10.0.0.3:50072", DECODE)   # data parallelism: replicas join ...
+    registry.remove("10.0.0.3:50072")                   # ... and leave at runtime
 
 A worker that fails a check (or an RPC with UNAVAILABLE) leaves selection until a later check
 passes; its prefix guesses are dropped, since a restarted worker has an empty cache.
+
+Workers given on the command line are *static*: they stay in the pool whatever happens, since
+they may come back. Workers that joined at runtime (`add`, `register`) are *dynamic*: one that
+fails `drop_after_failures` health checks in a row is dropped, and it has to register again.
+Removing a worker takes it out of selection at once, but its channel stays open until the
+requests already on it have finished (they hold the `Worker`, and finish or fail normally).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ log = logging.getLogger("splitserve.router")
 
 PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
 ROLES = (PREFILL, DECODE, COLOCATED)
+DROP_AFTER_FAILURES = 3  # consecutive failed health checks before a dynamic worker is dropped
 
 
 @dataclass
@@ -66,6 +75,8 @@ class LoadTicket:
             self.worker.load.tokens -= self.tokens
             self.worker.load.requests -= 1
             self.tokens = 0
+            if self.worker.removed and self.worker.load.requests == 0:
+                self.worker.close_soon()  # the last request on a removed worker is done
 
     def __enter__(self) -> LoadTicket:
         return self
@@ -74,15 +85,25 @@ class LoadTicket:
         self.release()
 
 
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
 class Worker:
     def __init__(
-        self, address: str, role: str, prefix_capacity: int = DEFAULT_CAPACITY_BLOCKS
+        self,
+        address: str,
+        role: str,
+        prefix_capacity: int = DEFAULT_CAPACITY_BLOCKS,
+        static: bool = True,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown worker role {role!r}")
         self.address = address
         self.role = role
+        self.static = static  # from the command line: never dropped for failing checks
         self.healthy = False
+        self.failures = 0  # consecutive failed health checks
+        self.removed = False  # out of the pool; the channel closes once no request uses it
         self.load = LoadCounter()
         self.prefixes = PrefixIndex(prefix_capacity)
         self.reported: pb.WorkerLoad | None = None  # last GetLoad answer, for metrics
@@ -122,11 +143,23 @@ class Worker:
             self.prefixes.clear()
         self.healthy = healthy
 
+    def close_soon(self) -> None:
+        """Close the channel in the background (from synchronous code, inside the loop)."""
+        if self._channel is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop: nothing can be using the channel either
+            return
+        task = loop.create_task(self.close())
+        _CLOSING.add(task)  # a strong reference until done (the loop keeps only weak ones)
+        task.add_done_callback(_CLOSING.discard)
+
     async def close(self) -> None:
         if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+            channel, self._channel = self._channel, None
             self._stubs.clear()
+            await channel.close()
 
 
 class WorkerRegistry:
@@ -138,19 +171,97 @@ class WorkerRegistry:
         health_interval: float = 2.0,
         health_timeout: float = 1.0,
         prefix_capacity: int = DEFAULT_CAPACITY_BLOCKS,
+        drop_after_failures: int = DROP_AFTER_FAILURES,
     ) -> None:
+        if drop_after_failures < 1:
+            raise ValueError("drop_after_failures must be at least 1")
         self.health_interval = health_interval
         self.health_timeout = health_timeout
+        self.prefix_capacity = prefix_capacity
+        self.drop_after_failures = drop_after_failures
         self.workers: list[Worker] = []
+        # Pool changes since start, by event: added, removed, dropped (for metrics).
+        self.events: dict[str, int] = {"added": 0, "removed": 0, "dropped": 0}
         seen: set[str] = set()
         for role, addresses in ((PREFILL, prefill), (DECODE, decode), (COLOCATED, colocated)):
             for address in addresses:
-                _check_address(address)
+                check_address(address)
                 if address in seen:
                     raise ValueError(f"worker {address} is listed twice")
                 seen.add(address)
                 self.workers.append(Worker(address, role, prefix_capacity))
         self._task: asyncio.Task[None] | None = None
+        self._retired: set[Worker] = set()  # removed, with requests still on them
+
+    def get(self, address: str) -> Worker | None:
+        return next((w for w in self.workers if w.address == address), None)
+
+    # ---- the pool changing at runtime ----------------------------------------------------------
+    def add(self, address: str, role: str) -> tuple[Worker, bool]:
+        """Put a worker in `role`'s pool (unhealthy until a check passes); idempotent.
+
+        Returns the worker and whether it is new. The same address with another role (the
+        worker was restarted as something else) replaces the old entry; a static entry stays
+        static. Raises ValueError for a bad address or role.
+        """
+        check_address(address)
+        if role not in ROLES:
+            raise ValueError(f"unknown worker role {role!r}; one of {', '.join(ROLES)}")
+        old = self.get(address)
+        if old is not None and old.role == role:
+            return old, False
+        static = old is not None and old.static
+        if old is not None:
+            self._retire(old)
+        worker = Worker(address, role, self.prefix_capacity, static=static)
+        self.workers.append(worker)
+        self.events["added"] += 1
+        log.info("worker %s (%s) joined the pool", address, role)
+        return worker, True
+
+    async def register(self, address: str, role: str) -> tuple[Worker, bool]:
+        """`add`, then one health check right away, so a healthy worker gets traffic now."""
+        worker, added = self.add(address, role)
+        await self._check(worker)
+        return worker, added
+
+    def remove(self, address: str) -> bool:
+        """Take a worker out of its pool now; False if it wasn't in one.
+
+        Nothing a request holds is released: a stream already running on it goes on over the
+        same channel (finishing or failing as it would have), and its `LoadTicket` still counts
+        off the removed worker. The channel closes once the last such request is done.
+        """
+        worker = self.get(address)
+        if worker is None:
+            return False
+        self._retire(worker)
+        self.events["removed"] += 1
+        log.info("worker %s (%s) left the pool", address, worker.role)
+        return True
+
+    def deregister(self, address: str) -> bool:
+        """A worker said it is leaving (draining): dynamic ones are removed; static ones stay
+        listed but out of selection until a health check finds them SERVING again (a restart).
+        """
+        worker = self.get(address)
+        if worker is None:
+            return False
+        if worker.static:
+            worker.set_healthy(False)
+            log.info("worker %s (%s) deregistered; kept as a listed worker", address, worker.role)
+            return True
+        return self.remove(address)
+
+    def _retire(self, worker: Worker) -> None:
+        self.workers.remove(worker)
+        worker.removed = True
+        worker.healthy = False
+        worker.prefixes.clear()
+        if worker.load.requests == 0:
+            worker.close_soon()
+        else:
+            self._retired.add(worker)  # LoadTicket.release closes it; close() as a backstop
 
     def pool(self, role: str) -> list[Worker]:
         """Workers that can serve `role`: colocated workers decode (and prefill locally)."""
@@ -169,9 +280,24 @@ class WorkerRegistry:
         worker.set_healthy(False)
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self._check(w) for w in self.workers))
+        # A copy: workers may join or leave while the checks are out.
+        await asyncio.gather(*(self._check(w) for w in list(self.workers)))
+        self._drop_dead()
+        self._retired = {w for w in self._retired if w.load.requests}
+
+    def _drop_dead(self) -> None:
+        for w in list(self.workers):
+            if not w.static and w.failures >= self.drop_after_failures:
+                log.warning(
+                    "dropping worker %s (%s): %d health checks failed in a row",
+                    w.address, w.role, w.failures,
+                )  # fmt: skip
+                self._retire(w)
+                self.events["dropped"] += 1
 
     async def _check(self, worker: Worker) -> None:
+        if worker.removed:
+            return  # left before its turn; its channel may be closed already (not reopened)
         stub = worker.stub(health_pb2_grpc.HealthStub)
         try:
             reply = await stub.Check(
@@ -182,6 +308,9 @@ class WorkerRegistry:
             healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
             healthy = False
+        if worker.removed:
+            return  # it left while the check was out
+        worker.failures = 0 if healthy else worker.failures + 1
         worker.set_healthy(healthy)
         if healthy:
             await self._refresh_load(worker)
@@ -213,12 +342,13 @@ class WorkerRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await asyncio.gather(*(w.close() for w in self.workers))
+        await asyncio.gather(*(w.close() for w in [*self.workers, *self._retired]))
+        self._retired.clear()
 
 
-def _check_address(address: str) -> None:
+def check_address(address: str) -> None:
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"worker address must be HOST:PORT; got {address!r}")
 
 

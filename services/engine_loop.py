@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.outputs import KVExport, RequestOutput
+from splitserve.engine.pipeline import StageUnavailableError
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.tensor_parallel import ShardGroupError
 from splitserve.services.engine_stream import (
     DuplicateRequestError,
     EngineClosedError,
@@ -307,6 +309,12 @@ class AsyncEngine:
         before = (stats.num_steps, stats.num_preemptions)
         try:
             outputs = self.engine.step()
+        except (StageUnavailableError, ShardGroupError) as exc:
+            # A dead stage or TP rank, not a bug of ours: the error goes out as is
+            # (UNAVAILABLE), so the router retries these requests on another replica.
+            log.error("parallel step failed; failing %d requests: %s", len(self._running), exc)
+            self._fail_running(exc)
+            return False
         except Exception as exc:
             log.exception("engine step failed; failing %d running requests", len(self._running))
             self._fail_running(RequestFailedError(f"engine step failed: {exc}"))

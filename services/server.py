@@ -51,11 +51,17 @@ def configure_logging(name: str, level: str = "INFO") -> None:
 
 
 class ServiceServer:
-    def __init__(self, name: str, address: str, max_concurrent_rpcs: int | None = 1024) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        max_concurrent_rpcs: int | None = 1024,
+        options: list[tuple[str, int]] | None = None,
+    ) -> None:
         self.name = name
         self.address = address
         self.grpc = grpc.aio.server(
-            options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs
+            options=options or CHANNEL_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -4,14 +4,17 @@
 - the one table that maps an error to a gRPC status code;
 - GetLoad from the engine loop's last load snapshot;
 - the process: common flags, loading the engine, metrics, the kvstore client, serving and the
-  SIGTERM drain.
+  SIGTERM drain;
+- joining a router's pool (`--router`): register once serving, deregister first on SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +24,9 @@ import grpc
 
 from splitserve.engine.engine import CapacityError, LLMEngine, RequestError
 from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.pipeline import StageUnavailableError
 from splitserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from splitserve.engine.tensor_parallel import ShardGroupError
 from splitserve.engine_args import add_engine_args, engine_config
 from splitserve.services.engine_loop import (
     AsyncEngine,
@@ -33,9 +38,14 @@ from splitserve.services.engine_loop import (
 from splitserve.services.kv_prefix import PrefixTier
 from splitserve.services.kvstore_client import KVStoreClient
 from splitserve.services.metrics import WorkerMetrics, start_metrics_server
-from splitserve.services.server import ServiceServer, configure_logging, install_uvloop
-from splitserve.services.tracing import init_tracing
-from splitserve.v1 import pb
+from splitserve.services.server import (
+    CHANNEL_OPTIONS,
+    ServiceServer,
+    configure_logging,
+    install_uvloop,
+)
+from splitserve.services.tracing import init_tracing, inject_metadata
+from splitserve.v1 import pb, rpc
 
 log = logging.getLogger("splitserve")
 
@@ -108,6 +118,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (SamplingParamsError, grpc.StatusCode.INVALID_ARGUMENT),
         (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
         (EngineClosedError, grpc.StatusCode.UNAVAILABLE),
+        (StageUnavailableError, grpc.StatusCode.UNAVAILABLE),
+        (ShardGroupError, grpc.StatusCode.UNAVAILABLE),
         (RequestFailedError, grpc.StatusCode.INTERNAL),
     ]
     for kind, code in table:
@@ -149,6 +161,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         "--advertise-address", default=None, help="HOST:PORT peers use (default: host:port)"
     )
     g.add_argument("--kvstore", default=None, help="HOST:PORT of the kvstore (optional)")
+    g.add_argument(
+        "--router",
+        default=None,
+        metavar="HOST:PORT",
+        help="the router's gRPC address: join its pool once serving (retried until it answers), "
+        "leave it first thing on SIGTERM",
+    )
     g.add_argument(
         "--kvstore-timeout-s",
         type=float,
@@ -193,6 +212,7 @@ Build = Callable[[Worker, ServiceServer], Servicer]
 async def serve_worker(
     args: argparse.Namespace, role: str, service_names: Sequence[str], build: Build
 ) -> None:
+    _check_router_flags(args)
     worker_id = args.worker_id or f"{role}-{args.port}"
     metrics = WorkerMetrics(role, worker_id)
     server = ServiceServer(role, f"{args.host}:{args.port}")  # bind before the slow load
@@ -204,6 +224,24 @@ async def serve_worker(
         args, role, worker_id, address, engine, metrics, PrefixTier(engine, store, metrics)
     )
     servicer = build(worker, server)
+    membership = (
+        RouterRegistration(args.router, address, role, llm.model_id, worker_id)
+        if args.router
+        else None
+    )
+
+    async def on_started() -> None:
+        await servicer.start()
+        if membership is not None:
+            # Its first step runs once this returns and the server has gone SERVING (nothing
+            # in between yields to the loop), so the router's first health check passes.
+            membership.start()
+
+    async def on_draining() -> None:
+        if membership is not None:
+            await membership.leave()  # no new work first; then let in-flight work finish
+        await servicer.drain(args.drain_seconds)
+
     start_metrics_server(args.metrics_port, metrics.registry, args.host)
     await engine.start()
     try:
@@ -211,14 +249,160 @@ async def serve_worker(
             service_names,
             # The servicer's drain already waited for in-flight work; what is left is short.
             drain_seconds=GRPC_GRACE_S,
-            on_started=servicer.start,
-            on_draining=lambda: servicer.drain(args.drain_seconds),
+            on_started=on_started,
+            on_draining=on_draining,
         )
     finally:
+        if membership is not None:
+            await membership.close()
         await servicer.close()
         await engine.shutdown()
         if store is not None:
             await store.close()
+
+
+def _check_router_flags(args: argparse.Namespace) -> None:
+    """Fail at startup, in one line, rather than register an address the router can't dial."""
+    if not args.router:
+        return
+    host, sep, port = args.router.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--router must be HOST:PORT; got {args.router!r}")
+    if not args.advertise_address and args.host in ("0.0.0.0", "::", "[::]", ""):
+        raise ValueError(
+            f"--router needs --advertise-address when binding {args.host!r}: the router must be "
+            "told an address it can dial"
+        )
+
+
+# ---- joining the router's pool (data parallelism) ----------------------------------------------
+REGISTER_TIMEOUT_S = 5.0  # one Register call (the router health-checks us before answering)
+DEREGISTER_TIMEOUT_S = 2.0  # on SIGTERM: a router that is gone must not hold up the drain
+REGISTER_BACKOFF_S = (0.5, 10.0)  # first and longest wait between tries while the router is down
+REGISTER_REFRESH_S = 10.0  # re-register this often: a restarted router learns us back
+# Answers that no retry can change: log them and serve on, unregistered.
+_REFUSED = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+)
+# The router may start after us (compose, `splitserve up`): reconnect quickly once it is there,
+# not after gRPC's default backoff of up to two minutes.
+_ROUTER_CHANNEL_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+class RouterRegistration:
+    """This worker's membership in a router's pool.
+
+    `start()` registers in the background, retrying with capped exponential backoff (and
+    jitter) while the router is unreachable, then re-registers every `refresh_s`, which is
+    idempotent. A router that refuses (wrong model, bad address) is logged once and the worker
+    serves on. Nothing here ever raises into the worker: the router being down is normal.
+    `leave()` stops that and deregisters, bounded by a short deadline.
+    """
+
+    def __init__(
+        self,
+        router: str,
+        address: str,
+        role: str,
+        model: str,
+        worker_id: str,
+        *,
+        refresh_s: float = REGISTER_REFRESH_S,
+        backoff_s: tuple[float, float] = REGISTER_BACKOFF_S,
+        timeout_s: float = REGISTER_TIMEOUT_S,
+    ) -> None:
+        self.router = router
+        self.request = pb.RegisterRequest(
+            address=address, role=role, model=model, worker_id=worker_id
+        )
+        self.refresh_s = refresh_s
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.registered = asyncio.Event()  # set once a Register succeeded
+        self.refused: grpc.StatusCode | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _stub(self) -> rpc.RegistryStub:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.router, options=_ROUTER_CHANNEL_OPTIONS)
+        return rpc.RegistryStub(self._channel)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="router-registration")
+
+    async def _run(self) -> None:
+        delay = self.backoff_s[0]
+        failures = 0
+        while True:
+            try:
+                reply = await self._stub().Register(
+                    self.request, timeout=self.timeout_s, metadata=inject_metadata()
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _REFUSED:
+                    self.refused = e.code()
+                    log.error(
+                        "router %s refused to register %s: %s: %s; serving without it",
+                        self.router, self.request.address, e.code().name, e.details(),
+                    )  # fmt: skip
+                    return
+                failures += 1
+                # The first miss says what is going on; the rest would only repeat it.
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    "router %s not reachable (%s); registering keeps being retried",
+                    self.router, e.code().name,
+                )  # fmt: skip
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(2 * delay, self.backoff_s[1])
+                continue
+            if not self.registered.is_set() or reply.added:
+                log.info(
+                    "registered with router %s as %s %s (%s)",
+                    self.router, self.request.role, self.request.address,
+                    "healthy" if reply.healthy else "its health check has not passed yet",
+                )  # fmt: skip
+            self.registered.set()
+            failures, delay = 0, self.backoff_s[0]
+            await asyncio.sleep(self.refresh_s)
+
+    async def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def leave(self) -> None:
+        """Stop (re-)registering, then deregister; errors are logged, never raised."""
+        await self._stop()
+        try:
+            reply = await self._stub().Deregister(
+                pb.DeregisterRequest(address=self.request.address),
+                timeout=DEREGISTER_TIMEOUT_S,
+                metadata=inject_metadata(),
+            )
+            log.info("deregistered from router %s (known to it: %s)", self.router, reply.found)
+        except grpc.aio.AioRpcError as e:
+            log.info("could not deregister from router %s: %s", self.router, e.code().name)
+
+    async def close(self) -> None:
+        await self._stop()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005

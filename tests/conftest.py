@@ -40,3 +40,41 @@ def hf_reference(smollm2_path: str) -> tuple[Any, Any]:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model, tokenizer
+
+
+TINY_MODEL = {  # a small random Llama over SmolLM2's real tokenizer (vocab 49152)
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    # Wider weights than the default 0.02 spread the logits out, so greedy choices are never
+    # near-ties that summation order (TP all-reduces) could flip.
+    "initializer_range": 0.2,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer files) holding a tiny
+    random Llama with SmolLM2's tokenizer: a real checkpoint any service can load, in seconds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(smollm2_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.for_model(
+        **TINY_MODEL,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path = str(tmp_path_factory.mktemp("tiny-llama"))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -181,3 +181,29 @@ def test_up_offers_exactly_the_routers_policies():
     importlib.import_module("splitserve.router.__main__").add_arguments(parser)
     (policy,) = [a for a in parser._actions if a.dest == "policy"]
     assert set(cmd_up.POLICIES) == set(policy.choices)
+
+
+def test_up_and_compose_take_the_same_tp_pp_dp_settings():
+    """TP and PP are engine flags every worker gets; DP is the replica count."""
+    from splitserve.topology import render_compose
+
+    argv = ("--prefill", "2", "--decode", "3", "--tensor-parallel-size", "2")
+    argv += ("--pipeline-stages", "2", "--micro-batches", "4")
+    local, compose = topology(*argv), topology(*argv, placement=COMPOSE)
+    for t in (local, compose):
+        assert [w.name for w in t.workers] == [
+            "prefill-0",
+            "prefill-1",
+            "decode-0",
+            "decode-1",
+            "decode-2",
+        ]
+        for w in t.workers:
+            assert flag(w, "--tensor-parallel-size") == ["2"]
+            assert flag(w, "--pipeline-stages") == ["2"]
+            assert flag(w, "--micro-batches") == ["4"]
+    services = render_compose(compose)["services"]
+    for w in compose.workers:
+        command = services[w.name]["command"]
+        assert command[command.index("--tensor-parallel-size") + 1] == "2"
+        assert command[command.index("--pipeline-stages") + 1] == "2"

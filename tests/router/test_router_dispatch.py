@@ -303,3 +303,72 @@ def test_load_is_counted_while_in_flight() -> None:
     assert asyncio.run(load_while_prefilling()) == (103, 1) and idle(registry)
     # Its 6 full blocks (96 tokens) are now cached there: 4 to prefill + 3 to generate.
     assert asyncio.run(load_while_prefilling()) == (7, 1) and idle(registry)
+
+
+# ---- data parallelism: replicas dying, leaving ------------------------------------------------
+class FirstHealthy(Policy):
+    """Always the first worker offered: the retry order is the registry's order."""
+
+    name = "first"
+
+    def _select(self, workers, job):
+        return workers[0]
+
+
+def test_dead_replicas_before_a_token_are_skipped_until_one_answers() -> None:
+    down = [FakeDecode(error=rpc_error(UNAVAILABLE)) for _ in range(2)]
+    up = FakeDecode(DONE)
+    dispatcher, registry = setup([], [*down, up], FirstHealthy(), decode_retries=2)
+    events = asyncio.run(collect(dispatcher, request(10)))
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]
+    assert [len(d.requests) for d in (*down, up)] == [1, 1, 1]
+    assert [w.healthy for w in registry.workers] == [False, False, True] and idle(registry)
+
+
+def test_every_replica_dead_gives_unavailable_after_trying_each_once() -> None:
+    down = [FakeDecode(error=rpc_error(UNAVAILABLE)) for _ in range(3)]
+    dispatcher, registry = setup([], down, decode_retries=5)
+    with pytest.raises(UpstreamError) as info:
+        asyncio.run(collect(dispatcher, request(10)))
+    assert info.value.grpc_code == UNAVAILABLE and info.value.http_status == 503
+    assert [len(d.requests) for d in down] == [1, 1, 1] and idle(registry)
+
+
+def test_a_replica_dying_mid_stream_fails_the_request_with_unavailable() -> None:
+    dying, spare = FakeDecode([tokens(7)], error=rpc_error(UNAVAILABLE)), FakeDecode(DONE)
+    dispatcher, registry = setup([], [dying, spare], decode_retries=2)
+
+    async def scenario() -> list[WorkerTokens]:
+        seen: list[WorkerTokens] = []
+        with pytest.raises(UpstreamError) as info:
+            async with aclosing(dispatcher.stream(request(10), CallSlot())) as events:
+                async for ev in events:
+                    seen.append(ev)
+        assert info.value.grpc_code == UNAVAILABLE and "mid-stream" in info.value.message
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [ev.token_ids for ev in seen] == [[7]]  # relayed once, never redone elsewhere
+    assert spare.requests == [] and not registry.workers[0].healthy and idle(registry)
+
+
+def test_a_request_on_a_removed_replica_finishes_normally() -> None:
+    decode = FakeDecode(DONE)
+    dispatcher, registry = setup([], [decode])
+    worker = registry.workers[0]
+
+    async def scenario() -> list[WorkerTokens]:
+        out = []
+        async with aclosing(dispatcher.stream(request(10), CallSlot())) as events:
+            async for ev in events:
+                out.append(ev)
+                if len(out) == 1:
+                    assert registry.remove(worker.address)  # it leaves mid-request
+                    assert worker.load.requests == 1
+        return out
+
+    events = asyncio.run(scenario())
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]
+    assert events[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert registry.workers == [] and len(decode.requests) == 1
+    assert worker.removed and worker.load.requests == worker.load.tokens == 0

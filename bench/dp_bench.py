@@ -1,0 +1,553 @@
+"""`splitserve bench dp`: data-parallel scaling, one colocated replica against two, in one run.
+
+Each mesh is what `splitserve up --colocated --decode N` starts (router + N colocated workers,
+no kvstore), with the same engine flags (`--threads 1` unless given) and every worker pinned
+to a core of its own (all its threads, by sched_setaffinity; the router and this client share
+the machine). The workload is the same both times: `--requests` requests sent at once, each a
+random `--prompt-tokens` prompt and exactly `--output-tokens` greedy tokens (EOS ignored),
+best of `--repeats` runs, each under its own cache salt, each started once other processes
+leave the machine idle (`--quiet-wait`: on a shared 2-core box anything else running takes a
+core from DP=2, not from DP=1). Throughput is output tokens over the wall time from the first
+send to the last token, at the client.
+
+One mesh runs at a time (DP=1 first, stopped before DP=2 starts). Also reported: how the
+router spread the requests over the replicas (from each worker's metrics), whether DP=2 gave
+exactly DP=1's tokens, and how much CPU other processes took during each phase. The last line
+printed is exactly `dp_scaling_ratio: X.XX` (DP=2 tok/s / DP=1 tok/s; the target is 1.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from splitserve.bench.workload import BenchRequest, ThroughputResult, random_prompt, ratio
+
+FINAL_KEY = "dp_scaling_ratio"
+TARGET = 1.6
+REPLICAS = (1, 2)
+# The metric a worker bumps when it produces a request's first token: requests per replica.
+STARTED_METRIC = "splitserve_worker_time_to_first_token_seconds_count"
+
+
+@dataclass(frozen=True)
+class DPBenchSettings:
+    requests: int = 32
+    prompt_tokens: int = 64
+    output_tokens: int = 64
+    repeats: int = 2  # best of: another process stealing a core only ever slows a run down
+    warmup_output_tokens: int = 4
+    seed: int = 0
+    pin: bool = True
+    # Before each run, wait up to this long for other processes to leave the cores idle (their
+    # share under `quiet_threshold` for two 1-s windows in a row); 0 = don't wait.
+    quiet_wait_s: float = 180.0
+    quiet_threshold: float = 0.05
+    startup_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("requests", "prompt_tokens", "output_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+QUICK = DPBenchSettings(requests=4, prompt_tokens=16, output_tokens=4, repeats=1, quiet_wait_s=0.0)
+
+
+def add_parser(bsub: Any) -> None:
+    from splitserve.engine_args import add_engine_args
+
+    p = bsub.add_parser(
+        "dp",
+        help="data parallelism: a mesh of 2 colocated replicas vs 1, same workload, same run",
+        description="Start a mesh with one colocated replica, then one with two (each worker "
+        "on one thread and pinned to its own core), send the same concurrent workload through "
+        "the router, and print the throughput ratio. The last line is "
+        f"`{FINAL_KEY}: X.XX`.",
+    )
+    d = DPBenchSettings()
+    p.add_argument(
+        "--requests", type=int, default=d.requests, help="sent at once (default: %(default)s)"
+    )
+    p.add_argument(
+        "--prompt-tokens", type=int, default=d.prompt_tokens, help="per request (%(default)s)"
+    )
+    p.add_argument(
+        "--output-tokens", type=int, default=d.output_tokens, help="per request (%(default)s)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=d.repeats,
+        help="runs per mesh; the fastest counts (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK.requests} requests of {QUICK.prompt_tokens}+{QUICK.output_tokens} tokens, "
+        "1 run: a smoke test of the harness, not a measurement",
+    )
+    p.add_argument("--no-pin", action="store_true", help="don't pin workers to cores")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="before each run, wait up to S seconds until other processes use under 5%% of the "
+        f"machine (default: {d.quiet_wait_s:g}; 0 with --quick; 0 = don't wait)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="prompt seed (%(default)s)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the results")
+    p.add_argument(
+        "--log-dir",
+        default=None,
+        help="keep each service's log in DIR/dp<N>/<service>.log (default: a temp dir)",
+    )
+    add_engine_args(p)  # the same engine flags for every worker of both meshes
+    p.set_defaults(run=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> DPBenchSettings:
+    base = QUICK if args.quick else DPBenchSettings(
+        args.requests, args.prompt_tokens, args.output_tokens, args.repeats
+    )  # fmt: skip
+    wait = base.quiet_wait_s if args.quiet_wait is None else args.quiet_wait
+    if wait < 0:
+        raise ValueError("--quiet-wait must be >= 0")
+    return replace(base, seed=args.seed, pin=not args.no_pin, quiet_wait_s=wait)
+
+
+def workload(settings: DPBenchSettings, vocab_size: int) -> list[BenchRequest]:
+    rng = random.Random(settings.seed)
+    return [
+        BenchRequest(
+            f"req-{i}", random_prompt(rng, settings.prompt_tokens, vocab_size),
+            settings.output_tokens,
+        )
+        for i in range(settings.requests)
+    ]  # fmt: skip
+
+
+# ---- results ---------------------------------------------------------------------------------
+@dataclass
+class MeshRun:
+    replicas: int
+    runs: list[ThroughputResult]
+    requests_per_replica: dict[str, int] = field(default_factory=dict)  # worker -> requests
+    cores: dict[str, list[int]] = field(default_factory=dict)  # worker -> CPUs it may run on
+    startup_s: float = 0.0
+    others_cpu: float | None = None  # share of the machine other processes took, workload phase
+    cpu_s: dict[str, float] = field(default_factory=dict)  # per service and "client", workload
+    others_cpu_per_run: list[float | None] = field(default_factory=list)
+    quiet_waits_s: list[float] = field(default_factory=list)  # waited before each run
+
+    @property
+    def best(self) -> ThroughputResult:
+        return min(self.runs, key=lambda r: r.seconds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.best.tokens_per_s
+
+
+@dataclass
+class DPBenchResult:
+    model: str
+    settings: DPBenchSettings
+    engine_flags: list[str]
+    meshes: dict[int, MeshRun] = field(default_factory=dict)
+    same_tokens: int = 0  # requests whose DP=2 tokens equal DP=1's
+    loadavg: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        one, two = self.meshes.get(1), self.meshes.get(2)
+        return ratio(two.tokens_per_s, one.tokens_per_s) if one and two else 0.0
+
+
+# ---- pinning ---------------------------------------------------------------------------------
+def cores_for(replicas: int, available: Sequence[int]) -> list[int]:
+    """Replica i's core: the i-th usable CPU (wrapping when there are fewer CPUs than replicas)."""
+    cpus = sorted(available)
+    if not cpus:
+        raise ValueError("no CPU to pin to")
+    return [cpus[i % len(cpus)] for i in range(replicas)]
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` (sched_setaffinity on a pid moves only its main thread); threads
+    started later inherit their creator's mask, which is pinned by then too."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def affinity(pid: int) -> list[int]:
+    return sorted(os.sched_getaffinity(pid))
+
+
+# ---- one mesh --------------------------------------------------------------------------------
+def dp_topology(engine_flags: Sequence[str], replicas: int) -> Any:
+    """Router + `replicas` colocated workers, no kvstore, on free ports."""
+    from splitserve.bench import mesh_runner as mr
+    from splitserve.topology import Topology
+
+    grpc_port, http_port = mr.free_port(), mr.free_port()
+
+    def build(offset: int) -> Topology:
+        args = mr.up_args(
+            engine_flags,
+            *("--colocated", "--decode", str(replicas), "--port-offset", str(offset)),
+            *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
+        )
+        return mr.without_kvstore(Topology.from_args(args))
+
+    return mr._place(build)
+
+
+async def _warm_up(address: str, replicas: int, settings: DPBenchSettings, vocab: int) -> None:
+    """A few short requests at once: the router sees every replica, each loads its kernels."""
+    from splitserve.bench.mesh_bench import _channel
+    from splitserve.bench.mesh_runner import generate_request, stream_generate, wait_until_served
+    from splitserve.v1 import rpc
+
+    rng = random.Random(f"warmup-{replicas}")
+    reqs = [
+        generate_request(
+            f"warmup-{replicas}-{i}",
+            random_prompt(rng, settings.prompt_tokens, vocab),
+            settings.warmup_output_tokens,
+            cache_salt="warmup",
+        )
+        for i in range(2 * replicas)
+    ]
+    async with _channel(address) as channel:
+        stub = rpc.InferenceStub(channel)
+        await wait_until_served(stub, reqs[0])
+        await asyncio.gather(*(stream_generate(stub, r) for r in reqs[1:]))
+
+
+def requests_served(mesh: Any, workers: Sequence[str]) -> dict[str, float]:
+    from splitserve.bench.mesh_runner import sample, scrape_metrics
+
+    return {w: sample(scrape_metrics(mesh.metrics_url(w)), STARTED_METRIC) for w in workers}
+
+
+def wait_for_quiet(
+    pids: Any, timeout_s: float, threshold: float, window_s: float = 1.0
+) -> tuple[float, float]:
+    """Until other processes (not this one, not `pids()`) take under `threshold` of the
+    machine for two windows in a row, or `timeout_s` passes: (seconds waited, last share)."""
+    import time
+
+    from splitserve.bench.mesh_runner import CpuMeter
+
+    start = time.perf_counter()
+    calm, share = 0, 0.0
+    while calm < 2:
+        meter = CpuMeter(pids)
+        meter.start()
+        time.sleep(window_s)
+        share = meter.stop().others_fraction
+        calm = calm + 1 if share < threshold else 0
+        if time.perf_counter() - start >= timeout_s:
+            break
+    return time.perf_counter() - start, share
+
+
+def cpu_seconds(mesh: Any) -> dict[str, float]:
+    """CPU time so far of every mesh service and of this process (the client)."""
+    from splitserve.bench.mesh_runner import process_cpu_seconds
+
+    out = {name: process_cpu_seconds(c.proc.pid) for name, c in mesh.mesh.children.items()}
+    out["client"] = process_cpu_seconds(os.getpid())
+    return out
+
+
+def run_mesh(
+    replicas: int,
+    flags: Sequence[str],
+    requests: list[BenchRequest],
+    settings: DPBenchSettings,
+    vocab: int,
+    log_dir: str,
+    phases: Any,
+) -> tuple[MeshRun, dict[str, list[int]]]:
+    from splitserve.bench import mesh_runner as mr
+    from splitserve.bench.mesh_bench import run_mesh_workload
+
+    start_phase, work_phase = f"DP={replicas}: start + warm-up", f"DP={replicas}: workload"
+    with ExitStack() as stack:
+        with phases(start_phase):
+            topology = dp_topology(flags, replicas)
+            path = os.path.join(log_dir, f"dp{replicas}")
+            mesh = stack.enter_context(mr.running_mesh(topology, path, settings.startup_timeout_s))
+            workers = [w.name for w in topology.workers]
+            cores: dict[str, list[int]] = {}
+            if settings.pin:
+                chosen = cores_for(replicas, os.sched_getaffinity(0))
+                for name, cpu in zip(workers, chosen, strict=True):
+                    pin_process(mesh.mesh.children[name].proc.pid, {cpu})
+            for name in workers:
+                cores[name] = affinity(mesh.mesh.children[name].proc.pid)
+            phases.pids = mesh.pids
+            asyncio.run(_warm_up(mesh.address("router"), replicas, settings, vocab))
+        with phases(work_phase):
+            before = requests_served(mesh, workers)
+            cpu_before = cpu_seconds(mesh)
+            address = mesh.address("router")
+            runs: list[ThroughputResult] = []
+            others: list[float | None] = []
+            waits: list[float] = []
+            tokens: dict[str, list[int]] = {}
+            for k in range(settings.repeats):
+                if settings.quiet_wait_s > 0:
+                    waited, share = wait_for_quiet(
+                        mesh.pids, settings.quiet_wait_s, settings.quiet_threshold
+                    )
+                    waits.append(round(waited, 1))
+                    if share >= settings.quiet_threshold:
+                        print(
+                            f"bench dp: others still use {100 * share:.0f}% of the machine "
+                            f"after {waited:.0f} s; running anyway (see others' CPU per run)",
+                            file=sys.stderr,
+                        )
+                meter = mr.CpuMeter(mesh.pids)
+                meter.start()
+                # A tag (and so a cache salt) per run: no run finds another's prompts cached.
+                done, got = asyncio.run(
+                    run_mesh_workload(address, requests, f"dp{replicas}-run{k}")
+                )
+                others.append(meter.stop().others_fraction)
+                runs += done
+                tokens = tokens or got
+            cpu_after = cpu_seconds(mesh)
+            after = requests_served(mesh, workers)
+            mesh.check_alive()
+        share = phases.cpu.get(work_phase)
+        result = MeshRun(
+            replicas,
+            runs,
+            {w: round(after[w] - before[w]) for w in workers},
+            cores,
+            mesh.started_s,
+            share.others_fraction if share is not None else None,
+            {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after},
+            others,
+            waits,
+        )
+        phases.begin(f"DP={replicas}: stop")
+    phases.done(f"DP={replicas}: stop")
+    return result, tokens
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from splitserve.bench.mesh_runner import MeshError
+    from splitserve.cli import CLIError
+
+    try:
+        return _run(args)
+    except grpc.aio.AioRpcError as exc:
+        hint = f" (services' logs in {args.log_dir})" if args.log_dir else " (rerun with --log-dir)"
+        raise CLIError(
+            f"a request to the mesh failed: {exc.code().name}: {exc.details()}{hint}"
+        ) from None
+    except MeshError as exc:
+        import sys
+
+        print(str(exc), file=sys.stderr)
+        raise CLIError(str(exc).splitlines()[0]) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from splitserve.bench.mesh_bench import Phases
+    from splitserve.engine.loader import open_checkpoint
+    from splitserve.topology import engine_argv
+
+    settings = settings_from_args(args)
+    if args.threads is None:
+        args.threads = 1  # one thread per replica: each owns one core
+    ckpt = open_checkpoint(args.model)
+    vocab = ckpt.config.vocab_size
+    requests = workload(settings, vocab)
+    flags = engine_argv(args)
+    bench = DPBenchResult(ckpt.config.name, settings, flags)
+    from tqdm import tqdm
+
+    phases = Phases(3 * len(REPLICAS), enabled=False)  # its progress bar says "bench mesh"
+    phases.bar = tqdm(total=3 * len(REPLICAS), desc="bench dp", unit="phase", leave=False)
+    tokens: dict[int, dict[str, list[int]]] = {}
+    with ExitStack() as stack:
+        logs = args.log_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dp-"))
+        for replicas in REPLICAS:
+            run_, tokens[replicas] = run_mesh(
+                replicas, flags, requests, settings, vocab, logs, phases
+            )
+            bench.meshes[replicas] = run_
+    phases.close()
+    bench.same_tokens = sum(1 for rid, t in tokens[1].items() if tokens[2].get(rid) == t)
+    bench.loadavg = phases.loadavg
+    print("\n".join(report_lines(bench)))
+    if args.json:
+        write_json(args.json, bench, phases)
+    if args.plot:
+        write_plot(args.plot, bench)
+    print(final_line(bench))
+    return 0
+
+
+# ---- report ----------------------------------------------------------------------------------
+def final_line(bench: DPBenchResult) -> str:
+    return f"{FINAL_KEY}: {bench.scaling:.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def report_lines(bench: DPBenchResult) -> list[str]:
+    from splitserve.bench.engine_bench import format_table, machine_info
+
+    s, m = bench.settings, machine_info()
+    load = ""
+    if bench.loadavg:
+        load = (
+            f"; 1-min load average at phase starts {min(bench.loadavg.values()):.1f}-"
+            f"{max(bench.loadavg.values()):.1f}"
+        )
+    lines = [
+        f"DP benchmark: {bench.model}; every worker: {' '.join(bench.engine_flags)}",
+        f"machine: {m['cpu']}, {m['logical_cpus']} CPUs{load}",
+        f"workload: {s.requests} concurrent requests, {s.prompt_tokens}-token random prompts, "
+        f"{s.output_tokens} output tokens each (greedy, EOS ignored); best of {s.repeats} "
+        f"run(s) per mesh; workers {'pinned one per core' if s.pin else 'not pinned'}"
+        + (
+            f"; before each run, waited for other processes to use < "
+            f"{100 * s.quiet_threshold:.0f}% of the machine (up to {s.quiet_wait_s:g} s)"
+            if s.quiet_wait_s > 0
+            else ""
+        ),
+        "",
+    ]
+    one = bench.meshes.get(1)
+    rows = []
+    for n, r in sorted(bench.meshes.items()):
+        rows.append([
+            f"{n} colocated replica{'s' if n > 1 else ''}", f"{r.tokens_per_s:.1f}",
+            f"{r.best.seconds:.1f}", ", ".join(f"{x.seconds:.1f}" for x in r.runs),
+            ", ".join(_pct(x) for x in r.others_cpu_per_run) or "-",
+            f"{ratio(r.tokens_per_s, one.tokens_per_s):.2f}" if one else "-",
+            " / ".join(str(v) for v in r.requests_per_replica.values()),
+            " / ".join(",".join(map(str, c)) for c in r.cores.values()),
+        ])  # fmt: skip
+    header = ["mesh", "tok/s", "best s", "runs s", "others' CPU per run", "vs 1"]
+    header += ["requests (all runs)", "cores"]
+    lines += format_table(header, rows)
+    for n, r in sorted(bench.meshes.items()):
+        if r.cpu_s and r.runs:
+            wall = sum(x.seconds for x in r.runs)
+            used = ", ".join(f"{k} {v / wall:.2f}" for k, v in r.cpu_s.items())
+            lines.append(f"DP={n} CPU use during the workload (cores busy on average): {used}")
+    verdict = "met" if bench.scaling >= TARGET else "NOT met"
+    lines += [
+        "",
+        f"same tokens at DP=2 as at DP=1: {bench.same_tokens}/{s.requests}",
+        f"target: >= {TARGET:.1f}x with 2 replicas: {verdict}",
+    ]
+    return lines
+
+
+def result_json(bench: DPBenchResult) -> dict[str, Any]:
+    meshes = []
+    for n, r in sorted(bench.meshes.items()):
+        meshes.append({
+            "replicas": n,
+            "tokens_per_s": r.tokens_per_s,
+            "seconds": r.best.seconds,
+            "generated_tokens": r.best.generated_tokens,
+            "seconds_per_repeat": [x.seconds for x in r.runs],
+            "requests_per_replica": r.requests_per_replica,
+            "cores": r.cores,
+            "startup_seconds": r.startup_s,
+            "others_cpu_fraction": r.others_cpu,
+            "others_cpu_fraction_per_run": r.others_cpu_per_run,
+            "quiet_wait_seconds_per_run": r.quiet_waits_s,
+            "cpu_seconds": r.cpu_s,
+        })  # fmt: skip
+    return {
+        "model": bench.model,
+        "engine_flags": bench.engine_flags,
+        "settings": asdict(bench.settings),
+        "meshes": meshes,
+        "same_tokens": bench.same_tokens,
+        "requests": bench.settings.requests,
+        "target": TARGET,
+        "target_met": bench.scaling >= TARGET,
+        FINAL_KEY: bench.scaling,
+    }
+
+
+def write_json(path: str, bench: DPBenchResult, phases: Any) -> None:
+    import json
+
+    from splitserve.bench.engine_bench import machine_info
+
+    doc = {
+        "machine": machine_info(),
+        "phase_seconds": phases.seconds,
+        "phase_loadavg_1m": phases.loadavg,
+        "phase_cpu": {
+            name: {**asdict(c), "others_fraction": c.others_fraction}
+            for name, c in phases.cpu.items()
+        },
+        **result_json(bench),
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+
+
+def write_plot(path: str, bench: DPBenchResult) -> None:
+    """(a) tok/s for 1 and 2 replicas against linear scaling and the target; (b) how the
+    router spread the requests over the replicas."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax_a, ax_b = fig.subplots(1, 2)
+    ns = sorted(bench.meshes)
+    tps = [bench.meshes[n].tokens_per_s for n in ns]
+    labels = [f"{n} replica{'s' if n > 1 else ''}" for n in ns]
+    ax_a.bar(labels, tps, color=["tab:gray", "tab:blue"][: len(ns)])
+    base = bench.meshes[1].tokens_per_s if 1 in bench.meshes else 0.0
+    for x, t in enumerate(tps):
+        ax_a.annotate(f"{ratio(t, base):.2f}x", (x, t), ha="center", va="bottom")
+    if base:
+        ax_a.axhline(2 * base, color="tab:green", ls="--", lw=1, label="linear (2x)")
+        ax_a.axhline(TARGET * base, color="tab:red", ls=":", lw=1, label=f"target ({TARGET}x)")
+        ax_a.legend(loc="upper left")
+    ax_a.set_ylim(0, 1.25 * max([*tps, 2 * base]))
+    ax_a.set_ylabel("output tokens/s")
+    s = bench.settings
+    ax_a.set_title(f"(a) throughput, {s.requests} concurrent requests")
+    for n in ns:
+        per = bench.meshes[n].requests_per_replica
+        ax_b.bar(
+            [f"DP={n}\n{w}" for w in per], list(per.values()),
+            color="tab:blue" if n > 1 else "tab:gray",
+        )  # fmt: skip
+    ax_b.set_ylabel("requests served (all runs)")
+    ax_b.set_title("(b) requests per replica (router: prefix_aware)")
+    fig.savefig(path, dpi=120)
