@@ -507,12 +507,7 @@ def write_json(path: str, bench: DPBenchResult, phases: Any) -> None:
 
     doc = {
         "machine": machine_info(),
-        "phase_seconds": phases.seconds,
-        "phase_loadavg_1m": phases.loadavg,
-        "phase_cpu": {
-            name: {**asdict(c), "others_fraction": c.others_fraction}
-            for name, c in phases.cpu.items()
-        },
+        **phases.to_json(),
         **result_json(bench),
     }
     with open(path, "w") as f:

@@ -583,6 +583,17 @@ class Phases:
         self.pids: Callable[[], list[int]] = list
         self._open: dict[str, tuple[float, CpuMeter | None]] = {}
 
+    def to_json(self) -> dict:
+        """Per phase: seconds, the 1-minute load average at its start, CPU shares."""
+        return {
+            "phase_seconds": self.seconds,
+            "phase_loadavg_1m": self.loadavg,
+            "phase_cpu": {
+                name: {**asdict(c), "others_fraction": c.others_fraction}
+                for name, c in self.cpu.items()
+            },
+        }
+
     def begin(self, name: str) -> None:
         from splitserve.bench.mesh_runner import CpuMeter
 
@@ -955,12 +966,7 @@ def write_json(path: str, bench: MeshBenchResult, phases: Phases) -> None:
     doc = {
         "settings": asdict(bench.settings),
         "machine": machine_info(),
-        "phase_seconds": phases.seconds,
-        "phase_loadavg_1m": phases.loadavg,
-        "phase_cpu": {
-            name: {**asdict(c), "others_fraction": c.others_fraction}
-            for name, c in phases.cpu.items()
-        },
+        **phases.to_json(),
         **result_json(bench),
     }
     with open(path, "w") as f:
