@@ -1,8 +1,9 @@
 """Measured machine peaks, and what fraction of them a run achieved.
 
 Peaks are measured in the same process as the run, because on a shared or throttled machine a
-datasheet number says little: peak FLOP/s is the best of a few square `torch.mm`s, peak
-bandwidth the best of a few large tensor copies (bytes read + bytes written).
+datasheet number says little: peak FLOP/s is the best of a few square matmuls, through
+`torch.mm` and (where this torch has it) the oneDNN packed matmul our engine uses, whichever is
+faster here; peak bandwidth the best of a few large tensor copies (bytes read + bytes written).
 
 What a run achieved is estimated from the model's shape, not counted by hardware counters:
 
@@ -41,12 +42,21 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of an (n, n) @ (n, n) `torch.mm` in `dtype`: 2 n^3 FLOPs per call."""
+    """FLOP/s of an (n, n) @ (n, n) matmul in `dtype` (2 n^3 FLOPs per call): the faster of
+    `torch.mm` and oneDNN with the weight packed (on some CPUs, BLAS is the slower one)."""
+    from splitserve.engine.cpu_linear import onednn_available
+
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)
     out = torch.empty(n, n, dtype=dtype)
     seconds = best_seconds(lambda: torch.mm(a, b, out=out), repeats)
+    if dtype in (torch.float32, torch.bfloat16) and onednn_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+        linear = torch.ops.mkldnn._linear_pointwise
+        seconds = min(
+            seconds, best_seconds(lambda: linear(a, packed, None, "none", [], ""), repeats)
+        )
     return 2 * n**3 / seconds
 
 

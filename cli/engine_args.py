@@ -48,6 +48,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "cpp", "torch"],
+        help="decode attention: the C++ paged kernel (cpp), PyTorch SDPA over gathered blocks "
+        "(torch), or cpp when it builds on a CPU (auto, the default)",
+    )
+    g.add_argument(
+        "--linear-backend",
+        default="auto",
+        choices=["auto", "onednn", "torch"],
+        help="matmuls: weights packed once for oneDNN (onednn), torch's nn.Linear (torch), or "
+        "onednn on a CPU whose torch has it (auto, the default)",
+    )
+    g.add_argument(
         "--pipeline-stages",
         type=int,
         default=1,
@@ -96,6 +110,8 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads,
+        attention_backend=args.attention_backend,
+        linear_backend=args.linear_backend,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_stages=args.pipeline_stages,
         pipeline_layers=_int_list(args.pipeline_layers, "--pipeline-layers"),

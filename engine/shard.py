@@ -16,6 +16,7 @@ from tqdm import tqdm
 from splitserve.engine.attention import PagedAttentionBackend
 from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
 from splitserve.engine.cpu_attention import select_backend
+from splitserve.engine.cpu_linear import linear_weight_bytes, pack_linears, use_onednn
 from splitserve.engine.model import Collectives, LlamaModel
 from splitserve.engine.parallel import ShardSpec
 from splitserve.engine.step_wire import StepWire
@@ -56,6 +57,8 @@ class ModelShard:
         self.model = model.to(self.dtype).eval()
         self.model.rotary.float()  # cos/sin tables stay float32, like the reference
         self._load(tensors, num_tensors)
+        if use_onednn(engine_cfg.linear_backend, self.device, self.dtype):
+            pack_linears(self.model)
         heads = self.model.heads
         self.num_blocks = num_blocks
         self.kv_cache = torch.zeros(
@@ -94,7 +97,7 @@ class ModelShard:
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel() * p.element_size()
-        return total
+        return total + linear_weight_bytes(self.model)
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -1,7 +1,12 @@
 // Paged decode attention for CPU: one query token per sequence, K/V read straight from the
 // block pool through each sequence's block table. No gather copy, no padding to the longest
-// sequence: each (sequence, kv head) task streams its own blocks once, for all the query heads
-// that share that kv head (GQA).
+// sequence.
+//
+// Each task is one sequence with all its heads. A token's K (or V) row for every kv head is
+// contiguous in the pool, and a block's rows are one run of memory, so reads stream within a
+// block; while one block is worked on, the next block of the table is prefetched one row per
+// token (blocks sit anywhere in the pool, where the hardware prefetcher can't guess them).
+// Sequences are cut into one run per thread with about equal total context.
 //
 // Layouts (all contiguous):
 //   q            (num_seqs, num_heads, head_dim)
@@ -11,86 +16,98 @@
 //   out          (num_seqs, num_heads, head_dim)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
-
-// One head's row of K or V as float32. bf16 -> f32 is a 16-bit shift, written so the compiler
-// vectorizes it (the generic conversion through c10::BFloat16 does not).
-template <typename T>
-inline const float* load_row(const T* src, float* buf, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = to_float(src[i]);
-  return buf;
+inline void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
-
+// bf16 -> f32 is a 16-bit shift, written so the compiler vectorizes it (the generic conversion
+// through c10::BFloat16 does not).
 template <>
-inline const float* load_row<float>(const float* src, float*, int64_t) { return src; }
-
-template <>
-inline const float* load_row<at::BFloat16>(const at::BFloat16* src, float* buf, int64_t n) {
+inline void load_row<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(buf);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(raw[i]) << 16;
-  return buf;
 }
 
+inline void prefetch_bytes(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 1);
+}
+
+struct Scratch {
+  std::vector<float> q, scores, acc, row;
+};
+
+// One sequence, all heads. Pass 0 scores every token against every query head (K read once);
+// then a softmax per head; pass 1 sums V weighted by those probabilities (V read once).
 template <typename T>
-void decode_task(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
-                 int64_t ctx, int64_t block_size, int64_t kv_heads, int64_t head_dim,
-                 int64_t group, int64_t kv_head, float scale, T* out,
-                 std::vector<float>& scores, std::vector<float>& qf, std::vector<float>& acc,
-                 std::vector<float>& row) {
-  scores.assign(group * ctx, 0.f);
-  row.resize(head_dim);
-  qf.resize(group * head_dim);
-  acc.assign(group * head_dim, 0.f);
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t d = 0; d < head_dim; ++d)
-      qf[g * head_dim + d] = to_float(q[(kv_head * group + g) * head_dim + d]) * scale;
-  const int64_t token_stride = kv_heads * head_dim;
-  // Pass 1: scores for every token, all query heads of the group at once (K read once).
-  for (int64_t t = 0; t < ctx; ++t) {
-    const int64_t slot = table[t / block_size] * block_size + t % block_size;
-    const float* k = load_row(k_cache + slot * token_stride + kv_head * head_dim, row.data(),
-                              head_dim);
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = qf.data() + g * head_dim;
-      float s = 0.f;
-      for (int64_t d = 0; d < head_dim; ++d) s += qg[d] * k[d];
-      scores[g * ctx + t] = s;
+void decode_seq(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                int64_t ctx, int64_t block_size, int64_t kv_heads, int64_t head_dim,
+                int64_t group, float scale, T* out, Scratch& s) {
+  const int64_t heads = kv_heads * group, stride = kv_heads * head_dim;
+  const int64_t row_bytes = stride * sizeof(T);
+  s.q.resize(heads * head_dim);
+  s.scores.resize(heads * ctx);
+  s.acc.assign(heads * head_dim, 0.f);
+  s.row.resize(stride);
+  load_row(q, s.q.data(), heads * head_dim);
+  for (auto& x : s.q) x *= scale;
+  const int64_t nblocks = (ctx + block_size - 1) / block_size;
+  for (int pass = 0; pass < 2; ++pass) {
+    const T* cache = pass == 0 ? k_cache : v_cache;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const T* base = cache + table[b] * block_size * stride;
+      const T* next = b + 1 < nblocks ? cache + table[b + 1] * block_size * stride : nullptr;
+      const int64_t t0 = b * block_size, n = std::min(block_size, ctx - t0);
+      for (int64_t i = 0; i < n; ++i) {
+        if (next) prefetch_bytes(next + i * stride, row_bytes);
+        const T* src = base + i * stride;
+        const float* r;
+        if constexpr (std::is_same_v<T, float>) {
+          r = src;
+        } else {
+          load_row(src, s.row.data(), stride);
+          r = s.row.data();
+        }
+        const int64_t t = t0 + i;
+        if (pass == 0) {
+          for (int64_t h = 0; h < heads; ++h) {
+            const float* kr = r + (h / group) * head_dim;
+            const float* qh = s.q.data() + h * head_dim;
+            float dot = 0.f;
+            for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kr[d];
+            s.scores[h * ctx + t] = dot;
+          }
+        } else {
+          for (int64_t h = 0; h < heads; ++h) {
+            const float* vr = r + (h / group) * head_dim;
+            const float p = s.scores[h * ctx + t];
+            float* a = s.acc.data() + h * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vr[d];
+          }
+        }
+      }
+    }
+    if (pass == 0) {
+      for (int64_t h = 0; h < heads; ++h) {
+        float* sg = s.scores.data() + h * ctx;
+        const float mx = *std::max_element(sg, sg + ctx);
+        float sum = 0.f;
+        for (int64_t t = 0; t < ctx; ++t) { sg[t] = std::exp(sg[t] - mx); sum += sg[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < ctx; ++t) sg[t] *= inv;
+      }
     }
   }
-  // Softmax per query head.
-  for (int64_t g = 0; g < group; ++g) {
-    float* sg = scores.data() + g * ctx;
-    const float mx = *std::max_element(sg, sg + ctx);
-    float sum = 0.f;
-    for (int64_t t = 0; t < ctx; ++t) { sg[t] = std::exp(sg[t] - mx); sum += sg[t]; }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < ctx; ++t) sg[t] *= inv;
-  }
-  // Pass 2: weighted sum of V (V read once).
-  for (int64_t t = 0; t < ctx; ++t) {
-    const int64_t slot = table[t / block_size] * block_size + t % block_size;
-    const float* v = load_row(v_cache + slot * token_stride + kv_head * head_dim, row.data(),
-                              head_dim);
-    for (int64_t g = 0; g < group; ++g) {
-      const float p = scores[g * ctx + t];
-      float* a = acc.data() + g * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) a[d] += p * v[d];
-    }
-  }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t d = 0; d < head_dim; ++d)
-      out[(kv_head * group + g) * head_dim + d] = static_cast<T>(acc[g * head_dim + d]);
+  for (int64_t i = 0; i < heads * head_dim; ++i) out[i] = static_cast<T>(s.acc[i]);
 }
 
 template <typename T>
@@ -106,14 +123,24 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf, acc, row;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / kv_heads, h = task % kv_heads;
-      decode_task<T>(qp + s * num_heads * head_dim, kp, vp, tables + s * max_blocks, lens[s],
-                     block_size, kv_heads, head_dim, group, h, static_cast<float>(scale),
-                     op + s * num_heads * head_dim, scores, qf, acc, row);
-    }
+  // Cut the sequences into one contiguous run per thread with about equal total context.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_seqs));
+  int64_t total = 0;
+  for (int64_t i = 0; i < num_seqs; ++i) total += lens[i];
+  std::vector<int64_t> bounds(parts + 1, num_seqs);
+  bounds[0] = 0;
+  int64_t acc = 0, p = 1;
+  for (int64_t i = 0; i < num_seqs && p < parts; ++i) {
+    acc += lens[i];
+    if (acc * parts >= total * p) bounds[p++] = i + 1;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    Scratch s;
+    for (int64_t part = begin; part < end; ++part)
+      for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i)
+        decode_seq<T>(qp + i * num_heads * head_dim, kp, vp, tables + i * max_blocks, lens[i],
+                      block_size, kv_heads, head_dim, group, static_cast<float>(scale),
+                      op + i * num_heads * head_dim, s);
   });
 }
 

@@ -96,7 +96,7 @@ def test_kv_pool_is_a_fraction_of_the_workload_but_fits_the_longest_request():
 
 # ---- arithmetic ----------------------------------------------------------------------------
 def test_matmul_params_match_the_model():
-    engine = LLMEngine.random(TINY, EngineConfig(num_kv_blocks=8))
+    engine = LLMEngine.random(TINY, EngineConfig(num_kv_blocks=8, linear_backend="torch"))
     layers = engine.runner.executor.shard.model.layers
     layer_weights = sum(p.numel() for p in layers.parameters() if p.dim() == 2)
     assert rl.body_matmul_params(TINY) == layer_weights

@@ -8,12 +8,14 @@ from splitserve.engine.attention import AttentionMetadata, torch_decode, torch_p
 from splitserve.engine.cpu_attention import cpp_decode, load_kernel, select_backend
 
 
-def _decode_case(dtype, num_seqs=6, heads=8, kv_heads=2, hd=16, bs=4, num_blocks=64):
+def _decode_case(
+    dtype, num_seqs=6, heads=8, kv_heads=2, hd=16, bs=4, num_blocks=64, lens=(1, 3, 4, 9, 17, 30)
+):
     g = torch.Generator().manual_seed(0)
     k_cache = torch.randn(num_blocks, bs, kv_heads, hd, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks, bs, kv_heads, hd, generator=g).to(dtype)
     perm = torch.randperm(num_blocks, generator=g).tolist()
-    lens = [1, 3, 4, 9, 17, 30][:num_seqs]
+    lens = list(lens)[:num_seqs]
     tables, at = [], 0
     for n in lens:
         nb = -(-n // bs)
@@ -49,6 +51,32 @@ def test_cpp_decode_matches_dense(dtype, atol):
     q, kc, vc, meta, tables, lens = _decode_case(dtype)
     ref = _dense_reference(q, kc, vc, tables, lens, 0.25)
     assert torch.allclose(cpp_decode(q, kc, vc, meta, 0.25).float(), ref, atol=atol)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "lens,heads,kv_heads",
+    [
+        ((200,), 8, 2),  # one sequence: one thread's work, the others idle
+        ((1, 1, 1, 90, 2, 60, 5, 33, 1, 7), 9, 3),  # skewed lengths, cut by total context
+        ((5, 16, 17, 31, 32, 33), 4, 4),  # no GQA; lengths on and around block edges
+    ],
+)
+def test_cpp_decode_any_split_over_threads(threads, lens, heads, kv_heads):
+    """The kernel cuts sequences into per-thread runs by context; every cut gives the same
+    answer, whatever the thread count and however uneven the lengths."""
+    assert load_kernel() is not None
+    q, kc, vc, meta, tables, lens = _decode_case(
+        torch.float32, len(lens), heads, kv_heads, 16, 16, 64, lens
+    )
+    ref = _dense_reference(q, kc, vc, tables, lens, 0.3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpp_decode(q, kc, vc, meta, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_with_cached_prefix_matches_dense():
