@@ -10,6 +10,10 @@ asyncio queues, posted with `loop.call_soon_threadsafe`:
     RequestStream (asyncio.Queue) ◄──────────── outputs, errors, load snapshots
 
 The thread blocks on the command queue whenever the engine has nothing to do (no busy loop).
+One `EngineThread` does all of an engine's torch work, loading included (`AsyncEngine.load`):
+with OpenMP, a thread that starts parallel regions after another thread already has its own
+team gets slower regions (cores idle ~12% between them on a 2-core machine), so the thread
+that loads the weights must be the one that steps them.
 Admission is bounded (requests waiting for their first token, and their prompt tokens):
 beyond that `add_request` raises QueueFullError at once. Every ending (finish, abort, a consumer
 that walks away, a failed step, shutdown) gives the request's blocks back to the pool.
@@ -18,11 +22,13 @@ that walks away, a failed step, shutdown) gives the request's blocks back to the
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,6 +65,39 @@ log = logging.getLogger("splitserve")
 T = TypeVar("T")
 
 
+class EngineThread:
+    """One daemon thread that runs the jobs given to it, in order: everything torch does for
+    one engine (load, step loop, close) happens on the same OS thread."""
+
+    def __init__(self, name: str = "engine") -> None:
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable, tuple] | None]
+        self._jobs = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def stop(self) -> None:
+        """No more jobs: the thread ends after the queued ones."""
+        self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                fut.set_exception(exc)
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -66,8 +105,10 @@ class AsyncEngine:
         max_waiting_requests: int = 256,
         max_queued_tokens: int = 256 * 1024,
         metrics: WorkerMetrics | None = None,
+        thread: EngineThread | None = None,
     ) -> None:
         self.engine = engine
+        self._worker_thread = thread
         self.max_waiting_requests = max_waiting_requests
         self.max_queued_tokens = max_queued_tokens
         self.metrics = metrics
@@ -85,15 +126,26 @@ class AsyncEngine:
         # engine-thread state
         self._running: dict[str, RequestStream] = {}  # by engine key
         self._reserved: dict[str, RequestStream] = {}
-        self._thread: threading.Thread | None = None
+        self._thread: concurrent.futures.Future[None] | None = None  # the step loop, running
+
+    @classmethod
+    async def load(cls, factory: Callable[[], LLMEngine], *args: Any, **kwargs: Any) -> AsyncEngine:
+        """Build the engine with `factory()` on a new EngineThread, which then steps it."""
+        thread = EngineThread()
+        try:
+            engine = await thread.run(factory)
+        except BaseException:
+            thread.stop()
+            raise
+        return cls(engine, *args, thread=thread, **kwargs)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._idle.set()
         self._publish_load()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+        self._worker_thread = self._worker_thread or EngineThread()
+        self._thread = self._worker_thread.submit(self._run)
         self._accepting = True
 
     async def drain(self, timeout: float) -> bool:
@@ -112,13 +164,20 @@ class AsyncEngine:
         if self._thread is None:
             return
         self._commands.put(None)
-        await asyncio.to_thread(self._thread.join, 30)
+        loop_done, _ = await asyncio.to_thread(concurrent.futures.wait, [self._thread], 30)
         for fut in list(self._pending):
             if not fut.done():
                 fut.set_exception(EngineClosedError("engine shut down"))
         self._thread = None
-        # Tensor-parallel ranks and pipeline stages this engine started go down with it.
-        await asyncio.to_thread(self.engine.close)
+        # Tensor-parallel ranks and pipeline stages this engine started go down with it: on
+        # the engine thread, unless a step is stuck there.
+        worker, self._worker_thread = self._worker_thread, None
+        assert worker is not None
+        if loop_done:
+            await worker.run(self.engine.close)
+        else:
+            await asyncio.to_thread(self.engine.close)
+        worker.stop()
 
     @property
     def num_live_requests(self) -> int:
@@ -307,6 +366,7 @@ class AsyncEngine:
             return False
         stats = self.engine.stats
         before = (stats.num_steps, stats.num_preemptions)
+        start = time.perf_counter()
         try:
             outputs = self.engine.step()
         except (StageUnavailableError, ShardGroupError) as exc:
@@ -319,6 +379,8 @@ class AsyncEngine:
             log.exception("engine step failed; failing %d running requests", len(self._running))
             self._fail_running(RequestFailedError(f"engine step failed: {exc}"))
             return False
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(time.perf_counter() - start)
         deliveries = []
         for out in outputs:
             stream = self._running.get(out.request_id)

@@ -49,6 +49,9 @@ class WorkerMetrics:
 
         self.ttft = histogram("time_to_first_token_seconds", "Request start to first token")
         self.itl = histogram("inter_token_latency_seconds", "Gap between streamed tokens")
+        self.step_seconds = histogram(
+            "engine_step_seconds", "One engine step (schedule, forward, sample), engine thread"
+        )
         self.queue_depth = gauge("queue_depth", "Requests waiting for their first step")
         self.running = gauge("running_batch_size", "Requests in the running batch")
         self.kv_utilization = gauge(

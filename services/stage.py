@@ -161,11 +161,15 @@ class StageRuntime:
 
 
 class StageServicer(rpc.StageServicer):
-    def __init__(self, runtime: StageRuntime, max_in_flight: int) -> None:
+    def __init__(
+        self, runtime: StageRuntime, max_in_flight: int, compute: ThreadPoolExecutor | None = None
+    ) -> None:
         self.rt = runtime
         self.max_in_flight = max_in_flight
         self.instance_id = uuid.uuid4().hex
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
+        # One thread for all torch work; best the one that loaded the shard (engine_loop.py
+        # says why).
+        self.compute = compute or ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
         self.next_address = ""
         self._next_channel: grpc.aio.Channel | None = None
         self.broken = ""  # why this stage can't serve any more, once it can't
@@ -384,10 +388,12 @@ def load_runtime(args: argparse.Namespace) -> StageRuntime:
     return StageRuntime(spec, cfg, shard)
 
 
-async def serve(args: argparse.Namespace, runtime: StageRuntime) -> None:
+async def serve(
+    args: argparse.Namespace, runtime: StageRuntime, compute: ThreadPoolExecutor | None = None
+) -> None:
     name = f"stage-{runtime.spec.index}"
     server = ServiceServer(name, f"{args.host}:{args.port}", options=STAGE_CHANNEL_OPTIONS)
-    servicer = StageServicer(runtime, args.max_in_flight)
+    servicer = StageServicer(runtime, args.max_in_flight, compute)
     rpc.add_StageServicer_to_server(servicer, server.grpc)
 
     async def on_started() -> None:
@@ -433,14 +439,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the worker died before we got going
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    compute = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
     try:
-        runtime = load_runtime(args)
+        runtime = compute.submit(load_runtime, args).result()
     except (ValueError, ModelLoadError, OSError) as exc:
         log.error("stage: cannot start: %s", " ".join(str(exc).split()))
+        compute.shutdown()
         return 1
     install_uvloop()
     try:
-        asyncio.run(serve(args, runtime))
+        asyncio.run(serve(args, runtime, compute))
     except OSError as exc:
         log.error("stage: cannot serve: %s", exc)
         return 1

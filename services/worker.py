@@ -217,8 +217,14 @@ async def serve_worker(
     metrics = WorkerMetrics(role, worker_id)
     server = ServiceServer(role, f"{args.host}:{args.port}")  # bind before the slow load
     address = args.advertise_address or f"{args.host}:{server.port}"
-    llm = await asyncio.to_thread(LLMEngine.from_config, engine_config(args))
-    engine = AsyncEngine(llm, args.max_waiting_requests, args.max_queued_tokens, metrics)
+    cfg = engine_config(args)
+    engine = await AsyncEngine.load(
+        lambda: LLMEngine.from_config(cfg),
+        args.max_waiting_requests,
+        args.max_queued_tokens,
+        metrics,
+    )
+    llm = engine.engine
     store = KVStoreClient(args.kvstore, timeout_s=args.kvstore_timeout_s) if args.kvstore else None
     worker = Worker(
         args, role, worker_id, address, engine, metrics, PrefixTier(engine, store, metrics)

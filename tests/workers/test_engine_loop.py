@@ -241,3 +241,46 @@ async def test_reservation_beyond_the_pool_is_capacity_error():
     assert len((await collect(waiting)).new_token_ids) == 8
     assert_idle(aengine)
     await aengine.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_load_builds_steps_and_closes_on_one_thread():
+    """The thread that loads the engine is the one that steps and closes it (OpenMP runs
+    slower on a thread other than the one that first used it)."""
+    seen: dict[str, int] = {}
+
+    def factory() -> LLMEngine:
+        seen["load"] = threading.get_ident()
+        engine = tiny_engine()
+        close = engine.close
+
+        def recording_close() -> None:
+            seen["close"] = threading.get_ident()
+            close()
+
+        engine.close = recording_close  # type: ignore[method-assign]
+        return engine
+
+    aengine = await AsyncEngine.load(factory)
+    await aengine.start()
+    seen["step"] = await aengine.call(lambda e: threading.get_ident())
+    out = await collect(await aengine.add_request("r", prompt(5), GREEDY))
+    assert len(out.new_token_ids) == 8
+    await aengine.shutdown()
+    assert seen["load"] == seen["step"] == seen["close"] != threading.get_ident()
+
+
+@pytest.mark.asyncio
+async def test_load_failure_is_raised_and_leaves_no_thread():
+    before = threading.active_count()
+
+    def broken() -> LLMEngine:
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        await AsyncEngine.load(broken)
+    for _ in range(100):  # the thread ends on its own once told to stop
+        if threading.active_count() == before:
+            break
+        await asyncio.sleep(0.01)
+    assert threading.active_count() == before
