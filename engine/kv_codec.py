@@ -41,8 +41,16 @@ DTYPE_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
 KVCodecError = KVPayloadError
 
 
+# numpy has no bfloat16: such tensors go through an integer view of the same width.
+_SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    """`t`'s elements in C order. numpy does the copy of a non-contiguous view, on one thread:
+    a torch copy would start an OpenMP team on the calling thread (an asyncio or helper
+    thread), which slows the engine thread's own parallel regions from then on."""
+    t = t.detach().cpu()
+    return t.view(_SAME_WIDTH_INT.get(t.dtype, t.dtype)).numpy().tobytes()
 
 
 def bytes_to_tensor(

@@ -24,6 +24,7 @@ from splitserve.engine.kv_codec import KVCodecError, decode_block, encode_block
 from splitserve.engine.outputs import KVExport
 
 if TYPE_CHECKING:
+    from splitserve.engine.engine import LLMEngine
     from splitserve.services.engine_loop import AsyncEngine
     from splitserve.services.metrics import WorkerMetrics
 
@@ -86,9 +87,14 @@ class PrefixTier:
         blocks = await asyncio.to_thread(self._decode, wanted, payloads)
         if not blocks:
             return 0
-        data = torch.stack(blocks, dim=2)  # (layers, 2, n, block_size, kvh, hd)
         chain = usable[: start + len(blocks)]
-        n = await self.engine.call(lambda e: e.cache_prefix_blocks(chain, data))
+
+        def adopt(e: LLMEngine) -> int:
+            # Stacked on the engine thread, like all large tensor work (engine_loop.py).
+            data = torch.stack(blocks, dim=2)  # (layers, 2, n, block_size, kvh, hd)
+            return e.cache_prefix_blocks(chain, data)
+
+        n = await self.engine.call(adopt)
         if self.metrics is not None:
             self.metrics.kvstore_blocks_fetched(n)
         return n

@@ -7,9 +7,11 @@ from splitserve.engine.kv_codec import (
     KVAssembler,
     KVCodecError,
     TransferHeader,
+    bytes_to_tensor,
     decode_block,
     encode_block,
     split_transfer,
+    tensor_bytes,
 )
 
 SHAPE = (2, 2, 4, 3, 8)  # layers, k/v, block_size, kv_heads, head_dim
@@ -93,3 +95,13 @@ def test_transfer_rejects_gaps_truncation_and_corruption():
         bad.add(off, bytes(len(data)) if off == 0 else data)
     with pytest.raises(KVCodecError, match="checksum"):
         bad.finish()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+def test_tensor_bytes_of_a_strided_view_is_its_c_order_bytes(dtype):
+    full = (torch.arange(2 * 2 * 5 * 3 * 4) % 97).reshape(2, 2, 5, 3, 4).to(dtype)
+    view = full[:, :, 3]  # one block of a stacked export: not contiguous
+    assert not view.is_contiguous()
+    want = view.contiguous().view(torch.uint8).numpy().tobytes()
+    assert tensor_bytes(view) == want
+    assert bytes_to_tensor(tensor_bytes(view), dtype, view.shape).equal(view)
