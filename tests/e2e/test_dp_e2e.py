@@ -178,9 +178,12 @@ def test_dp2_spreads_requests_and_matches_one_replica(dp_mesh, prompts, expected
     share = {w: served(dp_mesh, w) - before[w] for w in workers}
     assert sum(share.values()) == len(TOPICS)
     assert all(n >= 1 for n in share.values()), f"one replica did all the work: {share}"
-    # Both workers also registered themselves (idempotently: the router lists them anyway).
+    # Both workers also register themselves (idempotently: the router lists them anyway). A
+    # worker up before the router retries with backoff, so its registration may still be due.
     for w in workers:
-        assert "registered with router" in dp_mesh.log(w), w
+        wait_until(
+            lambda w=w: "registered with router" in dp_mesh.log(w), f"{w} registers", dp_mesh, 30
+        )
     assert metric_value(
         dp_mesh.router_metrics(), "splitserve_router_worker_pool_changes_total", event="added"
     ) == 0  # fmt: skip
