@@ -207,3 +207,33 @@ def test_up_and_compose_take_the_same_tp_pp_dp_settings():
         command = services[w.name]["command"]
         assert command[command.index("--tensor-parallel-size") + 1] == "2"
         assert command[command.index("--pipeline-stages") + 1] == "2"
+
+
+@pytest.mark.parametrize(
+    "argv,cpus,passive",
+    [
+        ((), 2, True),  # prefill + decode, torch's default of one thread per CPU each
+        (("--colocated",), 2, False),  # one engine owns the cores: let it spin
+        (("--colocated", "--decode", "2", "--threads", "1"), 2, False),  # one thread per core
+        (("--colocated", "--decode", "2", "--threads", "1"), 1, True),
+        (("--colocated", "--tensor-parallel-size", "2", "--threads", "1"), 2, False),
+        (("--colocated", "--pipeline-stages", "2", "--threads", "2"), 4, False),
+        (("--colocated", "--pipeline-stages", "2", "--threads", "2"), 2, True),
+    ],
+)
+def test_oversubscribed_local_workers_wait_passively(monkeypatch, argv, cpus, passive):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    t = topology(*argv)
+    for w in t.workers:
+        assert (w.env.get("OMP_WAIT_POLICY") == "PASSIVE") is passive, w.name
+    router = next(s for s in t.services if s.name == "router")
+    assert "OMP_WAIT_POLICY" not in router.env
+    # compose places services in containers this host doesn't size: left to the operator
+    assert all("OMP_WAIT_POLICY" not in w.env for w in topology(*argv, placement=COMPOSE).workers)
+
+
+def test_the_users_own_omp_wait_policy_wins(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert all("OMP_WAIT_POLICY" not in w.env for w in topology().workers)
