@@ -106,8 +106,13 @@ class AsyncEngine:
         max_queued_tokens: int = 256 * 1024,
         metrics: WorkerMetrics | None = None,
         thread: EngineThread | None = None,
+        on_broken: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.engine = engine
+        # Called on the event loop, once, when a step fails because a TP rank or pipeline
+        # stage is gone: the engine can't step again (the worker stops reporting SERVING).
+        self.on_broken = on_broken
+        self.broken: BaseException | None = None
         self._worker_thread = thread
         self.max_waiting_requests = max_waiting_requests
         self.max_queued_tokens = max_queued_tokens
@@ -374,6 +379,7 @@ class AsyncEngine:
             # (UNAVAILABLE), so the router retries these requests on another replica.
             log.error("parallel step failed; failing %d requests: %s", len(self._running), exc)
             self._fail_running(exc)
+            self._post(self._mark_broken, exc)
             return False
         except Exception as exc:
             log.exception("engine step failed; failing %d running requests", len(self._running))
@@ -393,6 +399,12 @@ class AsyncEngine:
         self._publish_load()  # before the outputs, so a finished consumer sees fresh load
         self._post_outputs(deliveries)
         return (stats.num_steps, stats.num_preemptions) != before
+
+    def _mark_broken(self, exc: BaseException) -> None:  # event loop
+        if self.broken is None:
+            self.broken = exc
+            if self.on_broken is not None:
+                self.on_broken(exc)
 
     def _fail_running(self, error: BaseException) -> None:
         failed = list(self._running.items())

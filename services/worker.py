@@ -225,6 +225,15 @@ async def serve_worker(
         metrics,
     )
     llm = engine.engine
+
+    def broken(exc: BaseException) -> None:
+        # A dead TP rank or pipeline stage doesn't come back: stop reporting SERVING, so the
+        # router's health checks drop this replica (and compose's healthcheck can restart it).
+        log.error("%s: the engine lost a rank or stage; reporting NOT_SERVING: %s", worker_id, exc)
+        task = asyncio.ensure_future(server.set_serving(False))
+        task.add_done_callback(lambda t: t.exception())
+
+    engine.on_broken = broken
     store = KVStoreClient(args.kvstore, timeout_s=args.kvstore_timeout_s) if args.kvstore else None
     worker = Worker(
         args, role, worker_id, address, engine, metrics, PrefixTier(engine, store, metrics)

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mesh_fixtures import (
     RPC_TIMEOUT_S,
     RunningMesh,
@@ -103,3 +104,14 @@ def test_a_dead_stage_fails_requests_with_unavailable(pp_mesh: RunningMesh):
     assert "stage" in err.value.details()
     assert time.monotonic() - start < FAIL_WITHIN_S
     assert pp_mesh.mesh.children["decode-0"].proc.poll() is None  # the worker itself lives on
+    # ... but stops reporting SERVING, so a router's health checks take it out of rotation.
+    health = health_pb2_grpc.HealthStub(pp_mesh.channel("decode-0"))
+    deadline = time.monotonic() + FAIL_WITHIN_S
+    status = None
+    while time.monotonic() < deadline:
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.1)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert "reporting NOT_SERVING" in pp_mesh.log("decode-0")

@@ -284,3 +284,27 @@ async def test_load_failure_is_raised_and_leaves_no_thread():
             break
         await asyncio.sleep(0.01)
     assert threading.active_count() == before
+
+
+@pytest.mark.asyncio
+async def test_a_lost_rank_fails_requests_and_reports_broken_once():
+    from splitserve.engine.tensor_parallel import ShardGroupError
+
+    engine = tiny_engine()
+    calls: list[BaseException] = []
+    aengine = await started(engine, on_broken=calls.append)
+
+    def dead_step():
+        raise ShardGroupError("rank 1 exited")
+
+    engine.step = dead_step  # type: ignore[method-assign]
+    for i in range(2):
+        stream = await aengine.add_request(f"r{i}", prompt(5), GREEDY)
+        with pytest.raises(ShardGroupError):
+            await collect(stream)
+    await settle(aengine)
+    assert len(calls) == 1 and "rank 1 exited" in str(calls[0])
+    assert aengine.broken is calls[0]
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks  # the failed requests gave their blocks back
+    await aengine.shutdown()
