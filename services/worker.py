@@ -16,6 +16,7 @@ import contextlib
 import logging
 import random
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
@@ -294,6 +295,7 @@ def _check_router_flags(args: argparse.Namespace) -> None:
 REGISTER_TIMEOUT_S = 5.0  # one Register call (the router health-checks us before answering)
 DEREGISTER_TIMEOUT_S = 2.0  # on SIGTERM: a router that is gone must not hold up the drain
 REGISTER_BACKOFF_S = (0.5, 10.0)  # first and longest wait between tries while the router is down
+REGISTER_WARN_AFTER_S = 15.0  # a router still unreachable this long after the first try: warn
 REGISTER_REFRESH_S = 10.0  # re-register this often: a restarted router learns us back
 # Answers that no retry can change: log them and serve on, unregistered.
 _REFUSED = (
@@ -358,7 +360,8 @@ class RouterRegistration:
 
     async def _run(self) -> None:
         delay = self.backoff_s[0]
-        failures = 0
+        failures, warned = 0, False
+        since = time.monotonic()
         while True:
             try:
                 reply = await self._stub().Register(
@@ -373,12 +376,16 @@ class RouterRegistration:
                     )  # fmt: skip
                     return
                 failures += 1
-                # The first miss says what is going on; the rest would only repeat it.
-                level = logging.WARNING if failures == 1 else logging.DEBUG
+                # A router that starts after its workers (`up`, compose) is normal: say so once;
+                # warn once if it still doesn't answer after a while; the rest only repeats.
+                late = time.monotonic() - since > REGISTER_WARN_AFTER_S
+                level = logging.INFO if failures == 1 else logging.DEBUG
+                if late and not warned:
+                    level, warned = logging.WARNING, True
                 log.log(
                     level,
-                    "router %s not reachable (%s); registering keeps being retried",
-                    self.router, e.code().name,
+                    "router %s not reachable (%s) after %.0f s; registering keeps being retried",
+                    self.router, e.code().name, time.monotonic() - since,
                 )  # fmt: skip
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(2 * delay, self.backoff_s[1])
@@ -390,7 +397,7 @@ class RouterRegistration:
                     "healthy" if reply.healthy else "its health check has not passed yet",
                 )  # fmt: skip
             self.registered.set()
-            failures, delay = 0, self.backoff_s[0]
+            failures, delay, warned, since = 0, self.backoff_s[0], False, time.monotonic()
             await asyncio.sleep(self.refresh_s)
 
     async def _stop(self) -> None:

@@ -160,3 +160,26 @@ def test_the_launcher_makes_every_worker_register_with_its_router() -> None:
                 ]
     t = Topology.from_args(cmd_up.build_parser().parse_args(["--no-register"]))
     assert all(flag(w, "--router") == [] for w in t.workers)
+
+
+def test_a_router_that_is_late_is_news_and_one_that_stays_away_a_warning(monkeypatch, caplog):
+    """`up` and compose start workers before their router: the first miss is INFO; a router
+    still unreachable after REGISTER_WARN_AFTER_S gets one WARNING, not one per retry."""
+    import logging
+
+    from splitserve.services import worker
+
+    monkeypatch.setattr(worker, "REGISTER_WARN_AFTER_S", 0.3)
+
+    async def scenario() -> None:
+        member = membership(free_port())
+        member.start()
+        await asyncio.sleep(1.0)
+        await member.close()
+
+    with caplog.at_level(logging.DEBUG, logger="splitserve"):
+        asyncio.run(scenario())
+    misses = [r for r in caplog.records if "not reachable" in r.getMessage()]
+    assert len(misses) >= 4
+    assert misses[0].levelno == logging.INFO
+    assert [r.levelno for r in misses].count(logging.WARNING) == 1
