@@ -72,8 +72,8 @@ class EngineThread:
     def __init__(self, name: str = "engine") -> None:
         self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable, tuple] | None]
         self._jobs = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
+        self._os_thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._os_thread.start()
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -131,7 +131,7 @@ class AsyncEngine:
         # engine-thread state
         self._running: dict[str, RequestStream] = {}  # by engine key
         self._reserved: dict[str, RequestStream] = {}
-        self._thread: concurrent.futures.Future[None] | None = None  # the step loop, running
+        self._step_loop: concurrent.futures.Future[None] | None = None  # the step loop, running
 
     @classmethod
     async def load(cls, factory: Callable[[], LLMEngine], *args: Any, **kwargs: Any) -> AsyncEngine:
@@ -150,7 +150,7 @@ class AsyncEngine:
         self._idle.set()
         self._publish_load()
         self._worker_thread = self._worker_thread or EngineThread()
-        self._thread = self._worker_thread.submit(self._run)
+        self._step_loop = self._worker_thread.submit(self._run)
         self._accepting = True
 
     async def drain(self, timeout: float) -> bool:
@@ -166,14 +166,14 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         """Abort everything still live (their blocks go back), stop the thread."""
         self._accepting = False
-        if self._thread is None:
+        if self._step_loop is None:
             return
         self._commands.put(None)
-        loop_done, _ = await asyncio.to_thread(concurrent.futures.wait, [self._thread], 30)
+        loop_done, _ = await asyncio.to_thread(concurrent.futures.wait, [self._step_loop], 30)
         for fut in list(self._pending):
             if not fut.done():
                 fut.set_exception(EngineClosedError("engine shut down"))
-        self._thread = None
+        self._step_loop = None
         # Tensor-parallel ranks and pipeline stages this engine started go down with it: on
         # the engine thread, unless a step is stuck there.
         worker, self._worker_thread = self._worker_thread, None
@@ -265,7 +265,7 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run `fn(engine)` on the engine thread and return its result (or raise its error)."""
-        if self._thread is None or self._loop is None:
+        if self._step_loop is None or self._loop is None:
             raise EngineClosedError("engine is not running")
         fut: asyncio.Future[T] = self._loop.create_future()
         self._pending.add(fut)
