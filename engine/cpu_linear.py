@@ -36,7 +36,8 @@ def onednn_available() -> bool:
         out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4), packed, None, "none", [], "")
         return bool(torch.equal(out, torch.full((2, 8), 4.0)))
     except Exception as exc:  # an op missing from this build, a CPU oneDNN refuses, ...
-        log.warning("oneDNN linear unavailable (%s); using torch's", str(exc).splitlines()[0])
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        log.warning("oneDNN linear unavailable (%s); using torch's", why)
         return False
 
 
