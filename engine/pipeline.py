@@ -363,6 +363,10 @@ class PipelineExecutor:
         return self.local.weight_bytes
 
     @property
+    def broken(self) -> str | None:
+        return self._broken
+
+    @property
     def kv_cache_bytes(self) -> int:
         return self.local.kv_cache_bytes
 

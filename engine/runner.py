@@ -49,6 +49,7 @@ class Executor(Protocol):
     num_blocks: int
     weight_bytes: int  # in this process
     kv_cache_bytes: int  # in this process
+    broken: str | None  # why it can never run again (a lost rank or stage); None while it can
 
     def execute(self, wire: StepWire) -> torch.Tensor: ...  # float32 (S, vocab)
 
@@ -61,6 +62,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """The whole model in this process."""
+
+    broken = None  # nothing here can be lost
 
     def __init__(self, shard: ModelShard) -> None:
         self.shard = shard
@@ -150,6 +153,10 @@ class ModelRunner:
     @property
     def weight_bytes(self) -> int:
         return self.executor.weight_bytes
+
+    @property
+    def broken(self) -> str | None:
+        return self.executor.broken
 
     def close(self) -> None:
         self.executor.close()

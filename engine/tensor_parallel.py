@@ -452,6 +452,10 @@ class TPExecutor:
 
     # -- the shard's API
     @property
+    def broken(self) -> str | None:
+        return self._broken
+
+    @property
     def weight_bytes(self) -> int:
         return self.shard.weight_bytes
 

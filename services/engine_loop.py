@@ -110,7 +110,8 @@ class AsyncEngine:
     ) -> None:
         self.engine = engine
         # Called on the event loop, once, when a step fails because a TP rank or pipeline
-        # stage is gone: the engine can't step again (the worker stops reporting SERVING).
+        # stage is gone for good (the executor says it is broken): the engine can't step
+        # again, and the worker stops reporting SERVING.
         self.on_broken = on_broken
         self.broken: BaseException | None = None
         self._worker_thread = thread
@@ -379,7 +380,8 @@ class AsyncEngine:
             # (UNAVAILABLE), so the router retries these requests on another replica.
             log.error("parallel step failed; failing %d requests: %s", len(self._running), exc)
             self._fail_running(exc)
-            self._post(self._mark_broken, exc)
+            if self.engine.runner.broken is not None:  # not a stage that may answer again
+                self._post(self._mark_broken, exc)
             return False
         except Exception as exc:
             log.exception("engine step failed; failing %d running requests", len(self._running))

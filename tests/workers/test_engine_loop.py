@@ -295,6 +295,7 @@ async def test_a_lost_rank_fails_requests_and_reports_broken_once():
     aengine = await started(engine, on_broken=calls.append)
 
     def dead_step():
+        engine.runner.executor.broken = "rank 1 exited"  # what a TP executor records
         raise ShardGroupError("rank 1 exited")
 
     engine.step = dead_step  # type: ignore[method-assign]
@@ -307,4 +308,28 @@ async def test_a_lost_rank_fails_requests_and_reports_broken_once():
     assert aengine.broken is calls[0]
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks  # the failed requests gave their blocks back
+    await aengine.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_stage_that_may_answer_again_is_not_reported_broken():
+    """An unreachable stage the executor hasn't given up on fails the step, not the worker."""
+    from splitserve.engine.pipeline import StageUnavailableError
+
+    engine = tiny_engine()
+    calls: list[BaseException] = []
+    aengine = await started(engine, on_broken=calls.append)
+    real_step = engine.step
+
+    def unreachable_step():
+        raise StageUnavailableError("stage 1 unreachable")  # executor.broken stays None
+
+    engine.step = unreachable_step  # type: ignore[method-assign]
+    with pytest.raises(StageUnavailableError):
+        await collect(await aengine.add_request("r", prompt(5), GREEDY))
+    await settle(aengine)
+    assert calls == [] and aengine.broken is None
+    engine.step = real_step  # type: ignore[method-assign]
+    out = await collect(await aengine.add_request("r2", prompt(5), GREEDY))
+    assert len(out.new_token_ids) == 8  # and it serves again
     await aengine.shutdown()
