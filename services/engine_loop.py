@@ -67,7 +67,9 @@ T = TypeVar("T")
 
 class EngineThread:
     """One daemon thread that runs the jobs given to it, in order: everything torch does for
-    one engine (load, step loop, close) happens on the same OS thread."""
+    one engine (load, step loop, close) happens on the same OS thread. Not a one-worker
+    ThreadPoolExecutor: its thread is joined at interpreter exit, so a step stuck on a dead
+    TP peer would hang the worker's exit; a daemon thread doesn't."""
 
     def __init__(self, name: str = "engine") -> None:
         self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable, tuple] | None]

@@ -218,14 +218,6 @@ async def serve_worker(
     metrics = WorkerMetrics(role, worker_id)
     server = ServiceServer(role, f"{args.host}:{args.port}")  # bind before the slow load
     address = args.advertise_address or f"{args.host}:{server.port}"
-    cfg = engine_config(args)
-    engine = await AsyncEngine.load(
-        lambda: LLMEngine.from_config(cfg),
-        args.max_waiting_requests,
-        args.max_queued_tokens,
-        metrics,
-    )
-    llm = engine.engine
 
     def broken(exc: BaseException) -> None:
         # A dead TP rank or pipeline stage doesn't come back: stop reporting SERVING, so the
@@ -234,7 +226,15 @@ async def serve_worker(
         task = asyncio.ensure_future(server.set_serving(False))
         task.add_done_callback(lambda t: t.exception())
 
-    engine.on_broken = broken
+    cfg = engine_config(args)
+    engine = await AsyncEngine.load(
+        lambda: LLMEngine.from_config(cfg),
+        args.max_waiting_requests,
+        args.max_queued_tokens,
+        metrics,
+        on_broken=broken,
+    )
+    llm = engine.engine
     store = KVStoreClient(args.kvstore, timeout_s=args.kvstore_timeout_s) if args.kvstore else None
     worker = Worker(
         args, role, worker_id, address, engine, metrics, PrefixTier(engine, store, metrics)
@@ -376,16 +376,16 @@ class RouterRegistration:
                     )  # fmt: skip
                     return
                 failures += 1
+                waited = time.monotonic() - since
                 # A router that starts after its workers (`up`, compose) is normal: say so once;
                 # warn once if it still doesn't answer after a while; the rest only repeats.
-                late = time.monotonic() - since > REGISTER_WARN_AFTER_S
                 level = logging.INFO if failures == 1 else logging.DEBUG
-                if late and not warned:
+                if waited > REGISTER_WARN_AFTER_S and not warned:
                     level, warned = logging.WARNING, True
                 log.log(
                     level,
                     "router %s not reachable (%s) after %.0f s; registering keeps being retried",
-                    self.router, e.code().name, time.monotonic() - since,
+                    self.router, e.code().name, waited,
                 )  # fmt: skip
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(2 * delay, self.backoff_s[1])
