@@ -3,8 +3,10 @@
 For each stage count P (`--stages`) the engine starts once, as a worker would: this process is
 stage 0 and starts stages 1..P-1 as processes, each on one torch thread and (unless
 `--no-pin`) pinned to a core, stage k on the k-th allowed CPU modulo their number. Layer counts
-are balanced by compute, not by parameters: the embedding is a lookup, the LM head a matmul as
-big as several layers, so the last stage gets fewer layers (`--layers P=a,b,...` overrides).
+are balanced by measured compute: a pilot run at the largest M, split by parameter count,
+prices a layer (the CPU time of the stages without the head, per layer) and the LM head (the
+last stage's CPU time beyond its layers); the counts that even those costs out are then
+measured (`--layers P=a,b,...` skips the pilot).
 Then for each micro-batch count M (`--micro-batches`): `--batch` requests with random
 `--prompt-tokens` prompts are prefilled, decoded for `--warmup-steps`, and over the next
 `--steps` decode steps (every step the whole batch, one token each) each stage reports its busy
@@ -24,7 +26,7 @@ import argparse
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from splitserve.bench.workload import random_prompt
@@ -83,7 +85,7 @@ def add_parser(bsub: Any) -> None:
         action="append",
         default=[],
         metavar="P=N,N,...",
-        help="layers per stage for P stages, e.g. 2=19,11 (default: balanced by compute)",
+        help="layers per stage for P stages, e.g. 2=18,12 (default: a pilot run measures them)",
     )
     p.add_argument("--batch", type=int, default=d.batch, help="sequences decoded together")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
@@ -138,8 +140,8 @@ def settings_from_args(args: argparse.Namespace) -> PipelineBenchSettings:
 
 # ---- layouts ---------------------------------------------------------------------------------
 def compute_balanced_layers(cfg: ModelConfig, stages: int) -> tuple[int, ...]:
-    """Layer counts that even out matmul work per decode token: every layer costs its
-    parameters, the last stage also the LM head (vocab x hidden), the embedding nothing."""
+    """The pilot's layer counts, from parameters alone: every layer costs its parameters, the
+    last stage also the LM head (vocab x hidden), the embedding nothing (a lookup)."""
     from splitserve.engine.parallel import layer_param_count
 
     per_layer = layer_param_count(cfg)
@@ -153,6 +155,37 @@ def compute_balanced_layers(cfg: ModelConfig, stages: int) -> tuple[int, ...]:
         left_layers -= n
         left_cost -= n * per_layer
     return (*counts, left_layers)
+
+
+def measured_costs(run: Run) -> tuple[float, float]:
+    """(one layer, the LM head) in CPU seconds per wall second of `run`. The stages before the
+    last hold only layers (their embedding lookup is noise), so they price a layer; what the
+    last stage spent beyond its layers is the head."""
+    counts = [b - a for a, b in run.layers]
+    per_layer = sum(run.cpu[:-1]) / sum(counts[:-1])
+    return per_layer, max(0.0, run.cpu[-1] - counts[-1] * per_layer)
+
+
+def split_by_cost(num_layers: int, stages: int, per_layer: float, head: float) -> tuple[int, ...]:
+    """Contiguous layer counts whose costliest stage is cheapest (ties: the most even split).
+    The last stage carries the head; of the others, the later ones take any extra layer, since
+    stage 0 also schedules and samples on its core."""
+    if stages < 2 or num_layers < stages or per_layer <= 0:
+        raise ValueError(f"can't split {num_layers} layers over {stages} stages by cost")
+
+    def costs(last: int) -> list[float]:
+        q, r = divmod(num_layers - last, stages - 1)
+        return [(q + (k >= stages - 1 - r)) * per_layer for k in range(stages - 1)] + [
+            last * per_layer + head
+        ]
+
+    def key(last: int) -> tuple[float, float]:
+        c = costs(last)
+        return (round(max(c), 12), max(c) - min(c))
+
+    last = min(range(1, num_layers - stages + 2), key=key)
+    q, r = divmod(num_layers - last, stages - 1)
+    return (*(q + (k >= stages - 1 - r) for k in range(stages - 1)), last)
 
 
 def ideal(m: int, p: int) -> float:
@@ -190,12 +223,27 @@ class Run:
 
 
 @dataclass
+class Pilot:
+    """The run that priced a layer and the head for one P, and the counts it led to."""
+
+    run: Run
+    per_layer_cpu: float
+    head_cpu: float
+    layers: tuple[int, ...]
+
+    @property
+    def head_layers(self) -> float:
+        return self.head_cpu / self.per_layer_cpu
+
+
+@dataclass
 class PipelineBenchResult:
     settings: PipelineBenchSettings
     model: str = ""
     runs: list[Run] = field(default_factory=list)
     baseline_tokens_per_s: float | None = None
     cores: dict[int, list[list[int]]] = field(default_factory=dict)  # P -> CPUs of each stage
+    pilots: dict[int, Pilot] = field(default_factory=dict)  # P -> how its layers were chosen
     loadavg: list[float] = field(default_factory=list)  # 1-min load before each P
 
     def final_ratio(self) -> float:
@@ -302,6 +350,28 @@ def pin_stages(pids: list[int]) -> list[list[int]]:
     return out
 
 
+def pilot_layers(settings: PipelineBenchSettings, cfg, p: int, rng, result, say) -> tuple[int, ...]:
+    """Measure P stages split by parameters at the largest M, then split by what a layer and
+    the head cost there (`measured_costs`)."""
+    m = max(settings.micro_batches)
+    engine = build_engine(settings, p, compute_balanced_layers(cfg, p))
+    try:
+        ex = engine.runner.executor
+        if settings.pin:
+            pin_stages(ex.stage_pids)
+        run = measure(engine, replace(settings, steps=max(4, settings.steps // 2)), m, rng)
+    finally:
+        engine.close()
+    per_layer, head = measured_costs(run)
+    layers = split_by_cost(cfg.num_layers, p, per_layer, head)
+    pilot = result.pilots[p] = Pilot(run, per_layer, head, layers)
+    say(
+        f"P={p} pilot (M={m}, layers {','.join(str(b - a) for a, b in run.layers)}): "
+        f"the LM head costs {pilot.head_layers:.1f} layers -> layers {','.join(map(str, layers))}"
+    )
+    return layers
+
+
 def run_bench(settings: PipelineBenchSettings, say=print) -> PipelineBenchResult:
     import torch
 
@@ -322,7 +392,10 @@ def run_bench(settings: PipelineBenchSettings, say=print) -> PipelineBenchResult
         for p in settings.stages:
             pin_process(os.getpid(), mask)  # children start unpinned, then get their core
             result.loadavg.append(os.getloadavg()[0])
-            layers = given.get(p) or compute_balanced_layers(cfg, p)
+            layers = given.get(p)
+            if layers is None:
+                layers = pilot_layers(settings, cfg, p, rng, result, say)
+                pin_process(os.getpid(), mask)  # the pilot pinned this process to one core
             engine = build_engine(settings, p, layers)
             try:
                 ex = engine.runner.executor
@@ -377,6 +450,14 @@ def report_lines(result: PipelineBenchResult) -> list[str]:
             ]
         )
     lines += format_table(header, rows)
+    for p, pilot in result.pilots.items():
+        pr = pilot.run
+        lines.append(
+            f"P={p} layers from a pilot at M={pr.micro_batches} split by parameters "
+            f"({','.join(str(b - a) for a, b in pr.layers)}; cpu "
+            f"{' '.join(f'{c:.2f}' for c in pr.cpu)}): a layer {pilot.per_layer_cpu:.3f}, "
+            f"the LM head {pilot.head_cpu:.3f} = {pilot.head_layers:.1f} layers"
+        )
     if result.baseline_tokens_per_s:
         lines.append(f"P=1 (no pipeline), same batch: {result.baseline_tokens_per_s:.0f} tok/s")
     if result.loadavg:
@@ -396,6 +477,16 @@ def result_json(result: PipelineBenchResult) -> dict[str, Any]:
         "cores": {str(p): c for p, c in result.cores.items()},
         "loadavg_1m": result.loadavg,
         "baseline_tokens_per_s": result.baseline_tokens_per_s,
+        "pilots": {
+            str(p): {
+                "run": asdict(pl.run),
+                "per_layer_cpu": pl.per_layer_cpu,
+                "head_cpu": pl.head_cpu,
+                "head_layers": pl.head_layers,
+                "layers": list(pl.layers),
+            }
+            for p, pl in result.pilots.items()
+        },
         "runs": [
             {
                 **asdict(r),

@@ -7,6 +7,7 @@ compute-balanced layer counts on SmolLM2's real shape.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -28,6 +29,29 @@ def test_layers_are_balanced_by_compute():
     assert sum(four) == 30 and four[-1] == min(four) and len(four) == 4
     assert pb.ideal(8, 2) == pytest.approx(8 / 9)
     assert pb.ideal(1, 4) == pytest.approx(1 / 4)
+
+
+def _run(layers, cpu):
+    bounds = [sum(layers[:k]) for k in range(len(layers) + 1)]
+    return pb.Run(len(layers), 8, list(itertools.pairwise(bounds)), 1.0, 1, 1, cpu, cpu, 0.0)
+
+
+def test_a_pilot_prices_a_layer_and_the_head():
+    # As measured on a 2-core Xeon: 9,10,9,2 at M=8 used 0.40/0.43/0.40/0.25 of a core.
+    per_layer, head = pb.measured_costs(_run([9, 10, 9, 2], [0.40, 0.43, 0.40, 0.25]))
+    assert per_layer == pytest.approx(1.23 / 28)
+    assert head == pytest.approx(0.25 - 2 * 1.23 / 28)
+    # 8,8,9,5 and 8,9,9,4 have the same costliest stage (9 layers); the first is more even.
+    assert pb.split_by_cost(30, 4, per_layer, head) == (8, 8, 9, 5)
+    assert pb.split_by_cost(30, 2, 0.0447, 0.238) == (18, 12)
+    # A free head: layers alone, stage 0 (which also samples) never the largest.
+    assert pb.split_by_cost(10, 3, 1.0, 0.0) == (3, 4, 3)
+    # A head dearer than all layers but one per stage: the last stage keeps one layer.
+    assert pb.split_by_cost(6, 2, 1.0, 100.0) == (5, 1)
+    # A last stage cheaper than its layers (noise) doesn't price the head below zero.
+    assert pb.measured_costs(_run([2, 2], [0.5, 0.3]))[1] == 0.0
+    with pytest.raises(ValueError):
+        pb.split_by_cost(3, 4, 1.0, 1.0)
 
 
 def test_flags_become_settings():
@@ -67,3 +91,18 @@ def test_quick_run_writes_the_report_json_and_plot(tiny_model_dir, tmp_path, cap
         min(b / doc["runs"][1]["ideal"] for b in doc["runs"][1]["busy"])
     )
     assert out_png.stat().st_size > 10_000
+
+
+def test_quick_run_without_layers_runs_a_pilot(tiny_model_dir, tmp_path, capsys):
+    out_json = tmp_path / "pp.json"
+    flags = f"--quick --no-baseline --model {tiny_model_dir} --json {out_json}"
+    args = build_parser().parse_args(["bench", "pipeline", *flags.split()])
+    assert args.run(args) == 0
+    assert "split by parameters" in capsys.readouterr().out
+    doc = json.loads(out_json.read_text())
+    pilot = doc["pilots"]["2"]
+    assert pilot["run"]["micro_batches"] == 2  # the largest M
+    assert pilot["per_layer_cpu"] > 0 and pilot["head_cpu"] >= 0
+    assert sum(pilot["layers"]) == 4 and min(pilot["layers"]) >= 1
+    ends = [b for _, b in doc["runs"][0]["layers"]]
+    assert ends == [sum(pilot["layers"][: k + 1]) for k in range(2)]  # what was measured
