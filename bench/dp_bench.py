@@ -53,6 +53,7 @@ class DPBenchSettings:
     quiet_wait_s: float = 180.0
     quiet_threshold: float = 0.05
     startup_timeout_s: float = 300.0
+    probe_s: float = 3.0  # per core_scaling measurement; 0 = no probe
 
     def __post_init__(self) -> None:
         for name in ("requests", "prompt_tokens", "output_tokens", "repeats"):
@@ -60,7 +61,9 @@ class DPBenchSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
 
 
-QUICK = DPBenchSettings(requests=4, prompt_tokens=16, output_tokens=4, repeats=1, quiet_wait_s=0.0)
+QUICK = DPBenchSettings(
+    requests=4, prompt_tokens=16, output_tokens=4, repeats=1, quiet_wait_s=0.0, probe_s=0.5
+)
 
 
 def add_parser(bsub: Any) -> None:
@@ -105,6 +108,11 @@ def add_parser(bsub: Any) -> None:
         help="before each run, wait up to S seconds until other processes use under 5%% of the "
         f"machine (default: {d.quiet_wait_s:g}; 0 with --quick; 0 = don't wait)",
     )
+    p.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="skip measuring the machine's own ceiling (N pinned cores on one matmul vs one core)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="prompt seed (%(default)s)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the results")
@@ -124,7 +132,8 @@ def settings_from_args(args: argparse.Namespace) -> DPBenchSettings:
     wait = base.quiet_wait_s if args.quiet_wait is None else args.quiet_wait
     if wait < 0:
         raise ValueError("--quiet-wait must be >= 0")
-    return replace(base, seed=args.seed, pin=not args.no_pin, quiet_wait_s=wait)
+    probe = 0.0 if args.no_probe else base.probe_s
+    return replace(base, seed=args.seed, pin=not args.no_pin, quiet_wait_s=wait, probe_s=probe)
 
 
 def workload(settings: DPBenchSettings, vocab_size: int) -> list[BenchRequest]:
@@ -168,11 +177,65 @@ class DPBenchResult:
     meshes: dict[int, MeshRun] = field(default_factory=dict)
     same_tokens: int = 0  # requests whose DP=2 tokens equal DP=1's
     loadavg: dict[str, float] = field(default_factory=dict)
+    # The machine's own ceiling, before DP=1 and after DP=2: all pinned cores together on a
+    # decode-shaped matmul, over one core alone (`core_scaling`).
+    core_scaling: list[float] = field(default_factory=list)
 
     @property
     def scaling(self) -> float:
         one, two = self.meshes.get(1), self.meshes.get(2)
         return ratio(two.tokens_per_s, one.tokens_per_s) if one and two else 0.0
+
+
+# ---- the machine's own ceiling ---------------------------------------------------------------
+PROBE_SHAPE = (16, 576, 3072)  # rows x in -> out: a replica's up-projection at 16 sequences
+
+
+def _probe(cpu: int, seconds: float, out: Any) -> None:
+    """Matmuls per second of PROBE_SHAPE on one thread pinned to `cpu` (in a spawned process)."""
+    import time
+
+    import torch
+
+    from splitserve.engine.cpu_linear import PackedLinear, onednn_available
+
+    os.sched_setaffinity(0, {cpu})
+    torch.set_num_threads(1)
+    rows, k, n = PROBE_SHAPE
+    layer = torch.nn.Linear(k, n, bias=False)
+    if onednn_available():
+        layer = PackedLinear(layer)  # what the workers run
+    x = torch.randn(rows, k)
+    with torch.inference_mode():
+        for _ in range(20):
+            layer(x)
+        count, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            layer(x)
+            count += 1
+    out.put(count / elapsed)
+
+
+def core_scaling(cpus: Sequence[int], seconds: float = 3.0) -> float:
+    """How many times one core's rate `cpus` deliver together, each a one-thread process on
+    its own core running the same decode-shaped matmul: the most DP=len(cpus) can scale on
+    this machine right now (shared memory bandwidth, a busy host, turbo limits all show)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+
+    def rates(on: Sequence[int]) -> list[float]:
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_probe, args=(c, seconds, q), daemon=True) for c in on]
+        for p in procs:
+            p.start()
+        got = [q.get(timeout=120 + seconds) for _ in procs]
+        for p in procs:
+            p.join()
+        return got
+
+    alone = rates(list(cpus)[:1])[0]
+    return sum(rates(cpus)) / alone
 
 
 # ---- pinning ---------------------------------------------------------------------------------
@@ -390,13 +453,18 @@ def _run(args: argparse.Namespace) -> int:
     phases = Phases(3 * len(REPLICAS), enabled=False)  # its progress bar says "bench mesh"
     phases.bar = tqdm(total=3 * len(REPLICAS), desc="bench dp", unit="phase", leave=False)
     tokens: dict[int, dict[str, list[int]]] = {}
+    probe_cpus = cores_for(max(REPLICAS), os.sched_getaffinity(0))
     with ExitStack() as stack:
         logs = args.log_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dp-"))
+        if settings.probe_s > 0:
+            bench.core_scaling.append(core_scaling(probe_cpus, settings.probe_s))
         for replicas in REPLICAS:
             run_, tokens[replicas] = run_mesh(
                 replicas, flags, requests, settings, vocab, logs, phases
             )
             bench.meshes[replicas] = run_
+        if settings.probe_s > 0:
+            bench.core_scaling.append(core_scaling(probe_cpus, settings.probe_s))
     phases.close()
     bench.same_tokens = sum(1 for rid, t in tokens[1].items() if tokens[2].get(rid) == t)
     bench.loadavg = phases.loadavg
@@ -461,6 +529,14 @@ def report_lines(bench: DPBenchResult) -> list[str]:
             wall = sum(x.seconds for x in r.runs)
             used = ", ".join(f"{k} {v / wall:.2f}" for k, v in r.cpu_s.items())
             lines.append(f"DP={n} CPU use during the workload (cores busy on average): {used}")
+    if bench.core_scaling:
+        rows_, k, n = PROBE_SHAPE
+        lines.append(
+            f"machine ceiling: {max(REPLICAS)} pinned cores ran a {rows_}x{k} @ {k}x{n} fp32 "
+            "matmul (one thread each) at "
+            + " / ".join(f"{x:.2f}x" for x in bench.core_scaling)
+            + " one core's rate (before DP=1 / after DP=2)"
+        )
     verdict = "met" if bench.scaling >= TARGET else "NOT met"
     lines += [
         "",
@@ -493,6 +569,8 @@ def result_json(bench: DPBenchResult) -> dict[str, Any]:
         "settings": asdict(bench.settings),
         "meshes": meshes,
         "same_tokens": bench.same_tokens,
+        "core_scaling": bench.core_scaling,
+        "probe_shape": list(PROBE_SHAPE),
         "requests": bench.settings.requests,
         "target": TARGET,
         "target_met": bench.scaling >= TARGET,

@@ -82,6 +82,16 @@ def test_waiting_for_quiet_is_bounded():
     assert waited < 1.0  # always quiet by that bar: two windows
 
 
+def test_core_scaling_measures_the_machine():
+    cpus = dp.cores_for(2, os.sched_getaffinity(0))
+    alone = dp.core_scaling(cpus[:1], seconds=0.3)
+    assert 0.5 < alone < 1.5  # one core against itself, measured twice
+    both = dp.core_scaling(cpus, seconds=0.3)
+    assert 0 < both <= len(set(cpus)) * 1.3  # never far beyond one core's rate per core
+    args = build_parser().parse_args(["bench", "dp", "--no-probe"])
+    assert dp.settings_from_args(args).probe_s == 0 and dp.DPBenchSettings().probe_s > 0
+
+
 def made_up() -> dp.DPBenchResult:
     bench = dp.DPBenchResult("tiny", dp.DPBenchSettings(requests=4), ["--threads", "1"])
     bench.meshes[1] = dp.MeshRun(1, [ThroughputResult(256, 4.0), ThroughputResult(256, 3.2)])
@@ -89,6 +99,7 @@ def made_up() -> dp.DPBenchResult:
         2, [ThroughputResult(256, 2.0)], {"colocated-0": 2, "colocated-1": 2}, {"a": [0]}
     )
     bench.same_tokens = 4
+    bench.core_scaling = [1.91, 1.85]
     return bench
 
 
@@ -99,6 +110,7 @@ def test_ratio_report_and_plot(tmp_path):
     assert dp.final_line(bench) == "dp_scaling_ratio: 1.60"
     text = "\n".join(dp.report_lines(bench))
     assert "2 / 2" in text and "4/4" in text and ": met" in text
+    assert "1.91x / 1.85x one core's rate" in text
     assert dp.result_json(bench)["target_met"] is True
     png = tmp_path / "dp.png"
     dp.write_plot(str(png), bench)
@@ -132,6 +144,7 @@ def test_quick_run_writes_json_plot_and_final_line(tmp_path, capsys):
         two["tokens_per_s"] / doc["meshes"][0]["tokens_per_s"]
     )
     assert set(doc["settings"]) >= {"requests", "prompt_tokens", "output_tokens", "repeats"}
+    assert len(doc["core_scaling"]) == 2 and all(x > 0 for x in doc["core_scaling"])
     assert "--threads" in doc["engine_flags"]
     assert doc["engine_flags"][doc["engine_flags"].index("--threads") + 1] == "1"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
