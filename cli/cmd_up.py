@@ -66,6 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "default each passes --router, joins the pool once serving and leaves it on SIGTERM",
     )
     g.add_argument(
+        "--stage-services",
+        action="store_true",
+        help="with --pipeline-stages P: run each worker's stages 1..P-1 as services of their "
+        "own (one container each with --print-compose), which the worker reaches with "
+        "--pipeline-stage-addresses; default: the worker starts them as its child processes",
+    )
+    g.add_argument(
         "--redis-url",
         default=None,
         help="kvstore keeps blocks in this Redis (yours to run); default: in memory",

@@ -7,13 +7,19 @@ container per service), so the two can't drift: they differ only in their `Place
        ▲                         ├──► router (the only public service)
        └────── decode-0..M-1 ────┘    (or colocated-0..M-1 with --colocated)
 
+With --pipeline-stages P each worker runs layers of stage 0 and starts stages 1..P-1 as its
+own child processes; with --stage-services too, those stages are services of their own
+(`<worker>-stage-<k>`, one container each under compose, so each can have its own device or
+host) and the worker reaches them with --pipeline-stage-addresses.
+
 The router lists every worker, and every worker also registers itself with the router
 (`--router`; `up --no-register` turns that off), so a replica started later by hand with
 `--router` joins the same pools (data parallelism).
 
 Port plan (each shifted by --port-offset, skipping ports already taken by the plan):
 router gRPC 50051 and HTTP 8000 (never shifted: they are the public face), kvstore 50060,
-prefill 50070+i, decode 50080+i, worker metrics 9100+k (prefill workers first).
+prefill 50070+i, decode 50080+i, worker metrics 9100+k (prefill workers first), pipeline
+stage services 50200+j (worker by worker, stage by stage).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import argparse
 import os
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 import yaml
@@ -31,6 +37,8 @@ KVSTORE_PORT = 50060
 PREFILL_PORT = 50070
 DECODE_PORT = 50080
 METRICS_PORT = 9100
+STAGE_PORT = 50200
+STAGE_MODULE = "splitserve.services.stage"
 ROUTER_GRPC_PORT = 50051
 ROUTER_HTTP_PORT = 8000
 COMPOSE_REDIS_URL = "redis://redis:6379/0"
@@ -130,6 +138,11 @@ class Topology:
     def workers(self) -> list[ServiceSpec]:
         return [s for s in self.services if s.module in ("splitserve.prefill", "splitserve.decode")]
 
+    @property
+    def stages(self) -> list[ServiceSpec]:
+        """Pipeline stages run as services of their own (`--stage-services`)."""
+        return [s for s in self.services if s.module == STAGE_MODULE]
+
 
 class PortPlan:
     """Hands out each preferred port, or the next free one, so no two services share one."""
@@ -170,6 +183,12 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError("--prefill and --decode need at least one worker each")
     if args.http_port == args.grpc_port:
         raise ValueError(f"--http-port and --grpc-port are both {args.http_port}")
+    if getattr(args, "stage_services", False):
+        if args.pipeline_stages < 2:
+            raise ValueError("--stage-services needs --pipeline-stages 2 or more")
+        if args.pipeline_stage_addresses:
+            raise ValueError("--stage-services places the stages itself; drop "
+                             "--pipeline-stage-addresses")  # fmt: skip
 
 
 def _build(args: argparse.Namespace, placement: Placement) -> Topology:
@@ -179,7 +198,10 @@ def _build(args: argparse.Namespace, placement: Placement) -> Topology:
     builder = _Builder(args, placement, reserved=redis.ports.values() if redis else ())
     kvstore = builder.kvstore(redis_url)
     workers = builder.workers(kv_address=placement.address(kvstore.name, kvstore.ports["grpc"]))
-    services = [*([redis] if redis else []), kvstore, *workers, builder.router(workers)]
+    stages = builder.stages(workers)
+    services = [*([redis] if redis else []), kvstore, *stages]
+    services += [builder.wired_to_stages(w, stages) for w in workers]
+    services.append(builder.router(services[-len(workers) :]))
     if placement is COMPOSE:
         services.append(_otel_collector())
     return Topology(services=services, placement=placement)
@@ -228,6 +250,39 @@ class _Builder:
             self._worker(f"{role}-{i}", role, port, metrics[k], kv_address, shared, env)
             for k, (role, i, port) in enumerate(slots)
         ]
+
+    def stages(self, workers: list[ServiceSpec]) -> list[ServiceSpec]:
+        """With --stage-services: stages 1..P-1 of every worker, each a service of its own
+        with the worker's engine flags (so the same layer split and KV pool)."""
+        if not getattr(self.args, "stage_services", False):
+            return []
+        engine = engine_argv(self.args)
+        out = []
+        for w in workers:
+            for k in range(1, self.args.pipeline_stages):
+                port = self._port(STAGE_PORT + len(out))
+                out.append(
+                    ServiceSpec(
+                        name=f"{w.name}-stage-{k}",
+                        module=STAGE_MODULE,
+                        args=[*self._common(port), "--stage-index", str(k), *engine],
+                        ports={"grpc": port},
+                        env=w.env,
+                    )
+                )
+        return out
+
+    def wired_to_stages(self, worker: ServiceSpec, stages: list[ServiceSpec]) -> ServiceSpec:
+        """The worker, pointed at its stage services (in stage order) and started after them."""
+        own = [s for s in stages if s.name.startswith(f"{worker.name}-stage-")]
+        if not own:
+            return worker
+        addresses = ",".join(self.placement.address(s.name, s.ports["grpc"]) for s in own)
+        return replace(
+            worker,
+            args=[*worker.args, "--pipeline-stage-addresses", addresses],
+            depends_on=[*worker.depends_on, *(s.name for s in own)],
+        )
 
     def _omp_env(self, num_workers: int) -> dict[str, str]:
         """OMP_WAIT_POLICY=PASSIVE when this host's engine processes have more torch threads

@@ -135,6 +135,15 @@ class RunningMesh:
                 delete_redis_keys(self.redis_prefix)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The process's children (e.g. a worker's pipeline stages), from every thread."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(p) for p in f.read().split()]
+    return out
+
+
 def start_mesh(
     log_dir: Path,
     *up_flags: str,

@@ -23,6 +23,7 @@ from mesh_fixtures import (
     RPC_TIMEOUT_S,
     RunningMesh,
     assert_idle,
+    child_pids,
     greedy,
     prompt_ids,
     start_mesh,
@@ -65,15 +66,6 @@ def generate(mesh: RunningMesh, prompt: str, disaggregate: bool) -> list[int]:
     return ids
 
 
-def stage_pids(worker_pid: int) -> list[int]:
-    """The worker's child processes (its pipeline stages)."""
-    out = []
-    for task in os.listdir(f"/proc/{worker_pid}/task"):
-        with open(f"/proc/{worker_pid}/task/{task}/children") as f:
-            out += [int(p) for p in f.read().split()]
-    return out
-
-
 def test_pp_mesh_gives_the_engine_tokens(
     pp_mesh: RunningMesh, reference_engine: LLMEngine, tokenizer: Tokenizer
 ):
@@ -85,7 +77,7 @@ def test_pp_mesh_gives_the_engine_tokens(
     for i, ids in enumerate(got):
         assert ids == expected[i], f"prompt {i} ({PROMPTS[i]!r})"
     for w in pp_mesh.workers:
-        assert len(stage_pids(pp_mesh.mesh.children[w].proc.pid)) == 1, w
+        assert len(child_pids(pp_mesh.mesh.children[w].proc.pid)) == 1, w
     # The disaggregated half really moved KV between the two pipelines (no local fallback).
     received = pp_mesh.worker_metric("decode-0", "kv_transfer_bytes_total", direction="received")
     assert received > 0
@@ -95,7 +87,7 @@ def test_pp_mesh_gives_the_engine_tokens(
 def test_a_dead_stage_fails_requests_with_unavailable(pp_mesh: RunningMesh):
     """Runs last: it leaves the decode worker without its stage."""
     worker = pp_mesh.mesh.children["decode-0"].proc.pid
-    (stage,) = stage_pids(worker)
+    (stage,) = child_pids(worker)
     os.kill(stage, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:

@@ -144,6 +144,11 @@ def test_compose_placement_uses_service_names_and_binds_all_interfaces():
         (["--prefill", "0"], "at least one"),
         (["--http-port", "7000", "--grpc-port", "7000"], "both 7000"),
         (["--port-offset", "20000"], "out of range"),
+        (["--stage-services"], "needs --pipeline-stages 2"),
+        (
+            ["--pipeline-stages", "2", "--stage-services", "--pipeline-stage-addresses", "h:1"],
+            "drop --pipeline-stage-addresses",
+        ),
     ],
 )
 def test_bad_flags_are_refused(argv, message):
@@ -237,3 +242,52 @@ def test_the_users_own_omp_wait_policy_wins(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert all("OMP_WAIT_POLICY" not in w.env for w in topology().workers)
+
+
+@pytest.mark.parametrize("placement", [LOCAL, COMPOSE])
+def test_stage_services_are_their_workers_stages(placement):
+    """`--stage-services`: every worker's stages 1..P-1 are services of their own, started
+    before it, with its engine flags; the worker is pointed at them, in stage order."""
+    from splitserve.services import stage as stage_main
+
+    argv = ("--decode", "2", "--pipeline-stages", "3", "--stage-services", "--threads", "1")
+    t = topology(*argv, placement=placement)
+    workers = ["prefill-0", "decode-0", "decode-1"]
+    stages = [f"{w}-stage-{k}" for w in workers for k in (1, 2)]
+    splitserve = [n for n in t.names if n not in ("redis", "otel-collector")]  # compose's
+    assert splitserve == ["kvstore", *stages, *workers, "router"]
+    assert [s.name for s in t.stages] == stages and [w.name for w in t.workers] == workers
+    assert [s.ports["grpc"] for s in t.stages] == list(range(50200, 50206))
+    assert len(set(all_ports(t))) == len(all_ports(t))
+    for w in t.workers:
+        own = [s for s in t.stages if s.name.startswith(f"{w.name}-")]
+        (addresses,) = flag(w, "--pipeline-stage-addresses")
+        assert addresses.split(",") == [placement.address(s.name, s.ports["grpc"]) for s in own]
+        assert set(w.depends_on) == {"kvstore", *(s.name for s in own)}
+        for k, s in enumerate(own, start=1):
+            assert flag(s, "--stage-index") == [str(k)]
+            for engine_flag in ("--pipeline-stages", "--threads", "--kv-cache-mib", "--dtype"):
+                assert flag(s, engine_flag) == flag(w, engine_flag), (s.name, engine_flag)
+            assert flag(s, "--host") == [placement.bind_host]
+            parser = argparse.ArgumentParser(prog=s.name, exit_on_error=False)
+            stage_main.add_arguments(parser)
+            parser.parse_args(s.args)  # the stage's own parser takes every flag
+    # Without the flag, the workers start their stages themselves: no stage services.
+    plain = topology(*(a for a in argv if a != "--stage-services"), placement=placement)
+    assert plain.stages == []
+    assert not any(flag(w, "--pipeline-stage-addresses") for w in plain.workers)
+
+
+def test_compose_gives_each_stage_its_own_container():
+    from splitserve.topology import render_compose
+
+    t = topology("--colocated", "--pipeline-stages", "2", "--stage-services", placement=COMPOSE)
+    services = render_compose(t)["services"]
+    stage = services["colocated-0-stage-1"]
+    assert stage["command"][:3] == ["python", "-m", "splitserve.services.stage"]
+    assert stage["expose"] == ["50200"] and "ports" not in stage  # internal only
+    assert stage["healthcheck"]["test"][-1] == "127.0.0.1:50200"
+    worker = services["colocated-0"]
+    assert worker["depends_on"]["colocated-0-stage-1"] == {"condition": "service_healthy"}
+    cmd = worker["command"]
+    assert cmd[cmd.index("--pipeline-stage-addresses") + 1] == "colocated-0-stage-1:50200"
