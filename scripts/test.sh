@@ -6,4 +6,5 @@ bash scripts/setup.sh
 bash scripts/ensure-redis.sh
 python3 -m ruff check .
 python3 -m ruff format --check .
-exec python3 -m pytest -q -p no:cacheprovider "$@"
+# The 20 slowest tests at the end: where to look when CI time grows.
+exec python3 -m pytest -q -p no:cacheprovider --durations=20 "$@"
