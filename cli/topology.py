@@ -183,7 +183,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError("--prefill and --decode need at least one worker each")
     if args.http_port == args.grpc_port:
         raise ValueError(f"--http-port and --grpc-port are both {args.http_port}")
-    if getattr(args, "stage_services", False):
+    if args.stage_services:
         if args.pipeline_stages < 2:
             raise ValueError("--stage-services needs --pipeline-stages 2 or more")
         if args.pipeline_stage_addresses:
@@ -198,10 +198,10 @@ def _build(args: argparse.Namespace, placement: Placement) -> Topology:
     builder = _Builder(args, placement, reserved=redis.ports.values() if redis else ())
     kvstore = builder.kvstore(redis_url)
     workers = builder.workers(kv_address=placement.address(kvstore.name, kvstore.ports["grpc"]))
-    stages = builder.stages(workers)
-    services = [*([redis] if redis else []), kvstore, *stages]
-    services += [builder.wired_to_stages(w, stages) for w in workers]
-    services.append(builder.router(services[-len(workers) :]))
+    stages = {w.name: builder.stages(w) for w in workers}  # [] unless --stage-services
+    wired = [builder.wired_to_stages(w, stages[w.name]) for w in workers]
+    services = [*([redis] if redis else []), kvstore, *(s for w in wired for s in stages[w.name])]
+    services += [*wired, builder.router(wired)]
     if placement is COMPOSE:
         services.append(_otel_collector())
     return Topology(services=services, placement=placement)
@@ -251,37 +251,35 @@ class _Builder:
             for k, (role, i, port) in enumerate(slots)
         ]
 
-    def stages(self, workers: list[ServiceSpec]) -> list[ServiceSpec]:
-        """With --stage-services: stages 1..P-1 of every worker, each a service of its own
-        with the worker's engine flags (so the same layer split and KV pool)."""
-        if not getattr(self.args, "stage_services", False):
+    def stages(self, worker: ServiceSpec) -> list[ServiceSpec]:
+        """With --stage-services: the worker's stages 1..P-1, each a service of its own with
+        the worker's engine flags (so the same layer split and KV pool)."""
+        if not self.args.stage_services:
             return []
         engine = engine_argv(self.args)
         out = []
-        for w in workers:
-            for k in range(1, self.args.pipeline_stages):
-                port = self._port(STAGE_PORT + len(out))
-                out.append(
-                    ServiceSpec(
-                        name=f"{w.name}-stage-{k}",
-                        module=STAGE_MODULE,
-                        args=[*self._common(port), "--stage-index", str(k), *engine],
-                        ports={"grpc": port},
-                        env=w.env,
-                    )
+        for k in range(1, self.args.pipeline_stages):
+            port = self._port(STAGE_PORT)  # the plan hands out the next free one
+            out.append(
+                ServiceSpec(
+                    name=f"{worker.name}-stage-{k}",
+                    module=STAGE_MODULE,
+                    args=[*self._common(port), "--stage-index", str(k), *engine],
+                    ports={"grpc": port},
+                    env=worker.env,
                 )
+            )
         return out
 
     def wired_to_stages(self, worker: ServiceSpec, stages: list[ServiceSpec]) -> ServiceSpec:
         """The worker, pointed at its stage services (in stage order) and started after them."""
-        own = [s for s in stages if s.name.startswith(f"{worker.name}-stage-")]
-        if not own:
+        if not stages:
             return worker
-        addresses = ",".join(self.placement.address(s.name, s.ports["grpc"]) for s in own)
+        addresses = ",".join(self.placement.address(s.name, s.ports["grpc"]) for s in stages)
         return replace(
             worker,
             args=[*worker.args, "--pipeline-stage-addresses", addresses],
-            depends_on=[*worker.depends_on, *(s.name for s in own)],
+            depends_on=[*worker.depends_on, *(s.name for s in stages)],
         )
 
     def _omp_env(self, num_workers: int) -> dict[str, str]:
