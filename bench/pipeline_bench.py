@@ -161,7 +161,7 @@ def measured_costs(run: Run) -> tuple[float, float]:
     """(one layer, the LM head) in CPU seconds per wall second of `run`. The stages before the
     last hold only layers (their embedding lookup is noise), so they price a layer; what the
     last stage spent beyond its layers is the head."""
-    counts = [b - a for a, b in run.layers]
+    counts = run.counts
     per_layer = sum(run.cpu[:-1]) / sum(counts[:-1])
     return per_layer, max(0.0, run.cpu[-1] - counts[-1] * per_layer)
 
@@ -173,19 +173,16 @@ def split_by_cost(num_layers: int, stages: int, per_layer: float, head: float) -
     if stages < 2 or num_layers < stages or per_layer <= 0:
         raise ValueError(f"can't split {num_layers} layers over {stages} stages by cost")
 
-    def costs(last: int) -> list[float]:
+    def counts(last: int) -> tuple[int, ...]:
         q, r = divmod(num_layers - last, stages - 1)
-        return [(q + (k >= stages - 1 - r)) * per_layer for k in range(stages - 1)] + [
-            last * per_layer + head
-        ]
+        return (*(q + (k >= stages - 1 - r) for k in range(stages - 1)), last)
 
     def key(last: int) -> tuple[float, float]:
-        c = costs(last)
+        c = [n * per_layer for n in counts(last)]
+        c[-1] += head
         return (round(max(c), 12), max(c) - min(c))
 
-    last = min(range(1, num_layers - stages + 2), key=key)
-    q, r = divmod(num_layers - last, stages - 1)
-    return (*(q + (k >= stages - 1 - r) for k in range(stages - 1)), last)
+    return counts(min(range(1, num_layers - stages + 2), key=key))
 
 
 def ideal(m: int, p: int) -> float:
@@ -204,6 +201,11 @@ class Run:
     busy: list[float]  # per stage: busy seconds / wall seconds
     cpu: list[float]  # per stage: CPU seconds of its forwards / wall seconds
     others_cpu: float  # of the machine's capacity, taken by other processes meanwhile
+
+    @property
+    def counts(self) -> list[int]:
+        """Layers per stage."""
+        return [b - a for a, b in self.layers]
 
     @property
     def ideal(self) -> float:
@@ -353,7 +355,9 @@ def pin_stages(pids: list[int]) -> list[list[int]]:
 def pilot_layers(settings: PipelineBenchSettings, cfg, p: int, rng, result, say) -> tuple[int, ...]:
     """Measure P stages split by parameters at the largest M, then split by what a layer and
     the head cost there (`measured_costs`)."""
-    m = max(settings.micro_batches)
+    from splitserve.bench.dp_bench import pin_process
+
+    m, mask = max(settings.micro_batches), os.sched_getaffinity(0)
     engine = build_engine(settings, p, compute_balanced_layers(cfg, p))
     try:
         ex = engine.runner.executor
@@ -362,11 +366,12 @@ def pilot_layers(settings: PipelineBenchSettings, cfg, p: int, rng, result, say)
         run = measure(engine, replace(settings, steps=max(4, settings.steps // 2)), m, rng)
     finally:
         engine.close()
+        pin_process(os.getpid(), mask)  # pin_stages put this process on one core
     per_layer, head = measured_costs(run)
     layers = split_by_cost(cfg.num_layers, p, per_layer, head)
     pilot = result.pilots[p] = Pilot(run, per_layer, head, layers)
     say(
-        f"P={p} pilot (M={m}, layers {','.join(str(b - a) for a, b in run.layers)}): "
+        f"P={p} pilot (M={m}, layers {','.join(map(str, run.counts))}): "
         f"the LM head costs {pilot.head_layers:.1f} layers -> layers {','.join(map(str, layers))}"
     )
     return layers
@@ -395,7 +400,6 @@ def run_bench(settings: PipelineBenchSettings, say=print) -> PipelineBenchResult
             layers = given.get(p)
             if layers is None:
                 layers = pilot_layers(settings, cfg, p, rng, result, say)
-                pin_process(os.getpid(), mask)  # the pilot pinned this process to one core
             engine = build_engine(settings, p, layers)
             try:
                 ex = engine.runner.executor
@@ -439,7 +443,7 @@ def report_lines(result: PipelineBenchResult) -> list[str]:
             [
                 str(r.stages),
                 str(r.micro_batches),
-                ",".join(str(b - a) for a, b in r.layers),
+                ",".join(map(str, r.counts)),
                 f"{r.ideal:.2f}",
                 *busy,
                 f"{min(r.busy_vs_ideal):.2f}",
@@ -454,7 +458,7 @@ def report_lines(result: PipelineBenchResult) -> list[str]:
         pr = pilot.run
         lines.append(
             f"P={p} layers from a pilot at M={pr.micro_batches} split by parameters "
-            f"({','.join(str(b - a) for a, b in pr.layers)}; cpu "
+            f"({','.join(map(str, pr.counts))}; cpu "
             f"{' '.join(f'{c:.2f}' for c in pr.cpu)}): a layer {pilot.per_layer_cpu:.3f}, "
             f"the LM head {pilot.head_cpu:.3f} = {pilot.head_layers:.1f} layers"
         )
@@ -522,7 +526,7 @@ def write_plot(path: str, result: PipelineBenchResult) -> None:
         for k in range(p):
             (line,) = ax.plot(ms, [r.busy[k] for r in runs], "o-", label=f"stage {k} busy")
             ax.plot(ms, [r.cpu[k] for r in runs], "o", mfc="none", color=line.get_color())
-        layers = ",".join(str(b - a) for a, b in runs[0].layers)
+        layers = ",".join(map(str, runs[0].counts))
         ax.set_xscale("log", base=2)
         ax.set_xticks(ms, [str(m) for m in ms])
         ax.set_ylim(0, 1.05)
