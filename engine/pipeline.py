@@ -61,6 +61,7 @@ from splitserve.v1 import pb, rpc
 
 log = logging.getLogger("splitserve")
 
+EXIT_GRACE_S = 1.0  # how long an unreachable child stage may take to show it exited
 MAX_IN_FLIGHT = 16  # micro-batches sent and not yet answered, per stream
 STARTUP_TIMEOUT_S = 600.0  # stages load their weights meanwhile
 PROBE_TIMEOUT_S = 5.0  # is a stage still there, after a stream failed
@@ -496,13 +497,7 @@ class PipelineExecutor:
 
     def _probe(self) -> None:
         """Raise StageUnavailableError if any stage exited, can't be reached or restarted."""
-        for proc in self._procs:
-            code = proc.exit_code()
-            if code is not None:
-                self._broken = (
-                    f"pipeline stage {proc.spec.index} (pid {proc.pid}) exited with code {code}"
-                )
-                raise StageUnavailableError(self._broken)
+        self._check_exited()
         for stage in self._stages:
             try:
                 stage.handshake(
@@ -511,6 +506,20 @@ class PipelineExecutor:
             except StageRestartedError as e:
                 self._broken = str(e)
                 raise
+            except StageUnavailableError:
+                # A child being killed closes its sockets before its exit can be seen: give
+                # an unreachable child a moment to show it is gone for good.
+                self._check_exited(EXIT_GRACE_S)
+                raise
+
+    def _check_exited(self, wait_s: float = 0.0) -> None:
+        for proc in self._procs:
+            code = proc.exit_code(wait_s)
+            if code is not None:
+                self._broken = (
+                    f"pipeline stage {proc.spec.index} (pid {proc.pid}) exited with code {code}"
+                )
+                raise StageUnavailableError(self._broken)
 
 
 def _release(procs: list[StageProcess], stages: list[_RemoteStage]) -> None:

@@ -116,8 +116,12 @@ class StageProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def exit_code(self) -> int | None:
-        return self.proc.poll()
+    def exit_code(self, wait_s: float = 0.0) -> int | None:
+        """The exit code, waiting up to `wait_s` for one; None while it runs."""
+        try:
+            return self.proc.wait(wait_s) if wait_s > 0 else self.proc.poll()
+        except subprocess.TimeoutExpired:
+            return None
 
     def wait_address(self, deadline: float) -> str:
         """host:port once the stage serves; StageStartError if it dies or time runs out."""
