@@ -57,9 +57,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--linear-backend",
         default="auto",
-        choices=["auto", "onednn", "torch"],
-        help="matmuls: weights packed once for oneDNN (onednn), torch's nn.Linear (torch), or "
-        "onednn on a CPU whose torch has it (auto, the default)",
+        choices=["auto", "blocks", "onednn", "torch"],
+        help="matmuls: weights that came from Q4_1/Q8_0 blocks kept in them and dequantized "
+        "in the kernel, float32 math, the rest packed for oneDNN (blocks); every weight packed "
+        "for oneDNN (onednn); torch's nn.Linear (torch); or blocks on a float32 CPU engine "
+        "with AVX-512, else onednn (auto, the default)",
     )
     g.add_argument(
         "--pipeline-stages",

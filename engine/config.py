@@ -153,7 +153,7 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "torch", "cpp" (CPU kernel), or "auto"
-    linear_backend: str = "auto"  # "torch", "onednn" (packed CPU weights), or "auto"
+    linear_backend: str = "auto"  # "torch", "onednn", "blocks" (Q4_1/Q8_0 kept), or "auto"
     num_threads: int | None = None
     seed: int = 0
     tensor_parallel_size: int = 1  # ranks in this worker's torch.distributed group

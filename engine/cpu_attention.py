@@ -10,43 +10,25 @@ missing the engine logs once and stays on the torch backend, which gives the sam
 from __future__ import annotations
 
 import functools
-import logging
-import os
-import threading
 
 import torch
 
+from splitserve.engine import cpp_ext
 from splitserve.engine.attention import AttentionMetadata, torch_paged_attention
 
-log = logging.getLogger("splitserve")
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "paged_decode.cpp")
-_lock = threading.Lock()
 _module = None
-_failed = False
 
 
 def load_kernel():
     """The compiled module, or None if it can't be built here."""
-    global _module, _failed
-    with _lock:
-        if _module is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load
-
-                _module = load(
-                    "splitserve_paged_decode",
-                    [_SOURCE],
-                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
-            except Exception as exc:  # no compiler, no headers, ...: fall back, say so once
-                _failed = True
-                log.warning(
-                    "C++ attention kernel unavailable (%s); using the torch backend",
-                    " ".join(str(exc).split())[:200],
-                )
-        return _module
+    global _module
+    _module = cpp_ext.build(
+        "splitserve_paged_decode",
+        "paged_decode.cpp",
+        ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+        "C++ attention kernel",
+    )
+    return _module
 
 
 def cpp_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -11,7 +11,8 @@ float32 (or bfloat16) matmuls, not reduced precision: only the order of the addi
 packed weight and drops the dense one, so memory does not grow, except for a tied LM head:
 the embedding keeps the dense table for its lookups and the head gets a packed copy.
 'auto' packs when the device is the CPU and this torch build has the oneDNN ops; 'torch'
-never packs; 'onednn' packs or fails.
+never packs; 'onednn' packs or fails. 'blocks' and 'auto' first keep every weight that came
+from a Q4_1/Q8_0 checkpoint in those blocks (engine/block_linear.py), then pack the rest.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import logging
 import torch
 from torch import nn
 
+from splitserve.engine import block_linear
+
 log = logging.getLogger("splitserve")
 
-LINEAR_BACKENDS = ("auto", "torch", "onednn")
+LINEAR_BACKENDS = ("auto", "torch", "onednn", "blocks")
 
 
 @functools.cache
@@ -69,7 +72,7 @@ class PackedLinear(nn.Module):
 
 def use_onednn(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     if backend not in LINEAR_BACKENDS:
-        raise ValueError(f"unknown linear backend {backend!r}: use auto, torch or onednn")
+        raise ValueError(f"unknown linear backend {backend!r}: use {', '.join(LINEAR_BACKENDS)}")
     if backend == "torch":
         return False
     supported = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
@@ -84,6 +87,36 @@ def use_onednn(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
             raise RuntimeError("the oneDNN linear ops are not available in this torch build")
         return False
     return True
+
+
+def use_blocks(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether to keep block-quantized weights in blocks (engine/block_linear.py): asked for,
+    or 'auto' on a CPU running float32 where the AVX-512 kernel builds."""
+    if backend not in ("auto", "blocks"):
+        return False
+    supported = device.type == "cpu" and dtype == torch.float32
+    if backend == "blocks" and not supported:
+        raise ValueError(f"the blocks linear backend runs float32 on CPU, not {dtype} on {device}")
+    if not supported:
+        return False
+    if backend == "blocks":
+        if block_linear.load_kernel() is None:
+            raise RuntimeError("the block-quantized linear kernel could not be built here")
+        return True
+    return block_linear.kernel_usable()
+
+
+def prepare_linears(model: nn.Module, backend: str, device: torch.device, dtype) -> str:
+    """Swap the model's linears for `backend`'s; returns what was done, for the log.
+
+    'blocks' (and 'auto' where it can) keeps each weight that re-encodes exactly as Q4_1/Q8_0
+    in blocks; every other linear is packed for oneDNN when that is available, else left as is.
+    """
+    blocks = block_linear.block_linears(model) if use_blocks(backend, device, dtype) else 0
+    packed = pack_linears(model) if use_onednn(backend, device, dtype) else 0
+    if backend == "blocks" and not blocks:
+        log.warning("--linear-backend blocks: no weight re-encodes exactly as Q4_1/Q8_0")
+    return f"{blocks} linears in Q4_1/Q8_0 blocks, {packed} packed for oneDNN"
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -101,4 +134,5 @@ def pack_linears(model: nn.Module) -> int:
 
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of weights the packed layers hold (their dense parameters are gone)."""
-    return sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))
+    kinds = (PackedLinear, block_linear.BlockLinear)
+    return sum(m.weight_bytes for m in model.modules() if isinstance(m, kinds))

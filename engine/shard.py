@@ -8,6 +8,7 @@ and returns hidden states, or float32 logits when it holds the LM head.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -16,10 +17,12 @@ from tqdm import tqdm
 from splitserve.engine.attention import PagedAttentionBackend
 from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
 from splitserve.engine.cpu_attention import select_backend
-from splitserve.engine.cpu_linear import linear_weight_bytes, pack_linears, use_onednn
+from splitserve.engine.cpu_linear import linear_weight_bytes, prepare_linears
 from splitserve.engine.model import Collectives, LlamaModel
 from splitserve.engine.parallel import ShardSpec
 from splitserve.engine.step_wire import StepWire
+
+log = logging.getLogger("splitserve")
 
 
 def max_positions(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> int:
@@ -57,8 +60,10 @@ class ModelShard:
         self.model = model.to(self.dtype).eval()
         self.model.rotary.float()  # cos/sin tables stay float32, like the reference
         self._load(tensors, num_tensors)
-        if use_onednn(engine_cfg.linear_backend, self.device, self.dtype):
-            pack_linears(self.model)
+        self.linears = prepare_linears(
+            self.model, engine_cfg.linear_backend, self.device, self.dtype
+        )
+        log.info("linear layers: %s", self.linears)
         heads = self.model.heads
         self.num_blocks = num_blocks
         self.kv_cache = torch.zeros(

@@ -81,6 +81,19 @@ def test_prefix_cache_hit(engine, prompts, references):
     assert_matches(outs, references)
 
 
+@pytest.mark.parametrize("linear", ["blocks", "onednn"])
+def test_each_linear_backend(smollm2_checkpoint, prompts, references, linear):
+    # Q4_1/Q8_0 blocks dequantized in the kernel, and every weight as float32 for oneDNN: the
+    # same greedy tokens either way (auto picks one of the two, by CPU).
+    engine = engine_for(smollm2_checkpoint, linear_backend=linear)
+    shard = engine.runner.executor.shard
+    if linear == "blocks":
+        assert shard.linears == "121 linears in Q4_1/Q8_0 blocks, 0 packed for oneDNN"
+    else:
+        assert shard.linears == "0 linears in Q4_1/Q8_0 blocks, 121 packed for oneDNN"
+    assert_matches(engine.generate(prompts, PARAMS), references)
+
+
 def test_chunked_prefill_forced_small(smollm2_checkpoint, prompts, references):
     engine = engine_for(smollm2_checkpoint, max_num_batched_tokens=8, enable_prefix_caching=False)
     assert_matches(engine.generate(prompts, PARAMS), references)
