@@ -18,3 +18,7 @@ def add_parser(sub) -> None:
     from splitserve.bench import pipeline_bench
 
     pipeline_bench.add_parser(bsub)
+
+    from splitserve.bench import linear_bench
+
+    linear_bench.add_parser(bsub)
