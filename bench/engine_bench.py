@@ -326,6 +326,11 @@ class Bench:
         kv_token = roofline.kv_bytes_per_token(cfg, torch_dtype)
         with self.phases(f"{dtype}: build engine"):
             engine = self.build_engine(dtype)
+        shard = getattr(engine.runner.executor, "shard", None)
+        if shard is not None:  # in process: count the weights as the backend stores them
+            from splitserve.engine.cpu_linear import matmul_weight_bytes
+
+            weights = matmul_weight_bytes(shard.model)
         with self.phases(f"{dtype}: engine workload"):
             throughput, traffic = run_engine_workload(engine, self.requests, weights, kv_token)
             kv = kv_report(engine, self.requests)

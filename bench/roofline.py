@@ -13,6 +13,8 @@ What a run achieved is estimated from the model's shape, not counted by hardware
   Only useful work counts: tokens recomputed after a preemption or hidden behind padding don't.
 * Decode bandwidth: in a step where every sequence decodes one token, the weights are read
   once (they don't fit in cache) and each sequence's KV is read once; activations are ignored.
+  The engine benchmark counts the weights as its linear backend stores them (4-/8-bit blocks
+  are fewer bytes than fp32); `decode_weight_bytes` is the dense count.
 """
 
 from __future__ import annotations

@@ -33,13 +33,16 @@ FORMAT_NAMES = {Q4_1: "Q4_1", Q8_0: "Q8_0"}
 _SCALE_STEPS = (0, 1, -1, 2, -2)
 
 
+# No -ffast-math and no contraction: dequantization must round like gguf-py.
+KERNEL_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+
+
 def load_kernel():
     """The compiled kernel module, or None if it can't be built here."""
     return cpp_ext.build(
         "splitserve_block_linear",
         "block_linear.cpp",
-        # No -ffast-math and no contraction: dequantization must round like gguf-py.
-        ["-O3", "-march=native", "-ffp-contract=off"],
+        KERNEL_FLAGS,
         "C++ block-quantized linear kernel",
     )
 

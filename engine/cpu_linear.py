@@ -136,3 +136,15 @@ def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of weights the packed layers hold (their dense parameters are gone)."""
     kinds = (PackedLinear, block_linear.BlockLinear)
     return sum(m.weight_bytes for m in model.modules() if isinstance(m, kinds))
+
+
+def matmul_weight_bytes(model: nn.Module) -> int:
+    """Bytes a forward reads through the model's linears, as they are stored (fp32, bf16,
+    oneDNN-packed or 4-/8-bit blocks): what a decode step streams besides the KV."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (PackedLinear, block_linear.BlockLinear)):
+            total += m.weight_bytes
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total

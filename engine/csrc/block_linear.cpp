@@ -251,8 +251,19 @@ bool has_avx512() {
 #endif
 }
 
+// at::parallel_for splits the strips over torch's threads only when this file is built with
+// OpenMP; without it the kernel would quietly run on one thread.
+bool has_openmp() {
+#if defined(_OPENMP)
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_linear", &block_linear, "y = x W^T with W in Q4_1/Q8_0 tiles (float32 math)");
   m.def("block_dequantize", &block_dequantize, "the packed weight as dense float32 (N, K)");
   m.def("has_avx512", &has_avx512, "whether the kernel was built with AVX-512");
+  m.def("has_openmp", &has_openmp, "whether the kernel was built with OpenMP (threads)");
 }

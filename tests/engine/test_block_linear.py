@@ -12,8 +12,14 @@ from test_cpu_linear import TINY as CPU_TINY
 from torch import nn
 
 from splitserve.engine import block_linear as bl
+from splitserve.engine import cpp_ext
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.cpu_linear import PackedLinear, prepare_linears, use_blocks
+from splitserve.engine.cpu_linear import (
+    PackedLinear,
+    matmul_weight_bytes,
+    prepare_linears,
+    use_blocks,
+)
 from splitserve.engine.model import LlamaModel
 from splitserve.engine.parallel import ShardSpec
 from splitserve.engine.shard import ModelShard
@@ -28,7 +34,9 @@ def gguf_weight(n: int, k: int, qtype: Q, seed: int = 0) -> torch.Tensor:
 
 
 def test_the_kernel_builds_on_the_ci_machine():
-    assert bl.load_kernel() is not None
+    mod = bl.load_kernel()
+    assert mod is not None
+    assert mod.has_openmp()  # else at::parallel_for runs every strip on one thread
 
 
 @pytest.mark.parametrize("qtype,fmt", [(Q.Q4_1, bl.Q4_1), (Q.Q8_0, bl.Q8_0)])
@@ -150,3 +158,34 @@ def test_backend_choice():
         use_blocks("blocks", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="unknown linear backend"):
         prepare_linears(gguf_like_model(), "int4", cpu, torch.float32)
+
+
+def test_the_portable_path_without_avx512():
+    # Built here with AVX-512 switched off: what a CPU without it runs (correct, slow, and
+    # never chosen by 'auto').
+    mod = cpp_ext.build(
+        "splitserve_block_linear_portable",
+        "block_linear.cpp",
+        [*bl.KERNEL_FLAGS, "-mno-avx512f"],
+        "portable block kernel",
+    )
+    assert mod is not None and not mod.has_avx512()
+    for qtype, fmt in [(Q.Q4_1, bl.Q4_1), (Q.Q8_0, bl.Q8_0)]:
+        w = gguf_weight(40, 416, qtype)
+        packed = bl.pack(fmt, w)
+        assert torch.equal(mod.block_dequantize(packed, fmt, 40, 416), w)
+        x = torch.randn(13, 416)
+        torch.testing.assert_close(
+            mod.block_linear(x, packed, fmt, 40), x @ w.T, atol=2e-5, rtol=1e-5
+        )
+
+
+def test_matmul_weight_bytes_counts_what_each_backend_stores():
+    model = gguf_like_model()
+    dense = matmul_weight_bytes(model)
+    assert dense == sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
+    bl.block_linears(model)
+    assert matmul_weight_bytes(model) == sum(
+        m.packed.numel() for m in model.modules() if isinstance(m, bl.BlockLinear)
+    )
+    assert matmul_weight_bytes(model) < dense / 4
