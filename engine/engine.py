@@ -98,7 +98,7 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         ckpt = checkpoint or open_checkpoint(config.model)
-        runner = ModelRunner(ckpt.config, config, ckpt.tensors(), ckpt.num_tensors)
+        runner = ModelRunner(ckpt.config, config, ckpt.refs(), ckpt.num_tensors)
         return cls(config, ckpt.config, runner, ckpt.tokenizer, model_id=ckpt.config.name)
 
     @classmethod

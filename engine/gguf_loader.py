@@ -9,6 +9,7 @@ for its rotary kernel (qwen2 is stored unpermuted).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -16,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
 from .config import ModelConfig
-from .loader import Checkpoint, ModelLoadError
+from .loader import Checkpoint, ModelLoadError, Region, TensorRef, cut
 from .tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -135,7 +136,13 @@ def open_gguf(path: str) -> Checkpoint:
             if names is None or hf_name in names:
                 yield hf_name, _load_tensor(tensor, hf_name, config)
 
-    return Checkpoint(path, config, tokenizer, len(tensors), source)
+    def refs() -> Iterator[tuple[str, TensorRef]]:
+        for hf_name, tensor in tensors.items():
+            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            reader = functools.partial(_read_region, tensor, hf_name, config)
+            yield hf_name, TensorRef(shape, reader)
+
+    return Checkpoint(path, config, tokenizer, len(tensors), source, refs)
 
 
 def _open_reader(path: str) -> GGUFReader:
@@ -173,11 +180,49 @@ def _tensors_by_hf_name(reader: GGUFReader, path: str) -> dict[str, ReaderTensor
 
 def _load_tensor(tensor: ReaderTensor, hf_name: str, config: ModelConfig) -> torch.Tensor:
     weight = dequantize_tensor(tensor)
-    if config.architecture in PERMUTED_QK_ARCHS and hf_name.endswith(".weight"):
-        if ".q_proj." in hf_name:
-            weight = unpermute_qk(weight, config.num_heads)
-        elif ".k_proj." in hf_name:
-            weight = unpermute_qk(weight, config.num_kv_heads)
+    heads = _qk_heads(hf_name, config)
+    return weight if heads is None else unpermute_qk(weight, heads)
+
+
+def _qk_heads(hf_name: str, config: ModelConfig) -> int | None:
+    """Heads of a q/k weight whose rows llama.cpp stored interleaved, else None."""
+    if config.architecture not in PERMUTED_QK_ARCHS or not hf_name.endswith(".weight"):
+        return None
+    if ".q_proj." in hf_name:
+        return config.num_heads
+    if ".k_proj." in hf_name:
+        return config.num_kv_heads
+    return None
+
+
+def _read_region(
+    tensor: ReaderTensor, hf_name: str, config: ModelConfig, rows: Region, cols: Region
+) -> torch.Tensor:
+    """Rows and columns of a tensor, reading (and dequantizing) only those bytes of the file:
+    whole rows are contiguous, and columns are whole quantization blocks when the cut falls
+    on the block grid (otherwise the rows are dequantized and then cut)."""
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    heads = _qk_heads(hf_name, config)
+    hd = config.head_dim
+    aligned = rows is None or heads is None or (rows[0] % hd == 0 and rows[1] % hd == 0)
+    if len(shape) != 2 or (rows is None and cols is None) or not aligned:
+        return cut(_load_tensor(tensor, hf_name, config), rows, cols)
+    qtype = GGMLQuantizationType(tensor.tensor_type)
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], -1)
+    if rows is not None:
+        raw = raw[rows[0] : rows[1]]
+    after = cols
+    if cols is not None and cols[0] % block == 0 and (cols[1] % block == 0 or cols[1] == shape[1]):
+        raw = raw[:, cols[0] // block * block_bytes : -(-cols[1] // block) * block_bytes]
+        after = None
+    values = dequantize(np.ascontiguousarray(raw), qtype)
+    values = np.require(values, dtype=np.float32, requirements=["C", "W"])
+    weight = cut(torch.from_numpy(values.reshape(raw.shape[0], -1)), None, after)
+    if heads is not None:
+        # Row p of head h moved within the head only, so a cut on head boundaries is undone
+        # head by head.
+        weight = unpermute_qk(weight, weight.shape[0] // hd)
     return weight
 
 

@@ -7,6 +7,7 @@ stored in; the model casts on copy.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
-from .loader import Checkpoint, ModelLoadError
+from .loader import Checkpoint, ModelLoadError, Region, TensorRef
 from .tokenizer import Tokenizer
 
 SINGLE_FILE = "model.safetensors"
@@ -38,7 +39,16 @@ def open_hf_folder(path: str) -> Checkpoint:
             if wanted:
                 yield from _read_tensors(os.path.join(path, file), wanted)
 
-    return Checkpoint(path, config, tokenizer, sum(len(v) for v in files.values()), source)
+    def refs() -> Iterator[tuple[str, TensorRef]]:
+        for file, tensor_names in files.items():
+            full = os.path.join(path, file)
+            shapes = _shapes(full, tensor_names)
+            for name in tensor_names:
+                reader = functools.partial(_read_region, full, name)
+                yield name, TensorRef(shapes[name], reader)
+
+    num = sum(len(v) for v in files.values())
+    return Checkpoint(path, config, tokenizer, num, source, refs)
 
 
 def _tensor_files(path: str) -> dict[str, list[str]]:
@@ -70,6 +80,28 @@ def _read_tensors(file: str, names: list[str]) -> Iterator[tuple[str, torch.Tens
         with safe_open(file, framework="pt") as f:
             for name in names:
                 yield name, f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{file}: unreadable safetensors file ({e})") from e
+
+
+def _shapes(file: str, names: list[str]) -> dict[str, tuple[int, ...]]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {n: tuple(f.get_slice(n).get_shape()) for n in names}
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{file}: unreadable safetensors file ({e})") from e
+
+
+def _read_region(file: str, name: str, rows: Region, cols: Region) -> torch.Tensor:
+    """Only the (rows, cols) part of one tensor: safetensors reads just those bytes."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            part = f.get_slice(name)
+            if rows is None and cols is None:
+                return part[:]
+            r = slice(*rows) if rows is not None else slice(None)
+            c = slice(*cols) if cols is not None else slice(None)
+            return part[r, c]
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{file}: unreadable safetensors file ({e})") from e
 

@@ -7,9 +7,10 @@ matmul each; `load_weights` maps Hugging Face parameter names onto the fused lay
 A `LlamaModel` is one shard (engine/parallel.py): the layers of a pipeline stage, and within
 them one tensor-parallel rank's heads, intermediate columns and vocabulary rows. QKV and
 gate/up are column-parallel, O and down row-parallel with one all-reduce each; the embedding
-and LM head are vocab-parallel. `load_weights` slices full checkpoint tensors down to the shard,
-so no rank ever holds another rank's weights. With one shard of everything (the default) the
-collectives are no-ops and this is the plain model.
+and LM head are vocab-parallel. `load_weights` takes from each checkpoint tensor only the rows and
+columns of this shard (read from the file alone when given `TensorRef`s), so no rank ever reads
+or holds another rank's weights, and no stage another stage's layers. With one shard of
+everything (the default) the collectives are no-ops and this is the plain model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata, PagedAttentionBackend
 from splitserve.engine.config import ModelConfig, RopeScaling
+from splitserve.engine.loader import Region, TensorRef, cut
 from splitserve.engine.parallel import ShardSpec
 
 
@@ -232,15 +234,20 @@ class LlamaModel(nn.Module):
         return self.comm.all_gather_last(self.lm_head(self.norm(hidden)))
 
     @torch.no_grad()
-    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy Hugging Face-named full tensors in, each cut down to this shard; returns the
-        names of parameters filled. Tensors of other stages are skipped."""
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor | TensorRef]]) -> set[str]:
+        """Copy Hugging Face-named tensors in, each cut down to this shard; returns the names of
+        parameters filled. A `TensorRef` is read only for the rows and columns this shard keeps,
+        and not at all when it belongs to another stage."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in tensors:
-            for name, shard, piece in self._pieces(hf_name, tensor):
+            for name, shard, rows, cols in self._regions(hf_name):
                 if name not in params:
                     continue
+                if isinstance(tensor, TensorRef):
+                    piece = tensor.read(rows, cols)
+                else:
+                    piece = cut(tensor, rows, cols)
                 dst = params[name]
                 if shard is not None:
                     dst = self._shard_view(name, dst, shard)
@@ -253,9 +260,9 @@ class LlamaModel(nn.Module):
                 loaded.add(f"{name}#{shard}" if shard is not None else name)
         return loaded
 
-    def _pieces(self, hf_name: str, tensor: torch.Tensor):
-        """(our name, fused shard index, this rank's slice) for one HF tensor; none if the
-        tensor belongs to another stage."""
+    def _regions(self, hf_name: str) -> list[tuple[str, int | None, Region, Region]]:
+        """(our name, fused shard index, rows, columns) this shard takes of one HF tensor;
+        none if the tensor belongs to another stage. None rows or columns mean all of them."""
         name = hf_name.removeprefix("model.")
         if name.startswith("layers."):
             _, idx, rest = name.split(".", 2)
@@ -264,13 +271,13 @@ class LlamaModel(nn.Module):
                 return []
             name = f"layers.{i - self.first_layer}.{rest}"
         if name == "embed_tokens.weight":
-            rows = self._rows(tensor, self.vocab_range)
-            out = [(name, None, rows)] if self.is_first else []
+            rows = self._rows(self.vocab_range)
+            out = [(name, None, rows, None)] if self.is_first else []
             if self.is_last and self.cfg.tie_word_embeddings and not self.is_first:
-                out.append(("lm_head.weight", None, rows))
+                out.append(("lm_head.weight", None, rows, None))
             return out
         if name == "lm_head.weight":
-            return [(name, None, self._rows(tensor, self.vocab_range))]
+            return [(name, None, self._rows(self.vocab_range), None)]
         hd = self.cfg.head_dim
         q0, q1 = self.heads.q_heads
         k0, k1 = self.heads.kv_heads
@@ -285,14 +292,14 @@ class LlamaModel(nn.Module):
         for frag, rng in col_ranges.items():
             if f".{frag}." in name:
                 fused, shard = _FUSED[frag]
-                return [(name.replace(frag, fused), shard, self._rows(tensor, rng))]
-        for frag, (c0, c1) in row_ranges.items():
-            if f".{frag}." in name:
-                return [(name, None, tensor[:, c0:c1])]
-        return [(name, None, tensor)]
+                return [(name.replace(frag, fused), shard, self._rows(rng), None)]
+        for frag, cols in row_ranges.items():
+            if f".{frag}." in name and name.endswith(".weight"):
+                return [(name, None, None, self._rows(cols))]
+        return [(name, None, None, None)]
 
-    def _rows(self, tensor: torch.Tensor, rng: tuple[int, int]) -> torch.Tensor:
-        return tensor if self.shard.tp_size == 1 else tensor[rng[0] : rng[1]]
+    def _rows(self, rng: tuple[int, int]) -> Region:
+        return None if self.shard.tp_size == 1 else rng
 
     def _shard_view(self, name: str, param: torch.Tensor, shard: int) -> torch.Tensor:
         if "qkv_proj" in name:

@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -43,6 +43,7 @@ import torch
 
 from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
 from splitserve.engine.kv_codec import KVCodecError, dtype_name
+from splitserve.engine.loader import Weights
 from splitserve.engine.parallel import ParallelConfigError, ShardSpec, stage_layer_ranges
 from splitserve.engine.pipeline_codec import (
     STAGE_CHANNEL_OPTIONS,
@@ -107,7 +108,7 @@ def build_stage_shard(
     engine_cfg: EngineConfig,
     layers: tuple[int, int],
     num_blocks: int,
-    tensors: Iterable[tuple[str, torch.Tensor]] | None,
+    tensors: Weights | None,
     num_tensors: int = 0,
 ):
     """The layers of one stage: a tensor-parallel group when the config asks for one."""
@@ -283,7 +284,7 @@ class PipelineExecutor:
         model_cfg: ModelConfig,
         engine_cfg: EngineConfig,
         num_blocks: int,
-        tensors: Iterable[tuple[str, torch.Tensor]] | None,
+        tensors: Weights | None,
         num_tensors: int = 0,
     ) -> None:
         stages = engine_cfg.pipeline_stages

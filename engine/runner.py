@@ -10,7 +10,6 @@ the shards hold.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +17,7 @@ import torch
 
 from splitserve.engine.attention import PagedAttentionBackend
 from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
+from splitserve.engine.loader import Weights
 from splitserve.engine.outputs import KVExport
 from splitserve.engine.parallel import ShardSpec, max_kv_block_elems, stage_layer_ranges
 from splitserve.engine.sequence import Sequence
@@ -93,7 +93,7 @@ class LocalExecutor:
 def make_executor(
     model_cfg: ModelConfig,
     engine_cfg: EngineConfig,
-    tensors: Iterable[tuple[str, torch.Tensor]] | None,
+    tensors: Weights | None,
     num_tensors: int,
     backend: PagedAttentionBackend | None,
 ) -> Executor:
@@ -128,7 +128,7 @@ class ModelRunner:
         self,
         model_cfg: ModelConfig,
         engine_cfg: EngineConfig,
-        tensors: Iterable[tuple[str, torch.Tensor]] | None,
+        tensors: Weights | None,
         num_tensors: int = 0,
         backend: PagedAttentionBackend | None = None,
     ) -> None:

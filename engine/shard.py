@@ -9,7 +9,6 @@ and returns hidden states, or float32 logits when it holds the LM head.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import torch
 from tqdm import tqdm
@@ -18,6 +17,7 @@ from splitserve.engine.attention import PagedAttentionBackend
 from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
 from splitserve.engine.cpu_attention import select_backend
 from splitserve.engine.cpu_linear import linear_weight_bytes, prepare_linears
+from splitserve.engine.loader import Weights
 from splitserve.engine.model import Collectives, LlamaModel
 from splitserve.engine.parallel import ShardSpec
 from splitserve.engine.step_wire import StepWire
@@ -36,7 +36,7 @@ class ModelShard:
         engine_cfg: EngineConfig,
         shard: ShardSpec,
         num_blocks: int,
-        tensors: Iterable[tuple[str, torch.Tensor]] | None,
+        tensors: Weights | None,
         num_tensors: int = 0,
         comm: Collectives | None = None,
         backend: PagedAttentionBackend | None = None,
@@ -79,7 +79,7 @@ class ModelShard:
             device=self.device,
         )
 
-    def _load(self, tensors: Iterable[tuple[str, torch.Tensor]], num_tensors: int) -> None:
+    def _load(self, tensors: Weights, num_tensors: int) -> None:
         bar = tqdm(
             tensors,
             total=num_tensors or None,

@@ -46,7 +46,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -54,6 +53,7 @@ import torch.distributed as dist
 
 from splitserve.engine.attention import PagedAttentionBackend
 from splitserve.engine.config import EngineConfig, ModelConfig, RopeScaling, parse_dtype
+from splitserve.engine.loader import Weights
 from splitserve.engine.parallel import ParallelConfigError, ShardSpec, head_split
 from splitserve.engine.shard import ModelShard
 from splitserve.engine.step_wire import StepWire
@@ -256,7 +256,7 @@ class TPExecutor:
         engine_cfg: EngineConfig,
         shard: ShardSpec,
         num_blocks: int,
-        tensors: Iterable[tuple[str, torch.Tensor]] | None,
+        tensors: Weights | None,
         num_tensors: int = 0,
         backend: PagedAttentionBackend | None = None,
         *,
@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{ckpt.path} is not the model rank 0 runs: under tensor parallelism every "
                     "rank loads the checkpoint named by the engine config"
                 )
-            tensors, num_tensors = ckpt.tensors(), ckpt.num_tensors
+            tensors, num_tensors = ckpt.refs(), ckpt.num_tensors
         comm = _LateComm()
         spec = ShardSpec(rank, args.size, *layers)
         shard = ModelShard(model_cfg, engine_cfg, spec, num_blocks, tensors, num_tensors, comm)

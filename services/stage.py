@@ -382,7 +382,7 @@ def load_runtime(args: argparse.Namespace) -> StageRuntime:
         assert spec.random_model is not None
         cfg, tensors, num = spec.random_model, None, 0
     else:
-        cfg, tensors, num = ckpt.config, ckpt.tensors(), ckpt.num_tensors
+        cfg, tensors, num = ckpt.config, ckpt.refs(), ckpt.num_tensors
     layers = (spec.first_layer, spec.last_layer)
     shard = build_stage_shard(cfg, spec.engine, layers, spec.num_blocks, tensors, num)
     return StageRuntime(spec, cfg, shard)

@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 
 from splitserve.engine.config import RopeScaling
 from splitserve.engine.gguf_loader import gguf_to_hf_name, permute_qk, unpermute_qk
-from splitserve.engine.loader import ModelLoadError, default_model_path, open_checkpoint
+from splitserve.engine.loader import ModelLoadError, cut, default_model_path, open_checkpoint
 from splitserve.engine.tokenizer import byte_alphabet
 
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB, LAYERS = 64, 256, 4, 2, 256, 2
@@ -184,6 +184,81 @@ def test_tiny_gguf_matches_gguf_dequantize_exactly(tiny_gguf) -> None:
         assert torch.equal(ours[gguf_to_hf_name(t.name)], ref), t.name
 
 
+REGIONS = [
+    (None, None),
+    ((16, 48), None),  # rows on head boundaries (head_dim 16)
+    (None, (32, 64)),  # columns on the 32-input block grid: only those blocks are read
+    (None, (5, 37)),  # off the grid: rows dequantized, then cut
+    ((0, 16), (0, 64)),
+]
+
+
+@pytest.mark.parametrize("rows,cols", REGIONS)
+def test_tiny_gguf_regions_equal_the_cut_of_the_whole(tiny_gguf, rows, cols) -> None:
+    # Every type (F32, F16, Q8_0, Q4_0/1, Q5_x, K-quants) and the un-permuted q/k rows.
+    path, _ = tiny_gguf
+    ckpt = open_checkpoint(path)
+    whole = dict(ckpt.tensors())
+    refs = dict(ckpt.refs())
+    assert set(refs) == set(whole)
+    for name, ref in refs.items():
+        assert ref.shape == tuple(whole[name].shape), name
+        if len(ref.shape) == 1:
+            assert torch.equal(ref.read(), whole[name]), name
+            continue
+        assert torch.equal(ref.read(rows, cols), cut(whole[name], rows, cols)), name
+
+
+def test_a_tensor_parallel_shard_reads_only_its_part(tiny_gguf, monkeypatch) -> None:
+    # Rank 1 of 2 loads through refs; every read it makes is smaller than the tensor, and
+    # what it loads equals rank 1 cut from the whole tensors.
+    from splitserve.engine import gguf_loader
+    from splitserve.engine.model import LlamaModel
+    from splitserve.engine.parallel import ShardSpec
+
+    path, _ = tiny_gguf
+    ckpt = open_checkpoint(path)
+    reads: list[tuple[str, int, int]] = []
+    real = gguf_loader._read_region
+
+    def spy(tensor, hf_name, config, rows, cols):
+        out = real(tensor, hf_name, config, rows, cols)
+        full = int(np.prod(tensor.shape.tolist()))
+        reads.append((hf_name, out.numel(), full))
+        return out
+
+    monkeypatch.setattr(gguf_loader, "_read_region", spy)
+    spec = ShardSpec(tp_rank=1, tp_size=2)
+    lazy = LlamaModel(ckpt.config, max_positions=8, shard=spec)
+    assert lazy.load_weights(ckpt.refs()) == lazy.expected_weights()
+    eager = LlamaModel(ckpt.config, max_positions=8, shard=spec)
+    eager.load_weights(ckpt.tensors())
+    for (name, a), b in zip(lazy.state_dict().items(), eager.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    matrices = [(n, got, full) for n, got, full in reads if ".norm" not in n and "norm." not in n]
+    assert matrices and all(got * 2 == full for _, got, full in matrices), matrices
+
+
+def test_a_pipeline_stage_reads_nothing_of_other_stages(tiny_gguf, monkeypatch) -> None:
+    from splitserve.engine import gguf_loader
+    from splitserve.engine.model import LlamaModel
+    from splitserve.engine.parallel import ShardSpec
+
+    path, _ = tiny_gguf
+    ckpt = open_checkpoint(path)
+    read: list[str] = []
+    real = gguf_loader._read_region
+    monkeypatch.setattr(
+        gguf_loader,
+        "_read_region",
+        lambda t, name, *a: read.append(name) or real(t, name, *a),
+    )
+    stage = LlamaModel(ckpt.config, max_positions=8, shard=ShardSpec(first_layer=1))
+    stage.load_weights(ckpt.refs())
+    assert read and all(n.startswith("model.layers.1.") or "layers" not in n for n in read)
+    assert "model.embed_tokens.weight" not in read  # the head is untied here
+
+
 def test_permutation_roundtrip_matches_llama_cpp() -> None:
     w = torch.randn(KV_HEADS * HEAD_DIM, HIDDEN)
     # convert_hf_to_gguf.py's LlamaModel.permute, verbatim in numpy.
@@ -347,3 +422,16 @@ def test_hf_folder_missing_shard(tiny_llama, tmp_path) -> None:
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     os.remove(tmp_path / sorted(set(index["weight_map"].values()))[0])
     assert "missing" in _load_error(str(tmp_path))
+
+
+def test_hf_folder_regions_read_only_the_part(tiny_llama, tmp_path) -> None:
+    tiny_llama.save_pretrained(tmp_path, max_shard_size="50KB")
+    ckpt = open_checkpoint(str(tmp_path))
+    state = tiny_llama.state_dict()
+    refs = dict(ckpt.refs())
+    assert set(refs) == set(state)
+    for name, ref in refs.items():
+        assert ref.shape == tuple(state[name].shape)
+        assert torch.equal(ref.read(), state[name])
+        if len(ref.shape) == 2:
+            assert torch.equal(ref.read((8, 24), (3, 40)), state[name][8:24, 3:40])
