@@ -6,6 +6,11 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# g++ builds the engine's C++ kernels on first use, for the CPU they run on (-march=native);
+# without it the engine falls back to slower torch paths.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch first and from the CPU index: the default index would pull a multi-GB CUDA build.
 # Its own layer, so code changes don't re-download it.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu

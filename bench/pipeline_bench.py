@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -382,12 +383,15 @@ def run_bench(settings: PipelineBenchSettings, say=print) -> PipelineBenchResult
 
     from splitserve.bench.dp_bench import pin_process
     from splitserve.engine.loader import open_checkpoint
+    from splitserve.services.server import fast_gil_handoff
 
     cfg = open_checkpoint(settings.model).config
     result = PipelineBenchResult(settings, model=cfg.name)
     given = dict(settings.layers)
     rng = random.Random(settings.seed)
     threads, mask = torch.get_num_threads(), os.sched_getaffinity(0)
+    switch_interval = sys.getswitchinterval()
+    fast_gil_handoff()  # stage 0 is this process: set it up as a worker is
     try:
         if settings.baseline:
             if settings.pin:
@@ -417,6 +421,7 @@ def run_bench(settings: PipelineBenchSettings, say=print) -> PipelineBenchResult
     finally:
         pin_process(os.getpid(), mask)
         torch.set_num_threads(threads)
+        sys.setswitchinterval(switch_interval)
     return result
 
 

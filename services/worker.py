@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from splitserve.services.server import (
     CHANNEL_OPTIONS,
     ServiceServer,
     configure_logging,
+    fast_gil_handoff,
     install_uvloop,
 )
 from splitserve.services.tracing import init_tracing, inject_metadata
@@ -427,19 +427,13 @@ class RouterRegistration:
             self._channel = None
 
 
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
 def run_worker(
     args: argparse.Namespace, role: str, service_names: Sequence[str], build: Build
 ) -> int:
     configure_logging(role, args.log_level)
     init_tracing(role)
     install_uvloop()
-    # The engine thread gives up the GIL at every torch op and needs it back to issue the next;
-    # with the default 5 ms switch interval a busy gRPC thread can make it wait that long each
-    # time, hundreds of times a step.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    fast_gil_handoff()
     try:
         asyncio.run(serve_worker(args, role, service_names, build))
     except (OSError, ValueError) as exc:  # a port in use, a model that won't load

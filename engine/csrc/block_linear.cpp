@@ -261,9 +261,14 @@ bool has_openmp() {
 #endif
 }
 
+// The kernels touch only tensors, so they let go of the GIL: a worker's gRPC threads (and a
+// pipeline stage's event loop) then run while a step computes, instead of waiting for the
+// interpreter's switch interval between two calls.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("block_linear", &block_linear, "y = x W^T with W in Q4_1/Q8_0 tiles (float32 math)");
-  m.def("block_dequantize", &block_dequantize, "the packed weight as dense float32 (N, K)");
+  m.def("block_linear", &block_linear, "y = x W^T with W in Q4_1/Q8_0 tiles (float32 math)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("block_dequantize", &block_dequantize, "the packed weight as dense float32 (N, K)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &has_avx512, "whether the kernel was built with AVX-512");
   m.def("has_openmp", &has_openmp, "whether the kernel was built with OpenMP (threads)");
 }

@@ -169,6 +169,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Tensors only, so the GIL is released (block_linear.cpp says why).
   m.def("paged_decode_attention", &paged_decode_attention,
-        "Paged decode attention over a block pool (CPU)");
+        "Paged decode attention over a block pool (CPU)",
+        py::call_guard<py::gil_scoped_release>());
 }

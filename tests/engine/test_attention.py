@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from gil_probe import ticks_during
 
 from splitserve.engine.attention import AttentionMetadata, torch_decode, torch_paged_attention
 from splitserve.engine.cpu_attention import cpp_decode, load_kernel, select_backend
@@ -77,6 +78,12 @@ def test_cpp_decode_any_split_over_threads(threads, lens, heads, kv_heads):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_decode_lets_go_of_the_gil():
+    assert load_kernel() is not None
+    q, kc, vc, meta, _, _ = _decode_case(torch.float32, 32, 9, 3, 64, 16, 2048, (900,) * 32)
+    assert ticks_during(lambda: cpp_decode(q, kc, vc, meta, 0.125)) > 0
 
 
 def test_prefill_with_cached_prefix_matches_dense():

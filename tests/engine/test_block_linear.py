@@ -8,6 +8,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
+from gil_probe import ticks_during
 from test_cpu_linear import TINY as CPU_TINY
 from torch import nn
 
@@ -84,6 +85,18 @@ def test_the_kernel_rejects_a_mismatched_packing():
         bl.load_kernel().block_linear(torch.zeros(2, 96), packed, bl.Q4_1, 32)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         bl.load_kernel().block_linear(torch.zeros(2, 48), packed, bl.Q4_1, 32)
+
+
+def test_the_kernel_lets_go_of_the_gil():
+    """A worker's gRPC threads (a stage's event loop) run while a step computes."""
+    w = gguf_weight(512, 2048, Q.Q4_1)
+    packed, x = bl.pack(bl.Q4_1, w), torch.randn(256, 2048)
+    kernel = bl.load_kernel()
+    kernel.block_linear(x, packed, bl.Q4_1, 512)  # warm
+    assert ticks_during(lambda: kernel.block_linear(x, packed, bl.Q4_1, 512)) > 0
+    dequantize = lambda: [kernel.block_dequantize(packed, bl.Q4_1, 512, 2048) for _ in range(20)]  # noqa: E731
+    assert ticks_during(dequantize) > 0
+    assert ticks_during(lambda: sum(range(10**6))) == 0  # the probe itself can tell
 
 
 # test_cpu_linear's tiny model, wide enough for 32-input blocks
