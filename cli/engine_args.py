@@ -46,6 +46,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=1,
         help="tensor-parallel ranks per worker, one process each (default: %(default)s)",
     )
+    g.add_argument(
+        "--tensor-parallel-timeout-s",
+        type=float,
+        default=None,
+        help="a rank that doesn't finish a collective or KV move in this long fails the worker's "
+        "requests (UNAVAILABLE); default: $SPLITSERVE_TP_TIMEOUT_S, else 60",
+    )
+    g.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda / cuda:N: the engine on that GPU, tensor-parallel rank r on cuda:N+r "
+        "over NCCL (default: %(default)s)",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     g.add_argument(
         "--attention-backend",
@@ -103,6 +116,11 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
 
     if args.kv_cache_mib <= 0:
         raise ValueError("--kv-cache-mib must be positive")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is visible to torch here")
     fields = dict(
         model=args.model,
         dtype=args.dtype,
@@ -114,7 +132,9 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         num_threads=args.threads,
         attention_backend=args.attention_backend,
         linear_backend=args.linear_backend,
+        device=args.device,
         tensor_parallel_size=args.tensor_parallel_size,
+        tensor_parallel_timeout_s=args.tensor_parallel_timeout_s,
         pipeline_stages=args.pipeline_stages,
         pipeline_layers=_int_list(args.pipeline_layers, "--pipeline-layers"),
         micro_batches=args.micro_batches,

@@ -157,6 +157,9 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     tensor_parallel_size: int = 1  # ranks in this worker's torch.distributed group
+    # a rank that doesn't finish a collective or KV move by then fails the group; None:
+    # $SPLITSERVE_TP_TIMEOUT_S, else 60 s
+    tensor_parallel_timeout_s: float | None = None
     pipeline_stages: int = 1  # processes the layers are split across
     pipeline_layers: tuple[int, ...] | None = None  # layers per stage; None = balanced
     micro_batches: int = 1  # a step is cut into this many micro-batches under PP
@@ -173,3 +176,14 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if self.tensor_parallel_size < 1 or self.pipeline_stages < 1 or self.micro_batches < 1:
             raise ValueError("tensor_parallel_size, pipeline_stages and micro_batches must be >= 1")
+        for name in ("tensor_parallel_timeout_s", "pipeline_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds; got {value}")
+        device = self.device.split(":")
+        if (
+            device[0] not in ("cpu", "cuda")
+            or len(device) > 2
+            or (len(device) == 2 and not (device[0] == "cuda" and device[1].isdigit()))
+        ):
+            raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")

@@ -63,7 +63,8 @@ log = logging.getLogger("splitserve")
 STEP, READ_KV, WRITE_KV, SHUTDOWN = range(4)
 HEADER_LEN = 4  # [command, a, b, c]
 
-# Defaults, overridden by the environment (read when a group starts) or the constructor.
+# Defaults, overridden by the environment (read when a group starts), then by the engine config
+# (--tensor-parallel-timeout-s) and the constructor.
 STEP_TIMEOUT_S = 60.0  # any one collective, KV transfer or command send
 STARTUP_TIMEOUT_S = 600.0  # every rank loaded and joined
 IDLE_TIMEOUT = datetime.timedelta(days=36500)  # a child waiting for the next command
@@ -273,7 +274,11 @@ class TPExecutor:
         self.dtype = parse_dtype(engine_cfg.dtype)
         self.num_blocks = num_blocks
         self.block_size = engine_cfg.block_size
-        step_s = timeout_s or _env_seconds("SPLITSERVE_TP_TIMEOUT_S", STEP_TIMEOUT_S)
+        step_s = (
+            timeout_s
+            or engine_cfg.tensor_parallel_timeout_s
+            or _env_seconds("SPLITSERVE_TP_TIMEOUT_S", STEP_TIMEOUT_S)
+        )
         self.timeout = datetime.timedelta(seconds=step_s)
         self._startup_s = startup = startup_timeout_s or _env_seconds(
             "SPLITSERVE_TP_STARTUP_TIMEOUT_S", STARTUP_TIMEOUT_S

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -28,6 +29,16 @@ def test_generate_streams_a_greedy_answer(smollm2_checkpoint, hf_reference):
         (["--temperature", "-1"], "temperature"),
         (["--top-p", "0"], "top_p"),
         (["--max-tokens", "0"], "max_tokens"),
+        (["--device", "gpu"], "device must be cpu, cuda or cuda:N"),
+        pytest.param(
+            ["--device", "cuda"],
+            "no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this one has a GPU"),
+        ),
+        (
+            ["--tensor-parallel-timeout-s", "0"],
+            "tensor_parallel_timeout_s must be a positive number",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message):

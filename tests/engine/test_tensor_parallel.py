@@ -349,9 +349,15 @@ def test_a_rank_dying_mid_step_fails_that_step(
     assert calls == 1 and time.monotonic() - start < 10
 
 
-def test_a_hung_rank_fails_the_step_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPLITSERVE_TP_TIMEOUT_S", "2")
-    engine = LLMEngine.random(SMALL, EngineConfig(**ENGINE, tensor_parallel_size=2))
+@pytest.mark.parametrize("via", ["env", "config"])
+def test_a_hung_rank_fails_the_step_after_the_timeout(monkeypatch: pytest.MonkeyPatch, via) -> None:
+    extra = {}
+    if via == "env":
+        monkeypatch.setenv("SPLITSERVE_TP_TIMEOUT_S", "2")
+    else:  # --tensor-parallel-timeout-s; it wins over the environment
+        monkeypatch.setenv("SPLITSERVE_TP_TIMEOUT_S", "300")
+        extra["tensor_parallel_timeout_s"] = 2.0
+    engine = LLMEngine.random(SMALL, EngineConfig(**ENGINE, tensor_parallel_size=2, **extra))
     (pid,) = child_pids(engine)
     try:
         engine.generate([[5, 6, 7]], GREEDY)
