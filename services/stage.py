@@ -125,7 +125,10 @@ class StageRuntime:
                 micro_batch_id=req.micro_batch_id, logits=tensor_message(out)
             )
         return pb.StageForwardRequest(
-            micro_batch_id=req.micro_batch_id, step_wire=req.step_wire, hidden=tensor_message(out)
+            micro_batch_id=req.micro_batch_id,
+            step_wire=req.step_wire,
+            hidden=tensor_message(out),
+            results_stream=req.results_stream,
         )
 
     def read_kv(self, block_ids: list[int]) -> list[pb.KVChunk]:
@@ -173,6 +176,8 @@ class StageServicer(rpc.StageServicer):
         self.next_address = ""
         self._next_channel: grpc.aio.Channel | None = None
         self.broken = ""  # why this stage can't serve any more, once it can't
+        # Last stage: the open Results streams, by id; None in a queue ends its stream.
+        self._results: dict[str, asyncio.Queue] = {}
 
     async def _on_compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
@@ -210,14 +215,28 @@ class StageServicer(rpc.StageServicer):
         async def read() -> None:
             async for req in request_iterator:
                 # Submitted at once, so the compute thread takes them in arrival order.
-                await pending.put(loop.run_in_executor(self.compute, self.rt.forward, req))
+                fut = loop.run_in_executor(self.compute, self.rt.forward, req)
+                await pending.put((req.results_stream, fut))
             await pending.put(None)
 
         reader = asyncio.create_task(read())
+        named: set[str] = set()  # Results streams this Forward answered on
         try:
             if self.rt.is_last:
-                while (fut := await pending.get()) is not None:
-                    yield await fut
+                while (item := await pending.get()) is not None:
+                    results_id, fut = item
+                    resp = await fut
+                    if not results_id:
+                        yield resp
+                        continue
+                    outlet = self._results.get(results_id)
+                    if outlet is None:
+                        await context.abort(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            f"no Results stream {results_id!r} is open on this stage",
+                        )
+                    named.add(results_id)
+                    outlet.put_nowait(resp)
             else:
                 async for resp in self._relay(pending, context):
                     yield resp
@@ -234,6 +253,29 @@ class StageServicer(rpc.StageServicer):
         finally:
             reader.cancel()
             _retrieved(reader)
+            for results_id in named:  # their answers are all in: end those streams
+                if (outlet := self._results.get(results_id)) is not None:
+                    outlet.put_nowait(None)
+
+    async def Results(self, request, context) -> AsyncIterator[pb.StageForwardResponse]:
+        if not self.rt.is_last:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "only the last stage answers on Results"
+            )
+        results_id = request.stream_id
+        if not results_id or len(results_id) > 128 or results_id in self._results:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "stream_id must be 1-128 characters and not already open",
+            )
+        outlet: asyncio.Queue = asyncio.Queue()
+        self._results[results_id] = outlet
+        try:
+            yield pb.StageForwardResponse()  # open: micro-batches may name it now
+            while (resp := await outlet.get()) is not None:
+                yield resp
+        finally:
+            self._results.pop(results_id, None)
 
     async def _relay(self, pending: asyncio.Queue, context) -> AsyncIterator:
         """Send each computed micro-batch down the chain; yield what comes back."""
@@ -243,8 +285,8 @@ class StageServicer(rpc.StageServicer):
 
         async def send() -> None:
             try:
-                while (fut := await pending.get()) is not None:
-                    msg = await fut
+                while (item := await pending.get()) is not None:
+                    msg = await item[1]
                     try:
                         await call.write(msg)
                     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):

@@ -10,6 +10,7 @@ micro-batches. The stages are child processes of this test (one torch thread eac
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -19,6 +20,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
 import torch
 
@@ -26,7 +28,10 @@ from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.pipeline import PipelineError, PipelineExecutor, StageUnavailableError
+from splitserve.engine.pipeline_codec import tensor_message, wire_bytes
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.step_wire import StepWire
+from splitserve.v1 import pb, rpc
 
 TINY = ModelConfig("llama", 301, 64, 96, 4, 4, 2, 16, 256, 1e-5, 1e4, name="tiny")
 # Small token budget: long prompts are prefilled in chunks next to running decodes. Small
@@ -261,6 +266,73 @@ def test_external_stages_are_checked_and_used(tiny_model_dir, external_stage):
     )
     with pytest.raises(PipelineError, match=r"first_layer.*num_blocks"):
         LLMEngine.from_config(bad)
+
+
+def _micro_batch(hidden_size: int, results_stream: str = "", **change) -> pb.StageForwardRequest:
+    """One decode token of one sequence in KV block 0, as stage 0 would send it."""
+    wire = StepWire([1], [0], [0], [1], [[change.get("block", 0)]], [0])
+    hidden = torch.zeros(change.get("rows", 1), hidden_size)
+    return pb.StageForwardRequest(
+        step_wire=wire_bytes(wire), hidden=tensor_message(hidden), results_stream=results_stream
+    )
+
+
+def _tiny_dims(tiny_model_dir: str) -> tuple[int, int]:
+    with open(os.path.join(tiny_model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg["hidden_size"], cfg["vocab_size"]
+
+
+def test_the_last_stage_answers_on_a_results_stream(tiny_model_dir, external_stage):
+    hidden, vocab = _tiny_dims(tiny_model_dir)
+    with grpc.insecure_channel(external_stage) as channel:
+        stub = rpc.StageStub(channel)
+        results = stub.Results(pb.StageResultsRequest(stream_id="r1"), timeout=60)
+        assert not next(results).HasField("logits")  # open: micro-batches may name it
+        forward = stub.Forward(iter([_micro_batch(hidden, "r1")]), timeout=60)
+        assert list(forward) == []  # nothing comes back along the chain...
+        (answer,) = list(results)  # ...the answer came here, and this stream ended with it
+        assert tuple(answer.logits.shape) == (1, vocab) and answer.logits.dtype == "float32"
+
+
+def test_bad_stage_requests_get_clear_statuses(tiny_model_dir, external_stage):
+    hidden, _ = _tiny_dims(tiny_model_dir)
+    bad = {
+        "a Results stream without an id": lambda stub: stub.Results(pb.StageResultsRequest()),
+        "a micro-batch naming no open stream": lambda stub: stub.Forward(
+            iter([_micro_batch(hidden, "never-opened")])
+        ),
+        "a block outside the pool": lambda stub: stub.Forward(
+            iter([_micro_batch(hidden, block=10_000)])
+        ),
+        "hidden states of the wrong shape": lambda stub: stub.Forward(
+            iter([_micro_batch(hidden, rows=3)])
+        ),
+    }
+    codes = {}
+    with grpc.insecure_channel(external_stage) as channel:
+        stub = rpc.StageStub(channel)
+        for what, call in bad.items():
+            with pytest.raises(grpc.RpcError) as err:
+                list(call(stub))
+            codes[what] = err.value.code()
+        # An id already open is refused; the open stream is not disturbed.
+        first = stub.Results(pb.StageResultsRequest(stream_id="twice"), timeout=60)
+        next(first)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Results(pb.StageResultsRequest(stream_id="twice"), timeout=10))
+        codes["an id already open"] = err.value.code()
+        first.cancel()
+        # ...and the stage still serves.
+        assert len(list(stub.Forward(iter([_micro_batch(hidden)]), timeout=60))) == 1
+    invalid, precondition = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
+    assert codes == {
+        "a Results stream without an id": invalid,
+        "a micro-batch naming no open stream": precondition,
+        "a block outside the pool": invalid,
+        "hidden states of the wrong shape": invalid,
+        "an id already open": invalid,
+    }
 
 
 # ---- the real model -------------------------------------------------------------------------
