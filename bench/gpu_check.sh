@@ -19,6 +19,9 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
 PY
 SPLITSERVE_GPU_TESTS=1 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu
+# The CLI on the GPU: --device cuda, end to end, one greedy answer.
+timeout 120 python3 -m splitserve generate --device cuda --max-tokens 16 \
+  "What is the capital of France?"
 timeout 180 python3 - <<'PY'
 """32 requests x 128 greedy tokens: our engine (continuous batching) vs transformers' generate
 (one static batch of 32, padded), same weights, same GPU, fp16 and bf16."""
