@@ -69,6 +69,9 @@ DEFAULT_PORT = 50070
 PARENT_POLL_S = 0.5
 EXIT_AFTER_PARENT_S = 15.0  # hard exit if an orderly stop takes longer once the parent is gone
 _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Results streams open at once on a last stage: a worker holds one (a new one after a failure,
+# once the old one is cancelled), so this only stops a misbehaving client.
+MAX_RESULTS_STREAMS = 16
 
 
 @dataclass
@@ -221,6 +224,7 @@ class StageServicer(rpc.StageServicer):
 
         reader = asyncio.create_task(read())
         named: set[str] = set()  # Results streams this Forward answered on
+        ended_well = False
         try:
             if self.rt.is_last:
                 while (item := await pending.get()) is not None:
@@ -241,6 +245,7 @@ class StageServicer(rpc.StageServicer):
                 async for resp in self._relay(pending, context):
                     yield resp
             await reader
+            ended_well = True
         except (ValueError, KVCodecError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad micro-batch: {e}")
         except grpc.aio.AbortError:
@@ -253,7 +258,9 @@ class StageServicer(rpc.StageServicer):
         finally:
             reader.cancel()
             _retrieved(reader)
-            for results_id in named:  # their answers are all in: end those streams
+            # Every answer is in: end those streams. After an error they stay open, so the
+            # first stage learns why from this Forward's status, then cancels them itself.
+            for results_id in named if ended_well else ():
                 if (outlet := self._results.get(results_id)) is not None:
                     outlet.put_nowait(None)
 
@@ -267,6 +274,11 @@ class StageServicer(rpc.StageServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "stream_id must be 1-128 characters and not already open",
+            )
+        if len(self._results) >= MAX_RESULTS_STREAMS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_RESULTS_STREAMS} Results streams are open on this stage already",
             )
         outlet: asyncio.Queue = asyncio.Queue()
         self._results[results_id] = outlet

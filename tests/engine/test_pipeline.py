@@ -31,6 +31,7 @@ from splitserve.engine.pipeline import PipelineError, PipelineExecutor, StageUna
 from splitserve.engine.pipeline_codec import tensor_message, wire_bytes
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.step_wire import StepWire
+from splitserve.services.stage import MAX_RESULTS_STREAMS
 from splitserve.v1 import pb, rpc
 
 TINY = ModelConfig("llama", 301, 64, 96, 4, 4, 2, 16, 256, 1e-5, 1e4, name="tiny")
@@ -283,6 +284,20 @@ def _tiny_dims(tiny_model_dir: str) -> tuple[int, int]:
     return cfg["hidden_size"], cfg["vocab_size"]
 
 
+def _open_results(stub: rpc.StageStub, stream_id: str):
+    """An open Results stream, once the stage has let go of streams cancelled just before."""
+    deadline = time.monotonic() + 10
+    while True:
+        stream = stub.Results(pb.StageResultsRequest(stream_id=stream_id), timeout=60)
+        try:
+            next(stream)
+            return stream
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+            assert time.monotonic() < deadline, "cancelled Results streams stay open"
+            time.sleep(0.1)
+
+
 def test_the_last_stage_answers_on_a_results_stream(tiny_model_dir, external_stage):
     hidden, vocab = _tiny_dims(tiny_model_dir)
     with grpc.insecure_channel(external_stage) as channel:
@@ -323,8 +338,16 @@ def test_bad_stage_requests_get_clear_statuses(tiny_model_dir, external_stage):
             list(stub.Results(pb.StageResultsRequest(stream_id="twice"), timeout=10))
         codes["an id already open"] = err.value.code()
         first.cancel()
+        # Only so many Results streams may be open at once.
+        streams = [_open_results(stub, f"many-{i}") for i in range(MAX_RESULTS_STREAMS)]
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Results(pb.StageResultsRequest(stream_id="one-too-many"), timeout=10))
+        codes["one stream too many"] = err.value.code()
+        for stream in streams:
+            stream.cancel()
         # ...and the stage still serves.
         assert len(list(stub.Forward(iter([_micro_batch(hidden)]), timeout=60))) == 1
+        _open_results(stub, "again").cancel()  # the cancelled streams were let go of
     invalid, precondition = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
     assert codes == {
         "a Results stream without an id": invalid,
@@ -332,6 +355,7 @@ def test_bad_stage_requests_get_clear_statuses(tiny_model_dir, external_stage):
         "a block outside the pool": invalid,
         "hidden states of the wrong shape": invalid,
         "an id already open": invalid,
+        "one stream too many": grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 
 
