@@ -197,6 +197,30 @@ class BlockLinear(nn.Module):
         )
 
 
+class BlockEmbedding(nn.Module):
+    """An embedding table kept in Q4_1 or Q8_0 tiles: a lookup dequantizes only the rows it
+    asks for, to exactly the float32 values the dense table held. An embedding tied to an LM
+    head that went to blocks shares the head's tiles, so the dense table (113 MB for
+    SmolLM2's 49152 x 576) is gone instead of kept beside them."""
+
+    def __init__(self, num: int, dim: int, fmt: int, packed: torch.Tensor, shared: bool) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.fmt = num, dim, fmt
+        self.register_buffer("packed", packed, persistent=False)
+        self.weight_bytes = 0 if shared else packed.numel()  # a shared one is the head's
+        self._kernel = load_kernel()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.int64)
+        rows = self._kernel.block_rows(
+            self.packed, self.fmt, self.num_embeddings, self.embedding_dim, flat
+        )
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {FORMAT_NAMES[self.fmt]}"
+
+
 def to_blocks(linear: nn.Linear) -> BlockLinear | None:
     """A BlockLinear for `linear` if its weight re-encodes exactly as Q4_1 or Q8_0."""
     w = linear.weight.detach()
@@ -207,19 +231,37 @@ def to_blocks(linear: nn.Linear) -> BlockLinear | None:
     return None
 
 
-def block_linears(model: nn.Module) -> int:
-    """Swap every nn.Linear below `model` whose weight re-encodes exactly for a BlockLinear;
-    returns how many were swapped. The others stay as they are."""
-    swaps = [
+def _children_of_type(model: nn.Module, kind: type) -> list[tuple[nn.Module, str, nn.Module]]:
+    return [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear
+        if type(child) is kind
     ]
+
+
+def block_linears(model: nn.Module) -> int:
+    """Swap every nn.Linear below `model` whose weight re-encodes exactly for a BlockLinear;
+    returns how many were swapped. The others stay as they are. Embeddings go to blocks too
+    (`BlockEmbedding`): one tied to a swapped head shares its tiles, another is packed if
+    its table re-encodes exactly."""
     done = 0
-    for parent, name, child in swaps:
+    by_weight: dict[int, BlockLinear] = {}  # id of the dense weight a BlockLinear replaced
+    for parent, name, child in _children_of_type(model, nn.Linear):
         block = to_blocks(child)
         if block is not None:
+            by_weight[id(child.weight)] = block
             setattr(parent, name, block)
             done += 1
+    for parent, name, child in _children_of_type(model, nn.Embedding):
+        num, dim = child.num_embeddings, child.embedding_dim
+        head = by_weight.get(id(child.weight))
+        if head is not None:
+            setattr(parent, name, BlockEmbedding(num, dim, head.fmt, head.packed, shared=True))
+            continue
+        for fmt in (Q4_1, Q8_0):
+            packed = pack(fmt, child.weight.detach())
+            if packed is not None:
+                setattr(parent, name, BlockEmbedding(num, dim, fmt, packed, shared=False))
+                break
     return done

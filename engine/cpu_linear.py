@@ -9,7 +9,8 @@ float32 (or bfloat16) matmuls, not reduced precision: only the order of the addi
 
 `pack_linears` swaps every `nn.Linear` of a loaded model for a `PackedLinear` holding the
 packed weight and drops the dense one, so memory does not grow, except for a tied LM head:
-the embedding keeps the dense table for its lookups and the head gets a packed copy.
+the embedding keeps the dense table for its lookups and the head gets a packed copy (under
+'blocks' the embedding looks its rows up in the head's tiles instead, and the table goes).
 'auto' packs when the device is the CPU and this torch build has the oneDNN ops; 'torch'
 never packs; 'onednn' packs or fails. 'blocks' and 'auto' first keep every weight that came
 from a Q4_1/Q8_0 checkpoint in those blocks (engine/block_linear.py), then pack the rest.
@@ -116,7 +117,9 @@ def prepare_linears(model: nn.Module, backend: str, device: torch.device, dtype)
     packed = pack_linears(model) if use_onednn(backend, device, dtype) else 0
     if backend == "blocks" and not blocks:
         log.warning("--linear-backend blocks: no weight re-encodes exactly as Q4_1/Q8_0")
-    return f"{blocks} linears in Q4_1/Q8_0 blocks, {packed} packed for oneDNN"
+    embeds = sum(isinstance(m, block_linear.BlockEmbedding) for m in model.modules())
+    in_blocks = f" and {embeds} embedding" if embeds else ""
+    return f"{blocks} linears{in_blocks} in Q4_1/Q8_0 blocks, {packed} packed for oneDNN"
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -134,7 +137,7 @@ def pack_linears(model: nn.Module) -> int:
 
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of weights the packed layers hold (their dense parameters are gone)."""
-    kinds = (PackedLinear, block_linear.BlockLinear)
+    kinds = (PackedLinear, block_linear.BlockLinear, block_linear.BlockEmbedding)
     return sum(m.weight_bytes for m in model.modules() if isinstance(m, kinds))
 
 

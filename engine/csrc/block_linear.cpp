@@ -243,6 +243,32 @@ torch::Tensor block_dequantize(torch::Tensor packed, int64_t fmt, int64_t n, int
   return out;
 }
 
+// Rows `ids` of the dense float32 weight, (len(ids), K): an embedding lookup straight from the
+// tiles. Each row comes out of the same dequantization as block_dequantize, so it is exact.
+torch::Tensor block_rows(torch::Tensor packed, int64_t fmt, int64_t n, int64_t k, torch::Tensor ids) {
+  check_packed(packed, fmt, n, k);
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1, "block_rows: ids must be 1-D int64");
+  const auto idc = ids.contiguous();
+  const int64_t m = idc.numel(), nblk = k / kBlock, tbytes = tile_bytes(fmt);
+  const int64_t* ip = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "block_rows: id ", ip[i], " outside 0..", n - 1);
+  auto out = torch::empty({m, k}, torch::dtype(torch::kFloat32));
+  float* op = out.data_ptr<float>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(kBlock * kTile);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = ip[i] / kTile, c = ip[i] % kTile;
+      for (int64_t b = 0; b < nblk; ++b) {
+        dequant_tile(wp + (t * nblk + b) * tbytes, fmt, tmp.data(), kTile);
+        for (int r = 0; r < kBlock; ++r) op[i * k + b * kBlock + r] = tmp[r * kTile + c];
+      }
+    }
+  });
+  return out;
+}
+
 bool has_avx512() {
 #if defined(__AVX512F__)
   return true;
@@ -268,6 +294,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_linear", &block_linear, "y = x W^T with W in Q4_1/Q8_0 tiles (float32 math)",
         py::call_guard<py::gil_scoped_release>());
   m.def("block_dequantize", &block_dequantize, "the packed weight as dense float32 (N, K)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("block_rows", &block_rows, "rows of the packed weight as dense float32 (a lookup)",
         py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &has_avx512, "whether the kernel was built with AVX-512");
   m.def("has_openmp", &has_openmp, "whether the kernel was built with OpenMP (threads)");

@@ -114,17 +114,41 @@ def gguf_like_model() -> LlamaModel:
     return model
 
 
-def test_block_linears_swap_every_linear_and_keep_the_tied_embedding():
+def test_block_linears_swap_every_linear_and_the_tied_embedding_shares_the_head():
     model = gguf_like_model()
-    ids = torch.tensor([3, 50, 7, 95])
+    ids = torch.tensor([[3, 50], [7, TINY.vocab_size - 1]])
     with torch.inference_mode():
         hidden = model.embed(ids)
         want = model.compute_logits(hidden)
         assert bl.block_linears(model) == 2 * 4 + 1
-        assert not any(type(m) is nn.Linear for m in model.modules())
+        assert not any(type(m) in (nn.Linear, nn.Embedding) for m in model.modules())
         assert model.lm_head.fmt == bl.Q8_0 and model.layers[0].mlp.down_proj.fmt == bl.Q4_1
-        torch.testing.assert_close(model.embed(ids), hidden)  # the dense table is still there
+        embed = model.embed_tokens
+        assert isinstance(embed, bl.BlockEmbedding) and embed.packed is model.lm_head.packed
+        assert embed.weight_bytes == 0  # the head's tiles, counted once
+        assert not any(p.shape[0] == TINY.vocab_size for p in model.parameters())  # table gone
+        assert torch.equal(model.embed(ids), hidden)  # the same float32 rows, exactly
         torch.testing.assert_close(model.compute_logits(hidden), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qtype,fmt", [(Q.Q4_1, bl.Q4_1), (Q.Q8_0, bl.Q8_0)])
+def test_block_rows_are_the_dense_rows(qtype, fmt):
+    w = gguf_weight(40, 96, qtype)  # 40 rows: the last tile is part padding
+    packed, kernel = bl.pack(fmt, w), bl.load_kernel()
+    ids = torch.tensor([39, 0, 17, 16, 15, 39])
+    assert torch.equal(kernel.block_rows(packed, fmt, 40, 96, ids), w[ids])
+    assert kernel.block_rows(packed, fmt, 40, 96, ids[:0]).shape == (0, 96)
+    with pytest.raises(RuntimeError, match="outside"):
+        kernel.block_rows(packed, fmt, 40, 96, torch.tensor([40]))
+    with pytest.raises(RuntimeError, match="outside"):
+        kernel.block_rows(packed, fmt, 40, 96, torch.tensor([-1]))
+    # An untied table that re-encodes exactly goes to blocks on its own.
+    emb = nn.Embedding(40, 96)
+    emb.weight.data = w
+    model = nn.Sequential(emb)
+    assert bl.block_linears(model) == 0
+    assert isinstance(model[0], bl.BlockEmbedding) and model[0].weight_bytes == packed.numel()
+    assert torch.equal(model[0](ids.view(2, 3)), w[ids].view(2, 3, 96))
 
 
 def test_shard_uses_blocks_where_exact_and_onednn_elsewhere(caplog):
@@ -138,7 +162,7 @@ def test_shard_uses_blocks_where_exact_and_onednn_elsewhere(caplog):
     shard = ModelShard(TINY, ecfg, ShardSpec(), 8, tensors)
     kinds = [type(m) for m in shard.model.modules()]
     assert kinds.count(bl.BlockLinear) == 8 and kinds.count(PackedLinear) == 1
-    assert shard.linears == "8 linears in Q4_1/Q8_0 blocks, 1 packed for oneDNN"
+    assert shard.linears == "8 linears and 1 embedding in Q4_1/Q8_0 blocks, 1 packed for oneDNN"
     dense = ModelShard(
         TINY,
         EngineConfig(num_kv_blocks=8, block_size=4, linear_backend="torch"),
@@ -158,7 +182,7 @@ def test_blocks_on_tensor_parallel_shards():
     ecfg = EngineConfig(num_kv_blocks=8, block_size=4, linear_backend="blocks")
     tensors = list(gguf_like_model().hf_tensors())
     shard = ModelShard(TINY, ecfg, ShardSpec(tp_rank=1, tp_size=2), 8, tensors)
-    assert shard.linears.startswith("9 linears in Q4_1/Q8_0 blocks")
+    assert shard.linears.startswith("9 linears and 1 embedding in Q4_1/Q8_0 blocks")
 
 
 def test_backend_choice():

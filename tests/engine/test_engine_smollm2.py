@@ -88,7 +88,9 @@ def test_each_linear_backend(smollm2_checkpoint, prompts, references, linear):
     engine = engine_for(smollm2_checkpoint, linear_backend=linear)
     shard = engine.runner.executor.shard
     if linear == "blocks":
-        assert shard.linears == "121 linears in Q4_1/Q8_0 blocks, 0 packed for oneDNN"
+        assert (
+            shard.linears == "121 linears and 1 embedding in Q4_1/Q8_0 blocks, 0 packed for oneDNN"
+        )
     else:
         assert shard.linears == "0 linears in Q4_1/Q8_0 blocks, 121 packed for oneDNN"
     assert_matches(engine.generate(prompts, PARAMS), references)
