@@ -231,7 +231,9 @@ def to_blocks(linear: nn.Linear) -> BlockLinear | None:
     return None
 
 
-def _children_of_type(model: nn.Module, kind: type) -> list[tuple[nn.Module, str, nn.Module]]:
+def children_of_type(model: nn.Module, kind: type) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, child) for every module of exactly `kind` below `model`, listed
+    before any is swapped."""
     return [
         (parent, name, child)
         for parent in model.modules()
@@ -247,13 +249,13 @@ def block_linears(model: nn.Module) -> int:
     its table re-encodes exactly."""
     done = 0
     by_weight: dict[int, BlockLinear] = {}  # id of the dense weight a BlockLinear replaced
-    for parent, name, child in _children_of_type(model, nn.Linear):
+    for parent, name, child in children_of_type(model, nn.Linear):
         block = to_blocks(child)
         if block is not None:
             by_weight[id(child.weight)] = block
             setattr(parent, name, block)
             done += 1
-    for parent, name, child in _children_of_type(model, nn.Embedding):
+    for parent, name, child in children_of_type(model, nn.Embedding):
         num, dim = child.num_embeddings, child.embedding_dim
         head = by_weight.get(id(child.weight))
         if head is not None:

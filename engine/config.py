@@ -7,6 +7,7 @@ the same dict by the loader), so every architecture variant is one code path.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,10 +181,5 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds; got {value}")
-        device = self.device.split(":")
-        if (
-            device[0] not in ("cpu", "cuda")
-            or len(device) > 2
-            or (len(device) == 2 and not (device[0] == "cuda" and device[1].isdigit()))
-        ):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")

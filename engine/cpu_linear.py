@@ -124,12 +124,7 @@ def prepare_linears(model: nn.Module, backend: str, device: torch.device, dtype)
 
 def pack_linears(model: nn.Module) -> int:
     """Replace every nn.Linear below `model` by a PackedLinear; returns how many."""
-    swaps = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear
-    ]
+    swaps = block_linear.children_of_type(model, nn.Linear)
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child))
     return len(swaps)
