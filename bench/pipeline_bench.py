@@ -44,6 +44,7 @@ TARGET = 0.85
 class PipelineBenchSettings:
     stages: tuple[int, ...] = (2, 4)
     micro_batches: tuple[int, ...] = (1, 2, 4, 8)
+    schedules: tuple[str, ...] = ("overlap", "step")  # the engine's --pipeline-schedule
     layers: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (P, counts) given by hand
     batch: int = 32
     prompt_tokens: int = 16
@@ -60,6 +61,10 @@ class PipelineBenchSettings:
     def __post_init__(self) -> None:
         if min(self.stages) < 2 or min(self.micro_batches) < 1:
             raise ValueError("--stages must be >= 2 and --micro-batches >= 1")
+        from splitserve.engine.config import PIPELINE_SCHEDULES
+
+        if not self.schedules or not set(self.schedules) <= set(PIPELINE_SCHEDULES):
+            raise ValueError(f"--schedules: one or more of {', '.join(PIPELINE_SCHEDULES)}")
         if min(self.batch, self.prompt_tokens, self.steps, self.threads, self.repeats) < 1:
             raise ValueError("--batch, --prompt-tokens, --steps, --repeats, --threads: >= 1")
 
@@ -81,6 +86,12 @@ def add_parser(bsub: Any) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--stages", default="2,4", help="pipeline stage counts (default: %(default)s)")
     p.add_argument("--micro-batches", default="1,2,4,8", help="micro-batch counts (%(default)s)")
+    p.add_argument(
+        "--schedules",
+        default="overlap,step",
+        help="the engine's --pipeline-schedule values to measure; the first one is the target's "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--layers",
         action="append",
@@ -131,6 +142,7 @@ def settings_from_args(args: argparse.Namespace) -> PipelineBenchSettings:
     return PipelineBenchSettings(
         stages=tuple(int(x) for x in args.stages.split(",")),
         micro_batches=tuple(int(x) for x in args.micro_batches.split(",")),
+        schedules=tuple(args.schedules.split(",")),
         batch=args.batch,
         prompt_tokens=args.prompt_tokens,
         warmup_steps=args.warmup_steps,
@@ -186,8 +198,11 @@ def split_by_cost(num_layers: int, stages: int, per_layer: float, head: float) -
     return counts(min(range(1, num_layers - stages + 2), key=key))
 
 
-def ideal(m: int, p: int) -> float:
-    return m / (m + p - 1)
+def ideal(m: int, p: int, schedule: str = "step") -> float:
+    """A stage's busy fraction when all P stages take equal time and nothing else does.
+    step: a step lasts M + P - 1 micro-batch times and a stage works M of them. overlap: M
+    groups circulate through the P stages, so with M >= P a stage always has one to run."""
+    return min(1.0, m / p) if schedule == "overlap" else m / (m + p - 1)
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -202,6 +217,7 @@ class Run:
     busy: list[float]  # per stage: busy seconds / wall seconds
     cpu: list[float]  # per stage: CPU seconds of its forwards / wall seconds
     others_cpu: float  # of the machine's capacity, taken by other processes meanwhile
+    schedule: str = "step"
 
     @property
     def counts(self) -> list[int]:
@@ -210,7 +226,12 @@ class Run:
 
     @property
     def ideal(self) -> float:
-        return ideal(self.micro_batches, self.stages)
+        return ideal(self.micro_batches, self.stages, self.schedule)
+
+    @property
+    def busy_vs_step_ideal(self) -> list[float]:
+        """Busy over the M/(M+P-1) of a step-synchronous pipeline, whatever the schedule."""
+        return [b / ideal(self.micro_batches, self.stages) for b in self.busy]
 
     @property
     def busy_vs_ideal(self) -> list[float]:
@@ -249,9 +270,16 @@ class PipelineBenchResult:
     pilots: dict[int, Pilot] = field(default_factory=dict)  # P -> how its layers were chosen
     loadavg: list[float] = field(default_factory=list)  # 1-min load before each P
 
-    def final_ratio(self) -> float:
+    def final_ratio(self, schedule: str | None = None) -> float:
+        """The least busy stage over its schedule's ideal at the largest M (of the first
+        schedule measured, unless given)."""
+        schedule = schedule or self.settings.schedules[0]
         top = max(r.micro_batches for r in self.runs)
-        return min(min(r.busy_vs_ideal) for r in self.runs if r.micro_batches == top)
+        return min(
+            min(r.busy_vs_ideal)
+            for r in self.runs
+            if r.micro_batches == top and r.schedule == schedule
+        )
 
 
 # ---- measuring -------------------------------------------------------------------------------
@@ -272,12 +300,18 @@ def build_engine(settings: PipelineBenchSettings, stages: int, layers: tuple[int
     return LLMEngine.from_config(cfg)
 
 
+def calls_per_step(engine: LLMEngine) -> int:
+    """engine.step() calls that give every sequence one token: under the overlap schedule a
+    call is one group's step."""
+    return max(1, engine.runner.overlap_groups)
+
+
 def decode_window(engine: LLMEngine, settings: PipelineBenchSettings, tag: str, rng):
-    """Prefill a batch, warm up, and yield around the measured steps; aborts what is left."""
+    """Prefill a batch and warm up; the caller measures the steps and aborts the requests."""
     from splitserve.engine.sampling_params import SamplingParams
 
     params = SamplingParams(
-        max_tokens=settings.warmup_steps + settings.steps + 2, temperature=0, ignore_eos=True
+        max_tokens=settings.warmup_steps + settings.steps + 4, temperature=0, ignore_eos=True
     )
     vocab = engine.model_config.vocab_size
     ids = [f"{tag}-{i}" for i in range(settings.batch)]
@@ -286,23 +320,23 @@ def decode_window(engine: LLMEngine, settings: PipelineBenchSettings, tag: str, 
     started: set[str] = set()
     while len(started) < len(ids):  # every prompt prefilled: from here on, pure decode steps
         started |= {o.request_id for o in engine.step()}
-    for _ in range(settings.warmup_steps):
+    for _ in range(settings.warmup_steps * calls_per_step(engine)):
         engine.step()
     return ids
 
 
-def measure(engine: LLMEngine, settings: PipelineBenchSettings, m: int, rng) -> Run:
+def measure(engine: LLMEngine, settings: PipelineBenchSettings, m: int, schedule: str, rng) -> Run:
     from splitserve.bench.mesh_runner import CpuMeter
 
     ex = engine.runner.executor
-    ex.micro_batches = m
+    ex.micro_batches, ex.schedule = m, schedule
     p = len(ex.ranges)
-    ids = decode_window(engine, settings, f"p{p}m{m}", rng)
+    ids = decode_window(engine, settings, f"p{p}m{m}{schedule}", rng)
     meter = CpuMeter(lambda: ex.stage_pids)
     tokens0 = engine.stats.num_batched_tokens
     meter.start()
     before, t0 = ex.stage_stats(), time.perf_counter()
-    for _ in range(settings.steps):
+    for _ in range(settings.steps * calls_per_step(engine)):
         engine.step()
     wall = time.perf_counter() - t0
     after = ex.stage_stats()
@@ -319,6 +353,7 @@ def measure(engine: LLMEngine, settings: PipelineBenchSettings, m: int, rng) -> 
         busy=[(b.busy_s - a.busy_s) / wall for a, b in zip(before, after, strict=True)],
         cpu=[(b.cpu_s - a.cpu_s) / wall for a, b in zip(before, after, strict=True)],
         others_cpu=share.others_fraction,
+        schedule=schedule,
     )
 
 
@@ -364,7 +399,8 @@ def pilot_layers(settings: PipelineBenchSettings, cfg, p: int, rng, result, say)
         ex = engine.runner.executor
         if settings.pin:
             pin_stages(ex.stage_pids)
-        run = measure(engine, replace(settings, steps=max(4, settings.steps // 2)), m, rng)
+        pilot = replace(settings, steps=max(4, settings.steps // 2))
+        run = measure(engine, pilot, m, settings.schedules[0], rng)
     finally:
         engine.close()
         pin_process(os.getpid(), mask)  # pin_stages put this process on one core
@@ -408,14 +444,19 @@ def run_bench(settings: PipelineBenchSettings, say=print) -> PipelineBenchResult
             try:
                 ex = engine.runner.executor
                 result.cores[p] = pin_stages(ex.stage_pids) if settings.pin else []
-                for m in settings.micro_batches:
-                    tries = [measure(engine, settings, m, rng) for _ in range(settings.repeats)]
-                    run = min(tries, key=lambda r: r.others_cpu)
-                    result.runs.append(run)
-                    say(
-                        f"P={p} M={m}: busy {' '.join(f'{b:.2f}' for b in run.busy)} "
-                        f"(ideal {run.ideal:.2f}), {run.step_ms:.0f} ms/step"
-                    )
+                for schedule in settings.schedules:
+                    for m in settings.micro_batches:
+                        tries = [
+                            measure(engine, settings, m, schedule, rng)
+                            for _ in range(settings.repeats)
+                        ]
+                        run = min(tries, key=lambda r: r.others_cpu)
+                        result.runs.append(run)
+                        say(
+                            f"P={p} {schedule} M={m}: busy "
+                            f"{' '.join(f'{b:.2f}' for b in run.busy)} "
+                            f"(ideal {run.ideal:.2f}), {run.step_ms:.0f} ms/step"
+                        )
             finally:
                 engine.close()
     finally:
@@ -436,22 +477,25 @@ def report_lines(result: PipelineBenchResult) -> list[str]:
         f"{s.steps} steps measured after {s.warmup_steps} warm-up; {s.threads} torch thread(s) "
         f"per stage, {pinned}; {os.cpu_count()} logical CPUs",
         "busy = wall time inside the stage's forward / wall time of the steps; "
-        "cpu = CPU time of those forwards / wall time",
+        "cpu = CPU time of those forwards / wall time; ideal: step M/(M+P-1), "
+        "overlap min(1, M/P); min/step-ideal: the least busy stage over M/(M+P-1)",
     ]
     width = max(r.stages for r in result.runs)
-    header = ["P", "M", "layers", "ideal", *(f"stage{k}" for k in range(width))]
-    header += ["min/ideal", "cpu", "ms/step", "tok/s", "others"]
+    header = ["P", "schedule", "M", "layers", "ideal", *(f"stage{k}" for k in range(width))]
+    header += ["min/ideal", "min/step-ideal", "cpu", "ms/step", "tok/s", "others"]
     rows = []
     for r in result.runs:
         busy = [f"{b:.2f}" for b in r.busy] + [""] * (width - r.stages)
         rows.append(
             [
                 str(r.stages),
+                r.schedule,
                 str(r.micro_batches),
                 ",".join(map(str, r.counts)),
                 f"{r.ideal:.2f}",
                 *busy,
                 f"{min(r.busy_vs_ideal):.2f}",
+                f"{min(r.busy_vs_step_ideal):.2f}",
                 " ".join(f"{c:.2f}" for c in r.cpu),
                 f"{r.step_ms:.0f}",
                 f"{r.tokens_per_s:.0f}",
@@ -501,44 +545,50 @@ def result_json(result: PipelineBenchResult) -> dict[str, Any]:
                 **asdict(r),
                 "ideal": r.ideal,
                 "busy_vs_ideal": r.busy_vs_ideal,
+                "busy_vs_step_ideal": r.busy_vs_step_ideal,
                 "step_ms": r.step_ms,
                 "tokens_per_s": r.tokens_per_s,
             }
             for r in result.runs
         ],
         FINAL_KEY: result.final_ratio(),
+        "final_by_schedule": {sc: result.final_ratio(sc) for sc in result.settings.schedules},
         "target": TARGET,
     }
 
 
 def write_plot(path: str, result: PipelineBenchResult) -> None:
-    """One panel per P: each stage's busy (filled) and CPU (hollow) fraction against M, with
-    the ideal M/(M+P-1) and the 15% band under it."""
+    """A panel per (schedule, P): each stage's busy (filled) and CPU (hollow) fraction against
+    M, with the schedule's ideal and the 15% band under it."""
     from matplotlib.figure import Figure
 
     ps = sorted({r.stages for r in result.runs})
-    fig = Figure(figsize=(6 * len(ps), 4.5), layout="constrained")
-    axes = fig.subplots(1, len(ps), squeeze=False)[0]
-    for ax, p in zip(axes, ps, strict=True):
-        runs = sorted((r for r in result.runs if r.stages == p), key=lambda r: r.micro_batches)
-        ms = [r.micro_batches for r in runs]
-        grid = [m / 8 for m in range(8, 8 * max(ms) + 1)]
-        ax.plot(grid, [ideal(m, p) for m in grid], "k--", label="ideal M/(M+P-1)")
-        ax.fill_between(
-            grid, [TARGET * ideal(m, p) for m in grid], [ideal(m, p) for m in grid],
-            color="0.9", label="within 15%",
-        )  # fmt: skip
-        for k in range(p):
-            (line,) = ax.plot(ms, [r.busy[k] for r in runs], "o-", label=f"stage {k} busy")
-            ax.plot(ms, [r.cpu[k] for r in runs], "o", mfc="none", color=line.get_color())
-        layers = ",".join(map(str, runs[0].counts))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ms, [str(m) for m in ms])
-        ax.set_ylim(0, 1.05)
-        ax.set_xlabel("micro-batches M")
-        ax.set_ylabel("fraction of wall time (hollow: CPU time)")
-        ax.set_title(f"P={p} stages, layers {layers}")
-        ax.legend(fontsize=8, loc="lower right")
+    schedules = result.settings.schedules
+    fig = Figure(figsize=(6 * len(ps), 4.5 * len(schedules)), layout="constrained")
+    axes = fig.subplots(len(schedules), len(ps), squeeze=False)
+    for row, schedule in zip(axes, schedules, strict=True):
+        for ax, p in zip(row, ps, strict=True):
+            runs = sorted(
+                (r for r in result.runs if r.stages == p and r.schedule == schedule),
+                key=lambda r: r.micro_batches,
+            )
+            ms = [r.micro_batches for r in runs]
+            grid = [m / 8 for m in range(8, 8 * max(ms) + 1)]
+            best = [ideal(m, p, schedule) for m in grid]
+            label = "min(1, M/P)" if schedule == "overlap" else "M/(M+P-1)"
+            ax.plot(grid, best, "k--", label=f"ideal {label}")
+            ax.fill_between(grid, [TARGET * b for b in best], best, color="0.9", label="within 15%")
+            for k in range(p):
+                (line,) = ax.plot(ms, [r.busy[k] for r in runs], "o-", label=f"stage {k} busy")
+                ax.plot(ms, [r.cpu[k] for r in runs], "o", mfc="none", color=line.get_color())
+            layers = ",".join(map(str, runs[0].counts))
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ms, [str(m) for m in ms])
+            ax.set_ylim(0, 1.05)
+            ax.set_xlabel("micro-batches M")
+            ax.set_ylabel("fraction of wall time (hollow: CPU time)")
+            ax.set_title(f"{schedule} schedule, P={p} stages, layers {layers}")
+            ax.legend(fontsize=8, loc="lower right")
     fig.savefig(path, dpi=120)
 
 
@@ -555,5 +605,7 @@ def run(args: argparse.Namespace) -> int:
             f.write("\n")
     if args.plot:
         write_plot(args.plot, result)
+    for schedule in settings.schedules[1:]:
+        print(f"{schedule} schedule: {FINAL_KEY} {result.final_ratio(schedule):.2f}")
     print(f"{FINAL_KEY}: {result.final_ratio():.2f}")
     return 0

@@ -53,7 +53,7 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) ->
     b = torch.randn(n, n, generator=gen).to(dtype)
     out = torch.empty(n, n, dtype=dtype)
     seconds = best_seconds(lambda: torch.mm(a, b, out=out), repeats)
-    if dtype in (torch.float32, torch.bfloat16) and onednn_available():
+    if dtype in (torch.float32, torch.bfloat16) and onednn_available(dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
         linear = torch.ops.mkldnn._linear_pointwise
         seconds = min(

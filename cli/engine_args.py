@@ -97,6 +97,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "stage works at once (default: %(default)s)",
     )
     g.add_argument(
+        "--pipeline-schedule",
+        default="overlap",
+        choices=["overlap", "step"],
+        help="overlap: the running sequences form --micro-batches groups, each one micro-batch, "
+        "whose steps follow each other through the stages without waiting for the others to "
+        "be sampled (no bubble between steps); step: each step is cut into micro-batches and "
+        "sampled once all are back (default: %(default)s)",
+    )
+    g.add_argument(
         "--pipeline-stage-addresses",
         default=None,
         metavar="HOST:PORT,...",
@@ -138,6 +147,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         pipeline_stages=args.pipeline_stages,
         pipeline_layers=_int_list(args.pipeline_layers, "--pipeline-layers"),
         micro_batches=args.micro_batches,
+        pipeline_schedule=args.pipeline_schedule,
         pipeline_stage_addresses=_address_list(args.pipeline_stage_addresses),
         pipeline_timeout_s=args.pipeline_timeout_s,
     )

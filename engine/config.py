@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+PIPELINE_SCHEDULES = ("overlap", "step")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -164,6 +165,9 @@ class EngineConfig:
     pipeline_stages: int = 1  # processes the layers are split across
     pipeline_layers: tuple[int, ...] | None = None  # layers per stage; None = balanced
     micro_batches: int = 1  # a step is cut into this many micro-batches under PP
+    # "overlap": `micro_batches` groups of sequences, each a micro-batch, step on their own
+    # (no bubble between steps); "step": every step cut into micro-batches, then sampled at once
+    pipeline_schedule: str = "overlap"
     # host:port of stages 1..P-1 started elsewhere (compose); None = start them as children
     pipeline_stage_addresses: tuple[str, ...] | None = None
     pipeline_timeout_s: float = 60.0  # a stage that doesn't answer a micro-batch by then is dead
@@ -177,6 +181,11 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if self.tensor_parallel_size < 1 or self.pipeline_stages < 1 or self.micro_batches < 1:
             raise ValueError("tensor_parallel_size, pipeline_stages and micro_batches must be >= 1")
+        if self.pipeline_schedule not in PIPELINE_SCHEDULES:
+            raise ValueError(
+                f"pipeline_schedule must be one of {', '.join(PIPELINE_SCHEDULES)}; "
+                f"got {self.pipeline_schedule!r}"
+            )
         for name in ("tensor_parallel_timeout_s", "pipeline_timeout_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:

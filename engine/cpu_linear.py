@@ -32,16 +32,18 @@ LINEAR_BACKENDS = ("auto", "torch", "onednn", "blocks")
 
 
 @functools.cache
-def onednn_available() -> bool:
-    """Whether this torch build can pack and run a linear through oneDNN (checked once)."""
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build can pack and run a `dtype` linear through oneDNN on this CPU
+    (checked once per dtype: bfloat16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
     try:
-        w = torch.ones(8, 4)
+        w = torch.ones(8, 4, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4), packed, None, "none", [], "")
-        return bool(torch.equal(out, torch.full((2, 8), 4.0)))
+        x = torch.ones(2, 4, dtype=dtype)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.equal(out, torch.full((2, 8), 4.0, dtype=dtype)))
     except Exception as exc:  # an op missing from this build, a CPU oneDNN refuses, ...
         why = (str(exc).splitlines() or [type(exc).__name__])[0]
-        log.warning("oneDNN linear unavailable (%s); using torch's", why)
+        log.warning("oneDNN %s linear unavailable (%s); using torch's", dtype, why)
         return False
 
 
@@ -83,9 +85,11 @@ def use_onednn(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
         )
     if not supported:
         return False
-    if not onednn_available():
+    if not onednn_available(dtype):
         if backend == "onednn":
-            raise RuntimeError("the oneDNN linear ops are not available in this torch build")
+            raise RuntimeError(
+                f"the oneDNN linear ops can't run {dtype} with this torch build on this CPU"
+            )
         return False
     return True
 

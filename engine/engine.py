@@ -14,6 +14,7 @@ Every path that ends a request (finish, stop, abort, error) returns its KV block
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,10 +31,10 @@ from splitserve.engine.outputs import (
     RequestOutput,
     StopChecker,
 )
-from splitserve.engine.runner import ModelRunner
+from splitserve.engine.runner import ModelRunner, StepInputs
 from splitserve.engine.sampler import Sampler, SamplingRow, make_generator
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.scheduler import ScheduledBatch, Scheduler
 from splitserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
@@ -74,6 +75,11 @@ class LLMEngine:
     _requests: dict[str, _Request] = field(default_factory=dict)
     # Requests holding blocks for KV that is still in flight (reserve_prefilled).
     _reserved: dict[str, _Request] = field(default_factory=dict)
+    # Steps submitted and not collected (the pipeline's overlap schedule), oldest first; the
+    # `id()`s of their sequences; those of them aborted meanwhile.
+    _inflight: deque[tuple[ScheduledBatch, StepInputs]] = field(default_factory=deque)
+    _busy: set[int] = field(default_factory=set)
+    _aborted: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -146,12 +152,18 @@ class LLMEngine:
         request = self._requests.pop(request_id, None)
         if request is None:
             return False
-        self.scheduler.finish(request.seq)
-        request.seq.finish_reason = FinishReason.ABORT
+        seq = request.seq
+        if id(seq) in self._busy:
+            # a step of it is in flight, writing its KV: the blocks go when that step is back
+            self._aborted.add(id(seq))
+        else:
+            self.scheduler.finish(seq)
+        seq.finish_reason = FinishReason.ABORT
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        """Requests to serve, or steps in flight still to collect."""
+        return bool(self._requests or self._inflight)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -280,12 +292,75 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        """Schedule, run and sample one step; the outputs of the sequences it sampled.
+
+        Under the pipeline's `overlap` schedule a step is one group's: the running sequences
+        form up to `runner.overlap_groups` disjoint groups whose steps are in flight at once,
+        so the stages never wait for a whole batch to be sampled. Each call first submits a
+        step for every group that has none in flight, then collects the oldest.
+        """
+        groups = self.runner.overlap_groups
+        if groups == 0 and not self._inflight:
+            batch = self.scheduler.schedule()
+            self.stats.num_preemptions += len(batch.preempted)
+            if not batch.seqs:
+                return []
+            inputs = self.runner.prepare(batch.seqs, batch.num_new_tokens)
+            return self._finish_step(batch, inputs, self.runner.execute(inputs))
+        try:
+            while len(self._inflight) < groups and self._submit_group(groups):
+                pass
+            if not self._inflight:
+                return []
+            batch, inputs = self._inflight.popleft()
+            logits = self.runner.collect()
+        except BaseException:
+            self._drop_inflight()
+            raise
+        self._busy.difference_update(id(s) for s in batch.seqs)
+        aborted = [s for s in batch.seqs if id(s) in self._aborted]
+        for seq in aborted:  # aborted while in flight: their blocks could go only now
+            self._aborted.discard(id(seq))
+            self.scheduler.finish(seq)
+        if aborted:
+            gone = {id(s) for s in aborted}
+            keep = [i for i, s in enumerate(batch.seqs) if id(s) not in gone]
+            rows = [i for i, s in enumerate(inputs.sample_seqs) if id(s) not in gone]
+            batch.seqs = [batch.seqs[i] for i in keep]
+            batch.num_new_tokens = [batch.num_new_tokens[i] for i in keep]
+            inputs.sample_seqs = [inputs.sample_seqs[i] for i in rows]
+            logits = logits[rows]
+        return self._finish_step(batch, inputs, logits)
+
+    def _submit_group(self, groups: int) -> bool:
+        """Schedule the sequences with no step in flight, as many as an even split of them
+        over the groups not in flight gives."""
+        idle = self.scheduler.num_seqs - len(self._busy)
+        share = max(1, -(-idle // (groups - len(self._inflight))))
+        batch = self.scheduler.schedule(busy=self._busy, max_seqs=share)
         self.stats.num_preemptions += len(batch.preempted)
         if not batch.seqs:
-            return []
+            return False
         inputs = self.runner.prepare(batch.seqs, batch.num_new_tokens)
-        logits = self.runner.execute(inputs)
+        self.runner.submit(inputs)
+        self._inflight.append((batch, inputs))
+        self._busy.update(id(s) for s in batch.seqs)
+        return True
+
+    def _drop_inflight(self) -> None:
+        """The steps in flight are lost (the pipeline failed): their sequences stay where they
+        were, to be recomputed or aborted; the aborted ones go now."""
+        for batch, _ in self._inflight:
+            for seq in batch.seqs:
+                if id(seq) in self._aborted:
+                    self.scheduler.finish(seq)
+        self._inflight.clear()
+        self._busy.clear()
+        self._aborted.clear()
+
+    def _finish_step(
+        self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor
+    ) -> list[RequestOutput]:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             hashes = seq.block_hashes(self.block_size, self.namespace)

@@ -13,8 +13,16 @@ relay: at batch 32 the logits are 6 MB a step against 74 KB of hidden states).
 
 Sending goes through a queue that gRPC's own thread drains, so stage 0 computes micro-batch
 i+1 while the later stages work on i; at most `MAX_IN_FLIGHT` micro-batches are unanswered.
-With P stages and M micro-batches a decode step takes about (M + P - 1) micro-batch times, so
-each stage is busy M / (M + P - 1) of it.
+
+Two schedules (`pipeline_schedule`):
+
+- `step`: `execute` cuts each step into M micro-batches and returns once all M are back. A
+  decode step takes about (M + P - 1) micro-batch times, so each stage is busy M / (M + P - 1)
+  of it; the rest is the bubble while the pipeline fills and drains around every sampling.
+- `overlap` (default): the engine keeps up to M groups of sequences, each one micro-batch, in
+  flight (`submit` / `collect`, oldest first). A group's next step starts as soon as its own
+  tokens are sampled, while the other groups are still in the stages, so there is no bubble
+  between steps: with M >= P every stage always has a group to run.
 
 Stages 1..P-1 are started here as child processes on free loopback ports (stopped by `close()`,
 and exiting by themselves if this process dies), or reached at `pipeline_stage_addresses` when
@@ -38,6 +46,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -336,6 +345,9 @@ class PipelineExecutor:
         self.engine_cfg = engine_cfg
         self.num_blocks = num_blocks
         self.micro_batches = engine_cfg.micro_batches  # the bench changes it between runs
+        self.schedule = engine_cfg.pipeline_schedule  # the bench changes it between runs
+        self._pending: deque[StepWire] = deque()  # submitted, logits not collected yet
+        self.peak_pending = 0  # the most steps ever in flight at once
         self.timeout_s = engine_cfg.pipeline_timeout_s
         self.dtype = parse_dtype(engine_cfg.dtype)
         self.device = torch.device(engine_cfg.device)
@@ -417,8 +429,41 @@ class PipelineExecutor:
     def kv_cache_bytes(self) -> int:
         return self.local.kv_cache_bytes
 
+    @property
+    def overlap_groups(self) -> int:
+        """Under the `overlap` schedule, the engine keeps this many groups' steps in flight."""
+        return min(self.micro_batches, MAX_IN_FLIGHT) if self.schedule == "overlap" else 0
+
+    def submit(self, wire: StepWire) -> None:
+        """Run our layers on one group's step and send it on; `collect` gets its logits."""
+        link = self._ready_link()
+        if len(self._pending) >= MAX_IN_FLIGHT:
+            raise PipelineError(f"more than {MAX_IN_FLIGHT} steps submitted and not collected")
+        try:
+            link.send(wire, self._compute(wire))
+        except BaseException:
+            self._drop_link()  # every step in flight is lost with it
+            raise
+        self._pending.append(wire)
+        self.peak_pending = max(self.peak_pending, len(self._pending))
+
+    def collect(self) -> torch.Tensor:
+        """float32 logits of the oldest submitted step's sampled rows."""
+        if not self._pending or self._link is None:
+            raise PipelineError("no step in flight to collect")
+        wire = self._pending.popleft()
+        try:
+            return self._receive(self._link, wire)
+        except _LinkBroken as e:
+            raise self._failure(str(e)) from None
+        except BaseException:
+            self._drop_link()
+            raise
+
     def execute(self, wire: StepWire) -> torch.Tensor:
         """float32 logits (S, vocab) of the step's sampled rows, in order."""
+        if self._pending:
+            raise PipelineError("a step was run while submitted steps are in flight")
         link = self._ready_link()
         parts = wire.split(self.micro_batches)
         logits: list[torch.Tensor] = []
@@ -534,6 +579,7 @@ class PipelineExecutor:
         return _ForwardLink(first, last, "stage1", max(1.0, self.timeout_s))
 
     def _drop_link(self) -> None:
+        self._pending.clear()  # their answers are lost with the streams
         if self._link is not None:
             link, self._link = self._link, None
             with contextlib.suppress(Exception):

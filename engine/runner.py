@@ -176,6 +176,20 @@ class ModelRunner:
         """Run the step; returns float32 logits (S, vocab) for `inputs.sample_seqs`."""
         return self.executor.execute(inputs.wire)
 
+    @property
+    def overlap_groups(self) -> int:
+        """How many steps of disjoint sequence groups may be in flight at once: the pipeline's
+        micro-batch count under the `overlap` schedule, else 0 (one step at a time)."""
+        return getattr(self.executor, "overlap_groups", 0)
+
+    def submit(self, inputs: StepInputs) -> None:
+        """Start a step and return before its logits exist (`overlap_groups` > 0 only)."""
+        self.executor.submit(inputs.wire)
+
+    def collect(self) -> torch.Tensor:
+        """The logits of the oldest submitted step, as `execute` returns them."""
+        return self.executor.collect()
+
     # ---- KV handoff ----------------------------------------------------------------------
     def read_blocks(self, block_table: list[int], num_tokens: int) -> KVExport:
         """Copy the blocks holding a request's first `num_tokens` tokens out of the pool."""

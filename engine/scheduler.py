@@ -5,11 +5,16 @@ go first (decodes and unfinished prefill chunks, oldest first); waiting sequence
 after them only while the budget, the batch-size cap and the KV pool allow. When a running
 sequence can't get a block, the newest running sequence is preempted: its blocks are returned
 and it goes back to the front of the queue to be recomputed later. The pool never overflows.
+
+Under the pipeline's overlap schedule the engine schedules one group at a time: it passes the
+sequences whose previous step is still in flight (never scheduled nor preempted now) and a
+cap on the group's size.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from splitserve.engine.block_manager import BlockManager
@@ -47,12 +52,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(
+        self, busy: AbstractSet[int] = frozenset(), max_seqs: int | None = None
+    ) -> ScheduledBatch:
+        """The next batch. `busy`: ids (`id()`) of running sequences whose previous step is
+        still in flight (a pipeline running several groups at once); they are neither
+        scheduled nor preempted. `max_seqs`: at most this many sequences in the batch."""
         batch = ScheduledBatch()
-        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        cap = self.max_num_seqs if max_seqs is None else max_seqs
+        budget = self._schedule_running(batch, self.max_num_batched_tokens, busy, cap)
         if not batch.preempted:
-            self._schedule_waiting(batch, budget)
+            self._schedule_waiting(batch, budget, cap)
         return batch
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.running) + len(self.waiting)
 
     def finish(self, seq: Sequence) -> None:
         """Take `seq` out of the queues and return its blocks. Safe to call in any state."""
@@ -63,13 +78,19 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_running(
+        self, batch: ScheduledBatch, budget: int, busy: AbstractSet[int], cap: int
+    ) -> int:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(batch) < cap:
             seq = self.running[i]
+            if id(seq) in busy:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, n):
-                victim = self.running[-1]
+                # the newest that isn't in flight: `seq` itself at the latest
+                victim = next(s for s in reversed(self.running) if id(s) not in busy)
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
@@ -80,10 +101,15 @@ class Scheduler:
                 i += 1
         return budget
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int, cap: int) -> None:
         bm = self.block_manager
         reserve = int(bm.num_blocks * self.admission_watermark)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+            and len(batch) < cap
+        ):
             seq = self.waiting[0]
             hashes = seq.block_hashes(bm.block_size, self.namespace)
             cached = bm.find_cached_prefix(hashes, seq.num_tokens)

@@ -29,6 +29,8 @@ def test_layers_are_balanced_by_compute():
     assert sum(four) == 30 and four[-1] == min(four) and len(four) == 4
     assert pb.ideal(8, 2) == pytest.approx(8 / 9)
     assert pb.ideal(1, 4) == pytest.approx(1 / 4)
+    assert pb.ideal(8, 4, "overlap") == 1.0  # no bubble: every stage always has a group
+    assert pb.ideal(2, 4, "overlap") == pytest.approx(2 / 4)
 
 
 def _run(layers, cpu):
@@ -60,6 +62,9 @@ def test_flags_become_settings():
     )
     s = pb.settings_from_args(args)
     assert s.stages == (2, 3) and s.micro_batches == (1, 4)
+    assert s.schedules == ("overlap", "step")
+    with pytest.raises(ValueError, match="schedules"):
+        pb.settings_from_args(build_parser().parse_args(["bench", "pipeline", "--schedules", "x"]))
     assert s.layers == ((3, (2, 1, 1)),) and s.pin and s.baseline
     with pytest.raises(ValueError):
         pb.settings_from_args(build_parser().parse_args(["bench", "pipeline", "--layers", "2:1"]))
@@ -79,17 +84,30 @@ def test_quick_run_writes_the_report_json_and_plot(tiny_model_dir, tmp_path, cap
     doc = json.loads(out_json.read_text())
     assert doc["settings"]["stages"] == [2] and doc["settings"]["micro_batches"] == [1, 2]
     assert doc["baseline_tokens_per_s"] > 0
-    assert [(r["stages"], r["micro_batches"]) for r in doc["runs"]] == [(2, 1), (2, 2)]
+    assert [(r["schedule"], r["micro_batches"]) for r in doc["runs"]] == [
+        ("overlap", 1),
+        ("overlap", 2),
+        ("step", 1),
+        ("step", 2),
+    ]
     for r in doc["runs"]:
         assert r["layers"] == [[0, 3], [3, 4]]
         assert len(r["busy"]) == len(r["cpu"]) == len(r["busy_vs_ideal"]) == 2
         assert all(0 < b <= 1.0 for b in r["busy"])
         assert r["decode_tokens"] == 4 * 2  # every measured step decoded the whole batch
-        assert r["ideal"] == pytest.approx(r["micro_batches"] / (r["micro_batches"] + 1))
+        step_ideal = r["micro_batches"] / (r["micro_batches"] + 1)
+        best = min(1.0, r["micro_batches"] / 2) if r["schedule"] == "overlap" else step_ideal
+        assert r["ideal"] == pytest.approx(best)
+        assert r["busy_vs_step_ideal"][0] == pytest.approx(r["busy"][0] / step_ideal)
     assert len(doc["cores"]["2"]) == 2
+    overlap_m2, step_m2 = doc["runs"][1], doc["runs"][3]
     assert doc[pb.FINAL_KEY] == pytest.approx(
-        min(b / doc["runs"][1]["ideal"] for b in doc["runs"][1]["busy"])
+        min(b / overlap_m2["ideal"] for b in overlap_m2["busy"])
     )
+    assert doc["final_by_schedule"]["step"] == pytest.approx(
+        min(b / step_m2["ideal"] for b in step_m2["busy"])
+    )
+    assert "step schedule: " + pb.FINAL_KEY in text
     assert out_png.stat().st_size > 10_000
 
 

@@ -48,6 +48,7 @@ TINY_BASE = dict(
 TINY_LAYOUTS = {
     "pp2": dict(pipeline_stages=2),
     "pp2-m4": dict(pipeline_stages=2, micro_batches=4),
+    "pp2-m4-step": dict(pipeline_stages=2, micro_batches=4, pipeline_schedule="step"),
     "pp4-m3": dict(pipeline_stages=4, micro_batches=3),
 }
 PARAMS = SamplingParams(max_tokens=16, temperature=0, logprobs=0, ignore_eos=True)
@@ -125,21 +126,30 @@ def test_tiny_layouts_give_the_single_process_tokens(tiny_pipeline, tiny_referen
     ref, ref_engine = tiny_reference
     got = tiny_pipeline.generate(tiny_prompts(), PARAMS)
     assert_same(ref, got)
-    assert tiny_pipeline.stats.num_preemptions == ref_engine.stats.num_preemptions
-    stats = executor(tiny_pipeline).stage_stats()
-    assert [(s.first_layer, s.last_layer) for s in stats] == executor(tiny_pipeline).ranges
+    ex, cfg = executor(tiny_pipeline), tiny_pipeline.config
+    stats = ex.stage_stats()
+    assert [(s.first_layer, s.last_layer) for s in stats] == ex.ranges
     # Every stage ran every micro-batch, and the micro-batches really were cut.
     assert len({s.micro_batches for s in stats}) == 1
     assert len({s.tokens for s in stats}) == 1
-    assert stats[0].micro_batches >= tiny_pipeline.stats.num_steps
-    if tiny_pipeline.config.micro_batches > 1:
-        assert stats[0].micro_batches > tiny_pipeline.stats.num_steps
     assert all(s.busy_s > 0 for s in stats)
+    if cfg.pipeline_schedule == "step":
+        assert tiny_pipeline.stats.num_preemptions == ref_engine.stats.num_preemptions
+        assert stats[0].micro_batches > tiny_pipeline.stats.num_steps
+        assert ex.peak_pending == 0
+        return
+    # overlap: a step is one group's micro-batch, and up to M groups were in flight at once
+    assert tiny_pipeline.stats.num_preemptions > 0, "the scenario must preempt"
+    assert stats[0].micro_batches == tiny_pipeline.stats.num_steps
+    assert ex.peak_pending == cfg.micro_batches
+    assert tiny_pipeline.block_manager.num_free_blocks == cfg.num_kv_blocks
 
 
 def test_kv_gathers_and_scatters_across_stages(tiny_reference):
     _, ref_engine = tiny_reference
-    engine = tiny_engine(pipeline_stages=2, pipeline_layers=(3, 1), micro_batches=2)
+    engine = tiny_engine(
+        pipeline_stages=2, pipeline_layers=(3, 1), micro_batches=2, pipeline_schedule="step"
+    )
     try:
         engine.generate(tiny_prompts(), PARAMS)  # the same schedule fills the same blocks
         ex = executor(engine)
@@ -170,6 +180,9 @@ def test_a_killed_stage_fails_the_step_quickly(victim):
             while engine.has_unfinished_requests():
                 engine.step()
         assert time.monotonic() - start < DEADLINE_S
+        assert engine.abort_request("after")  # what a worker does with the failed requests
+        assert not engine.has_unfinished_requests()
+        assert engine.block_manager.num_free_blocks == engine.config.num_kv_blocks
         # From now on every step fails at once: this pipeline can't come back.
         start = time.monotonic()
         with pytest.raises(StageUnavailableError):
@@ -178,6 +191,35 @@ def test_a_killed_stage_fails_the_step_quickly(victim):
     finally:
         engine.close()
     assert_gone(pids)
+
+
+def test_overlap_aborting_a_request_in_flight_frees_its_blocks_once_its_step_is_back():
+    engine = tiny_engine(pipeline_stages=2, micro_batches=2)
+    try:
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        for i in range(4):
+            engine.add_request(f"r{i}", [3 + i, 4, 5, 6, 7], params)
+        first = {o.request_id for o in engine.step()}  # two groups went in, one came back
+        assert len(first) == 2
+        late = sorted({"r0", "r1", "r2", "r3"} - first)
+        bm = engine.block_manager
+        free = bm.num_free_blocks
+        assert engine.abort_request(late[0])
+        assert not engine.abort_request(late[0])
+        assert bm.num_free_blocks == free  # the stage may still be writing its KV
+        second = {o.request_id for o in engine.step()}
+        assert second == {late[1]}  # nothing more for the aborted one
+        assert bm.num_free_blocks > free
+        for rid in ("r0", "r1", late[1]):
+            engine.abort_request(rid)
+        while engine.has_unfinished_requests():  # the steps still in flight come back
+            assert all(o.request_id not in {"r0", "r1"} for o in engine.step())
+        assert bm.num_free_blocks == engine.config.num_kv_blocks
+        # The engine serves again afterwards.
+        (out,) = engine.generate([[9, 8, 7]], params)
+        assert len(out.new_token_ids) == 8
+    finally:
+        engine.close()
 
 
 def test_a_silent_stage_fails_the_step_after_the_timeout():
@@ -386,15 +428,33 @@ def test_smollm2_pp2_with_micro_batches(smollm2_checkpoint, smol_prompts):
     try:
         assert executor(engine).ranges == [(0, 15), (15, 30)]
         assert_same(ref, engine.generate(smol_prompts, PARAMS))
-        blocks = list(range(16))
-        torch.testing.assert_close(
-            executor(engine).read_kv(blocks),
-            ref_engine.runner.executor.read_kv(blocks),
-            rtol=0,
-            atol=1e-4,
-        )
+        assert executor(engine).peak_pending == 4  # the overlap schedule, four groups
+        assert_same_prompt_kv(ref_engine, engine, smol_prompts)
     finally:
         engine.close()
+
+
+def exported_prompt_kv(engine: LLMEngine, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Each prompt's KV as the engine exports it when the request finishes."""
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"kv-{i}", prompt, params, export_kv=True)
+    kv: dict[str, torch.Tensor] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:  # the prompt's slots; the last block's others hold anything
+                d = out.kv.data
+                tokens = d.reshape(*d.shape[:2], -1, *d.shape[4:])
+                kv[out.request_id] = tokens[:, :, : out.kv.num_tokens]
+    return [kv[f"kv-{i}"] for i in range(len(prompts))]
+
+
+def assert_same_prompt_kv(ref: LLMEngine, got: LLMEngine, prompts: list[list[int]]) -> None:
+    """Wherever each engine put the blocks, a request's KV is the same (micro-batches: other
+    sums, so to 1e-4)."""
+    pairs = zip(exported_prompt_kv(ref, prompts), exported_prompt_kv(got, prompts), strict=True)
+    for a, b in pairs:
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
 
 
 # ---- with tensor parallelism inside each stage -----------------------------------------------
@@ -404,8 +464,6 @@ def test_tp2_by_pp2_gives_the_single_process_tokens(tiny_reference):
     engine = tiny_engine(pipeline_stages=2, micro_batches=2, tensor_parallel_size=2)
     try:
         assert_same(ref, engine.generate(tiny_prompts(), PARAMS))
-        kv = executor(engine).read_kv([0, 1])
-        ref_kv = tiny_reference[1].runner.executor.read_kv([0, 1])
-        torch.testing.assert_close(kv, ref_kv, rtol=0, atol=1e-4)
+        assert_same_prompt_kv(tiny_reference[1], engine, tiny_prompts())
     finally:
         engine.close()
