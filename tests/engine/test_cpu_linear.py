@@ -36,7 +36,7 @@ def test_packed_linear_matches_nn_linear(dtype, tol, bias, rows):
         # torch's linear, and asking for onednn says why.
         assert dtype == torch.bfloat16
         assert not use_onednn("auto", torch.device("cpu"), dtype)
-        with pytest.raises(RuntimeError, match="can't run torch.bfloat16"):
+        with pytest.raises(RuntimeError, match=r"can't run torch\.bfloat16"):
             use_onednn("onednn", torch.device("cpu"), dtype)
         return
     packed = PackedLinear(dense)
