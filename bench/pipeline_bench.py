@@ -577,6 +577,9 @@ def write_plot(path: str, result: PipelineBenchResult) -> None:
             best = [ideal(m, p, schedule) for m in grid]
             label = "min(1, M/P)" if schedule == "overlap" else "M/(M+P-1)"
             ax.plot(grid, best, "k--", label=f"ideal {label}")
+            if schedule == "overlap":
+                step_best = [ideal(m, p) for m in grid]
+                ax.plot(grid, step_best, "k:", label="step's ideal M/(M+P-1)")
             ax.fill_between(grid, [TARGET * b for b in best], best, color="0.9", label="within 15%")
             for k in range(p):
                 (line,) = ax.plot(ms, [r.busy[k] for r in runs], "o-", label=f"stage {k} busy")
