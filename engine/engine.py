@@ -312,8 +312,9 @@ class LLMEngine:
                 pass
             if not self._inflight:
                 return []
-            batch, inputs = self._inflight.popleft()
+            batch, inputs = self._inflight[0]  # dropped with the rest if collecting fails
             logits = self.runner.collect()
+            self._inflight.popleft()
         except BaseException:
             self._drop_inflight()
             raise

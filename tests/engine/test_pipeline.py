@@ -222,6 +222,28 @@ def test_overlap_aborting_a_request_in_flight_frees_its_blocks_once_its_step_is_
         engine.close()
 
 
+def test_overlap_a_request_aborted_in_flight_leaks_nothing_when_a_stage_dies():
+    engine = tiny_engine(pipeline_stages=2, micro_batches=2)
+    (pid,) = executor(engine).stage_pids
+    try:
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        for i in range(4):
+            engine.add_request(f"r{i}", [3 + i, 4, 5, 6, 7], params)
+        first = {o.request_id for o in engine.step()}
+        late = sorted({"r0", "r1", "r2", "r3"} - first)
+        assert engine.abort_request(late[0])  # its step is still in flight
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(StageUnavailableError):
+            engine.step()
+        for rid in ("r0", "r1", "r2", "r3"):  # the worker fails what was running
+            engine.abort_request(rid)
+        assert not engine.has_unfinished_requests()
+        assert engine.block_manager.num_free_blocks == engine.config.num_kv_blocks
+    finally:
+        engine.close()
+    assert_gone([pid])
+
+
 def test_a_silent_stage_fails_the_step_after_the_timeout():
     engine = tiny_engine(pipeline_stages=2, pipeline_timeout_s=1.0)
     (pid,) = executor(engine).stage_pids
