@@ -75,11 +75,8 @@ class LLMEngine:
     _requests: dict[str, _Request] = field(default_factory=dict)
     # Requests holding blocks for KV that is still in flight (reserve_prefilled).
     _reserved: dict[str, _Request] = field(default_factory=dict)
-    # Steps submitted and not collected (the pipeline's overlap schedule), oldest first; the
-    # `id()`s of their sequences; those of them aborted meanwhile.
+    # Steps submitted and not collected (the pipeline's overlap schedule), oldest first.
     _inflight: deque[tuple[ScheduledBatch, StepInputs]] = field(default_factory=deque)
-    _busy: set[int] = field(default_factory=set)
-    _aborted: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -153,12 +150,11 @@ class LLMEngine:
         if request is None:
             return False
         seq = request.seq
-        if id(seq) in self._busy:
-            # a step of it is in flight, writing its KV: the blocks go when that step is back
-            self._aborted.add(id(seq))
-        else:
-            self.scheduler.finish(seq)
         seq.finish_reason = FinishReason.ABORT
+        # With a step in flight, the stages may still be writing its KV: its blocks go when
+        # that step is back (`_release_aborted`).
+        if id(seq) not in self._busy_ids():
+            self.scheduler.finish(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -318,46 +314,41 @@ class LLMEngine:
         except BaseException:
             self._drop_inflight()
             raise
-        self._busy.difference_update(id(s) for s in batch.seqs)
-        aborted = [s for s in batch.seqs if id(s) in self._aborted]
-        for seq in aborted:  # aborted while in flight: their blocks could go only now
-            self._aborted.discard(id(seq))
-            self.scheduler.finish(seq)
-        if aborted:
-            gone = {id(s) for s in aborted}
-            keep = [i for i, s in enumerate(batch.seqs) if id(s) not in gone]
-            rows = [i for i, s in enumerate(inputs.sample_seqs) if id(s) not in gone]
-            batch.seqs = [batch.seqs[i] for i in keep]
-            batch.num_new_tokens = [batch.num_new_tokens[i] for i in keep]
-            inputs.sample_seqs = [inputs.sample_seqs[i] for i in rows]
-            logits = logits[rows]
-        return self._finish_step(batch, inputs, logits)
+        outputs = self._finish_step(batch, inputs, logits)
+        self._release_aborted(batch)
+        return outputs
+
+    def _busy_ids(self) -> set[int]:
+        """`id()`s of the sequences with a step in flight."""
+        return {id(s) for batch, _ in self._inflight for s in batch.seqs}
+
+    def _release_aborted(self, batch: ScheduledBatch) -> None:
+        """Free the blocks of the batch's sequences aborted while its step was in flight."""
+        for seq in batch.seqs:
+            if seq.finish_reason is FinishReason.ABORT:
+                self.scheduler.finish(seq)
 
     def _submit_group(self, groups: int) -> bool:
         """Schedule the sequences with no step in flight, as many as an even split of them
         over the groups not in flight gives."""
-        idle = self.scheduler.num_seqs - len(self._busy)
+        busy = self._busy_ids()
+        idle = self.scheduler.num_seqs - len(busy)
         share = max(1, -(-idle // (groups - len(self._inflight))))
-        batch = self.scheduler.schedule(busy=self._busy, max_seqs=share)
+        batch = self.scheduler.schedule(busy=busy, max_seqs=share)
         self.stats.num_preemptions += len(batch.preempted)
         if not batch.seqs:
             return False
         inputs = self.runner.prepare(batch.seqs, batch.num_new_tokens)
         self.runner.submit(inputs)
         self._inflight.append((batch, inputs))
-        self._busy.update(id(s) for s in batch.seqs)
         return True
 
     def _drop_inflight(self) -> None:
         """The steps in flight are lost (the pipeline failed): their sequences stay where they
         were, to be recomputed or aborted; the aborted ones go now."""
         for batch, _ in self._inflight:
-            for seq in batch.seqs:
-                if id(seq) in self._aborted:
-                    self.scheduler.finish(seq)
+            self._release_aborted(batch)
         self._inflight.clear()
-        self._busy.clear()
-        self._aborted.clear()
 
     def _finish_step(
         self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor
@@ -377,6 +368,8 @@ class LLMEngine:
         outputs = []
         now = time.monotonic()
         for i, seq in enumerate(inputs.sample_seqs):
+            if seq.finish_reason is FinishReason.ABORT:  # while its step was in flight
+                continue
             request = self._requests[seq.request_id]
             if seq.first_token_time is None:
                 seq.first_token_time = now

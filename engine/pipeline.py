@@ -347,7 +347,7 @@ class PipelineExecutor:
         self.micro_batches = engine_cfg.micro_batches  # the bench changes it between runs
         self.schedule = engine_cfg.pipeline_schedule  # the bench changes it between runs
         self._pending: deque[StepWire] = deque()  # submitted, logits not collected yet
-        self.peak_pending = 0  # the most steps ever in flight at once
+        self.peak_pending = 0  # the most micro-batches ever in flight at once
         self.timeout_s = engine_cfg.pipeline_timeout_s
         self.dtype = parse_dtype(engine_cfg.dtype)
         self.device = torch.device(engine_cfg.device)
@@ -461,26 +461,17 @@ class PipelineExecutor:
             raise
 
     def execute(self, wire: StepWire) -> torch.Tensor:
-        """float32 logits (S, vocab) of the step's sampled rows, in order."""
+        """float32 logits (S, vocab) of the step's sampled rows, in order: the step cut into
+        micro-batches, each submitted as soon as the in-flight window allows."""
         if self._pending:
             raise PipelineError("a step was run while submitted steps are in flight")
-        link = self._ready_link()
-        parts = wire.split(self.micro_batches)
         logits: list[torch.Tensor] = []
-        sent = 0
-        try:
-            for part in parts:
-                while sent - len(logits) >= MAX_IN_FLIGHT:
-                    logits.append(self._receive(link, parts[len(logits)]))
-                link.send(part, self._compute(part))
-                sent += 1
-            while len(logits) < len(parts):
-                logits.append(self._receive(link, parts[len(logits)]))
-        except _LinkBroken as e:
-            raise self._failure(str(e)) from None
-        except BaseException:
-            self._drop_link()  # answers still on their way would be taken for the next step's
-            raise
+        for part in wire.split(self.micro_batches):
+            while len(self._pending) >= MAX_IN_FLIGHT:
+                logits.append(self.collect())
+            self.submit(part)
+        while self._pending:
+            logits.append(self.collect())
         return logits[0] if len(logits) == 1 else torch.cat(logits)
 
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:

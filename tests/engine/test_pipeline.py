@@ -136,7 +136,7 @@ def test_tiny_layouts_give_the_single_process_tokens(tiny_pipeline, tiny_referen
     if cfg.pipeline_schedule == "step":
         assert tiny_pipeline.stats.num_preemptions == ref_engine.stats.num_preemptions
         assert stats[0].micro_batches > tiny_pipeline.stats.num_steps
-        assert ex.peak_pending == 0
+        assert ex.peak_pending == cfg.micro_batches  # a step's micro-batches, all in flight
         return
     # overlap: a step is one group's micro-batch, and up to M groups were in flight at once
     assert tiny_pipeline.stats.num_preemptions > 0, "the scenario must preempt"
@@ -224,15 +224,21 @@ def test_overlap_aborting_a_request_in_flight_frees_its_blocks_once_its_step_is_
 
 def test_overlap_a_request_aborted_in_flight_leaks_nothing_when_a_stage_dies():
     engine = tiny_engine(pipeline_stages=2, micro_batches=2)
-    (pid,) = executor(engine).stage_pids
+    ex = executor(engine)
+    (pid,) = ex.stage_pids
     try:
         params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
         for i in range(4):
             engine.add_request(f"r{i}", [3 + i, 4, 5, 6, 7], params)
-        first = {o.request_id for o in engine.step()}
-        late = sorted({"r0", "r1", "r2", "r3"} - first)
-        assert engine.abort_request(late[0])  # its step is still in flight
+        first = {o.request_id for o in engine.step()}  # group A back, group B in flight
+        deadline = time.monotonic() + DEADLINE_S
+        while ex._link._inbox.empty():  # B's logits are here: nothing left on the stage
+            assert time.monotonic() < deadline, "group B never came back"
+            time.sleep(0.01)
         os.kill(pid, signal.SIGKILL)
+        # A goes into the dead pipeline; B, already back, is collected.
+        assert {o.request_id for o in engine.step()} == {"r0", "r1", "r2", "r3"} - first
+        assert engine.abort_request(sorted(first)[0])  # its step can never come back now
         with pytest.raises(StageUnavailableError):
             engine.step()
         for rid in ("r0", "r1", "r2", "r3"):  # the worker fails what was running
@@ -450,7 +456,9 @@ def test_smollm2_pp2_with_micro_batches(smollm2_checkpoint, smol_prompts):
     try:
         assert executor(engine).ranges == [(0, 15), (15, 30)]
         assert_same(ref, engine.generate(smol_prompts, PARAMS))
-        assert executor(engine).peak_pending == 4  # the overlap schedule, four groups
+        # the overlap schedule: a step is one group's micro-batch, four groups in flight
+        assert executor(engine).stage_stats()[0].micro_batches == engine.stats.num_steps
+        assert executor(engine).peak_pending == 4
         assert_same_prompt_kv(ref_engine, engine, smol_prompts)
     finally:
         engine.close()
