@@ -1,12 +1,15 @@
 """KV tensors as bytes that can cross a process boundary safely: never pickle.
 
 Two uses, one set of rules (a whitelist of dtypes, shapes checked against what the receiver
-expects *before* anything is allocated, a checksum over the bytes):
+expects *before* anything is allocated, a checksum over the bytes, and no inf or nan values:
+KV that holds one would poison every request that later shares its prefix):
 
 - **Block payloads** for the kvstore: one block of every layer, self-describing
-  (magic, version, dtype, shape, the block's key, CRC-32, raw bytes). A payload whose key or
-  checksum doesn't match is a miss, never a wrong answer. The format itself lives in
-  `kv_payload`, torch-free, so the kvstore checks values with exactly the same code.
+  (magic, version, dtype, shape, the block's key, CRC-32, raw bytes), signed with the mesh
+  secret when the workers have one (an HMAC over the key, header and bytes). A payload whose
+  key, checksum, shape, dtype or signature doesn't match is a miss, never a wrong answer. The
+  format itself lives in `kv_payload`, torch-free, so the kvstore checks values with exactly
+  the same code.
 - **Transfers** from prefill to decode: a header (dtype, shape, byte count, CRC-32) and the raw
   bytes cut into chunks of at most 4 MiB, reassembled by `KVAssembler`.
 """
@@ -17,6 +20,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from splitserve.engine import kv_payload
@@ -58,7 +62,9 @@ def bytes_to_tensor(
 ) -> torch.Tensor:
     expected = _numel(shape) * dtype.itemsize
     if len(data) != expected:
-        raise KVCodecError(f"{len(data)} bytes for shape {tuple(shape)} {dtype}: want {expected}")
+        raise KVCodecError(
+            f"{len(data)} bytes for shape {tuple(shape)} {dtype}: want {expected}", "size"
+        )
     if expected == 0:
         return torch.empty(tuple(shape), dtype=dtype)
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -69,9 +75,38 @@ def _numel(shape: Sequence[int]) -> int:
     n = 1
     for s in shape:
         if s < 0:
-            raise KVCodecError(f"negative dimension in {tuple(shape)}")
+            raise KVCodecError(f"negative dimension in {tuple(shape)}", "shape")
         n *= s
     return n
+
+
+# Where a float's exponent is all ones, the value is inf or nan: (unsigned view, exponent mask).
+_FINITE_STEP = 1 << 18  # words checked at a time
+_EXPONENT = {
+    torch.float32: (np.uint32, 0x7F800000),
+    torch.bfloat16: (np.uint16, 0x7F80),
+    torch.float16: (np.uint16, 0x7C00),
+}
+
+
+def check_finite(data: bytes | bytearray | memoryview, dtype: torch.dtype) -> None:
+    """KVCodecError (reason "nonfinite") if a float in `data` is inf or nan.
+
+    A KV cache never holds one (its pool starts zeroed, and a model that made one has failed);
+    adopted, it would turn every later request that shares the prefix into nan logits. numpy
+    on an integer view: one thread, whatever thread this runs on (see tensor_bytes)."""
+    if dtype not in _EXPONENT:
+        return
+    uint, mask = _EXPONENT[dtype]
+    words = np.frombuffer(data, dtype=uint)
+    exponent = uint(mask)
+    step = _FINITE_STEP
+    scratch = np.empty(min(step, len(words)), dtype=uint)  # cache-sized: no big temporaries
+    for start in range(0, len(words), step):
+        part = words[start : start + step]
+        bits = np.bitwise_and(part, exponent, out=scratch[: len(part)])
+        if (bits == exponent).any():
+            raise KVCodecError("KV holds inf or nan values", "nonfinite")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -80,30 +115,41 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_dtype_name(name: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
-        raise KVCodecError(f"KV dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}")
+        raise KVCodecError(f"KV dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}", "dtype")
     return DTYPE_NAMES[name]
 
 
 # ---- kvstore block payloads -----------------------------------------------------------------
-def encode_block(key: bytes, block: torch.Tensor) -> bytes:
-    """One block's KV (any shape) with its key and checksum."""
+def encode_block(key: bytes, block: torch.Tensor, secret: bytes | None = None) -> bytes:
+    """One block's KV (any shape) with its key and checksum, signed when given the secret."""
     if block.dtype not in DTYPE_CODES:
-        raise KVCodecError(f"unsupported KV dtype {block.dtype}")
+        raise KVCodecError(f"unsupported KV dtype {block.dtype}", "dtype")
     return kv_payload.encode_payload(
-        key, dtype_name(block.dtype), tuple(block.shape), tensor_bytes(block)
+        key, dtype_name(block.dtype), tuple(block.shape), tensor_bytes(block), secret
     )
 
 
 def decode_block(
-    payload: bytes, key: bytes, dtype: torch.dtype, shape: Sequence[int]
+    payload: bytes,
+    key: bytes,
+    dtype: torch.dtype,
+    shape: Sequence[int],
+    secret: bytes | None = None,
 ) -> torch.Tensor:
-    """The block, or KVCodecError if the payload isn't exactly what `key` should hold."""
-    header = kv_payload.verify_payload(payload, key)
-    if DTYPE_NAMES[header.dtype] != dtype or header.shape != tuple(shape):
-        raise KVCodecError(
-            f"KV payload is {header.shape} {header.dtype}, expected {tuple(shape)} {dtype}"
-        )
-    return bytes_to_tensor(kv_payload.payload_data(payload, header), dtype, shape)
+    """The block, or KVCodecError (its `reason` says which check failed) if the payload isn't
+    exactly what `key` should hold: with `secret`, signed by a holder of that secret too.
+
+    Dtype and shape are compared before any checksum or tag is computed: a block that could
+    never fit this cache costs nothing to refuse."""
+    header = kv_payload.parse_header(payload)
+    if DTYPE_NAMES[header.dtype] != dtype:
+        raise KVCodecError(f"KV payload is {header.dtype}, expected {dtype}", "dtype")
+    if header.shape != tuple(shape):
+        raise KVCodecError(f"KV payload is {header.shape}, expected {tuple(shape)}", "shape")
+    header = kv_payload.verify_payload(payload, key, secret)
+    data = kv_payload.payload_data(payload, header)
+    check_finite(data, dtype)
+    return bytes_to_tensor(data, dtype, shape)
 
 
 # ---- prefill -> decode transfers ------------------------------------------------------------
@@ -146,7 +192,9 @@ class KVAssembler:
         dtype = parse_dtype_name(header.dtype)
         if dtype != expected_dtype:
             raise KVCodecError(
-                f"KV dtype {header.dtype} does not match this worker's {dtype_name(expected_dtype)}"
+                f"KV dtype {header.dtype} does not match this worker's "
+                f"{dtype_name(expected_dtype)}",
+                "dtype",
             )
         shape, pool = tuple(header.shape), tuple(cache_shape)
         if (
@@ -154,12 +202,13 @@ class KVAssembler:
             or shape[:2] + shape[3:] != pool[:2] + pool[3:]
             or not 0 < shape[2] <= pool[2]
         ):
-            raise KVCodecError(f"KV shape {shape} does not fit this worker's cache {pool}")
+            raise KVCodecError(f"KV shape {shape} does not fit this worker's cache {pool}", "shape")
         nbytes = _numel(shape) * dtype.itemsize
         if nbytes != header.total_bytes or nbytes > max_bytes:
             raise KVCodecError(
                 f"KV transfer declares {header.total_bytes} bytes; shape needs "
-                f"{nbytes} (limit {max_bytes})"
+                f"{nbytes} (limit {max_bytes})",
+                "size",
             )
         self.header, self.dtype = header, dtype
         self._buf = bytearray(nbytes)
@@ -167,17 +216,20 @@ class KVAssembler:
 
     def add(self, offset: int, data: bytes) -> None:
         if offset != self._received or offset + len(data) > len(self._buf):
-            raise KVCodecError(f"KV chunk at offset {offset} (+{len(data)}) out of order")
+            raise KVCodecError(
+                f"KV chunk at offset {offset} (+{len(data)}) out of order", "truncated"
+            )
         self._buf[offset : offset + len(data)] = data
         self._received += len(data)
 
     def finish(self) -> torch.Tensor:
         if self._received != len(self._buf):
             raise KVCodecError(
-                f"KV transfer ended after {self._received} of {len(self._buf)} bytes"
+                f"KV transfer ended after {self._received} of {len(self._buf)} bytes", "truncated"
             )
         if zlib.crc32(self._buf) != self.header.crc32:
-            raise KVCodecError("KV transfer checksum mismatch")
+            raise KVCodecError("KV transfer checksum mismatch", "checksum")
+        check_finite(self._buf, self.dtype)
         return (
             torch.frombuffer(self._buf, dtype=torch.uint8)
             .view(self.dtype)

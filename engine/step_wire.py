@@ -103,6 +103,37 @@ class StepWire:
             off += n
         return cls(take(t), take(t), num_cached, num_new, tables, take(s))
 
+    def check(self, block_size: int, num_blocks: int, max_positions: int) -> None:
+        """ValueError unless this is a batch a shard can run: what a peer process receives is
+        checked before any index into the KV pool or the rotary table is taken from it.
+
+        Every sequence computes at least one token, into blocks of a pool of `num_blocks`, that
+        its table has room for; positions are exactly the ones its cached and new tokens call
+        for, below `max_positions`; sampled rows are rows of this batch."""
+        if not self.num_new:
+            raise ValueError("step wire holds no sequence")
+        lists = (self.num_cached, self.block_tables)
+        if any(len(x) != self.num_seqs for x in lists) or len(self.positions) != self.num_tokens:
+            raise ValueError("step wire sizes do not add up")
+        at = 0
+        for cached, new, table in zip(
+            self.num_cached, self.num_new, self.block_tables, strict=True
+        ):
+            if cached < 0 or new < 1 or cached + new > min(len(table) * block_size, max_positions):
+                raise ValueError(
+                    f"a sequence of {cached} cached + {new} new tokens does not fit its "
+                    f"{len(table)} blocks of {block_size} (or {max_positions} positions)"
+                )
+            if table and not 0 <= min(table) <= max(table) < num_blocks:
+                raise ValueError(f"block ids outside the pool of {num_blocks}")
+            if self.positions[at : at + new] != list(range(cached, cached + new)):
+                raise ValueError("step wire positions are not its sequences' next positions")
+            at += new
+        if at != self.num_tokens:
+            raise ValueError("step wire sizes do not add up")
+        if any(not 0 <= r < self.num_tokens for r in self.sample_rows):
+            raise ValueError(f"sampled rows outside the batch of {self.num_tokens} tokens")
+
     def split(self, parts: int) -> list[StepWire]:
         """Cut into up to `parts` micro-batches of whole sequences, as even in tokens as
         sequence boundaries allow. Concatenating their sampled rows gives this wire's order."""

@@ -2,7 +2,15 @@
 
 Both keep one value per key, the block's self-describing payload (metadata and bytes together,
 so a fetch is one lookup), and both distrust what they read back: a value whose embedded key or
-CRC-32 is wrong is a miss and is deleted, never returned.
+CRC-32 is wrong is a miss and is deleted, never returned. Neither needs the mesh secret: the
+workers verify the blocks' signatures themselves (engine/kv_payload.py).
+
+Redis may need a password (`redis://:PASSWORD@host:port/db`, or `password=` from a file) and
+TLS (`rediss://`, with `RedisTLS` naming the CA and, for mutual TLS, a client certificate).
+Every command has a socket and connect timeout, and a connection that went stale across a
+Redis restart is replaced on the next command: a Redis that is down makes calls fail fast with
+BackendError (UNAVAILABLE to the kvstore's callers) and one that comes back is used again
+without restarting anything. Passwords never appear in messages (`redact_url`).
 
 Every method is async and never blocks the event loop for long: Redis calls are one round trip
 per batch (pipelines, MGET), and checksums of large batches run in a worker thread (zlib releases
@@ -15,7 +23,9 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -56,11 +66,17 @@ class KVBackend(Protocol):
     async def close(self) -> None: ...
 
 
-async def verify_values(keys: Sequence[bytes], values: Sequence[bytes | None]) -> list[bool]:
-    """Whether each present value is a well-formed payload for its key."""
+async def verify_values(
+    keys: Sequence[bytes], values: Sequence[bytes | None], secret: bytes | None = None
+) -> list[bool]:
+    """Whether each present value is a well-formed payload for its key (signed with `secret`,
+    when given)."""
 
     def check() -> list[bool]:
-        return [v is not None and is_valid_payload(v, k) for k, v in zip(keys, values, strict=True)]
+        return [
+            v is not None and is_valid_payload(v, k, secret)
+            for k, v in zip(keys, values, strict=True)
+        ]
 
     total = sum(len(v) for v in values if v is not None)
     return await asyncio.to_thread(check) if total > _THREAD_VERIFY_BYTES else check()
@@ -170,6 +186,39 @@ class MemoryBackend:
         self.num_bytes = 0
 
 
+@dataclass(frozen=True)
+class RedisTLS:
+    """Files for a rediss:// connection: the CA that signed Redis's certificate (None: the
+    system's), and this client's certificate and key when Redis asks for one."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a Redis TLS client certificate needs both its cert and its key")
+        out: dict[str, Any] = {}
+        if self.ca is not None:
+            out["ssl_ca_certs"] = self.ca
+        if self.cert is not None:
+            out["ssl_certfile"], out["ssl_keyfile"] = self.cert, self.key
+        return out
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class RedisBackend:
     """Blocks in Redis under `prefix + key`, one round trip per batch.
 
@@ -188,10 +237,25 @@ class RedisBackend:
         max_bytes: int | None = None,
         timeout_s: float = 2.0,
         max_connections: int = 32,
+        password: str | None = None,
+        tls: RedisTLS | None = None,
     ) -> None:
-        self.url = url
+        """`password`: Redis AUTH's, when the URL carries none; `tls`: files for rediss://."""
+        self.url = redact_url(url)  # what messages show
         self.prefix = prefix
         self.max_bytes = max_bytes
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"a Redis URL is redis:// or rediss://, not {self.url!r}")
+        if password is not None and parts.password:
+            raise ValueError("the Redis password is given twice: in the URL and separately")
+        extra: dict[str, Any] = {}
+        if password is not None:
+            extra["password"] = password
+        if tls is not None:
+            if parts.scheme != "rediss":
+                raise ValueError(f"Redis TLS files were given for a plaintext URL {self.url}")
+            extra.update(tls.connection_kwargs())
         # A bounded pool that waits (up to timeout_s) for a free connection; one quick retry
         # covers a pooled connection that went stale across a Redis restart, no more: a cache
         # that is down should fail fast so callers recompute.
@@ -202,6 +266,7 @@ class RedisBackend:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1),
+            **extra,
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._counters = _Counters()
@@ -215,6 +280,8 @@ class RedisBackend:
             if self.max_bytes is not None:
                 await self._redis.config_set("maxmemory", self.max_bytes)
                 await self._redis.config_set("maxmemory-policy", "allkeys-lru")
+        except aioredis.AuthenticationError as exc:  # covers a missing password too
+            raise BackendError(f"redis at {self.url} refused our credentials: {exc}") from exc
         except (aioredis.RedisError, OSError) as exc:
             raise BackendError(f"redis at {self.url}: {exc}") from exc
 

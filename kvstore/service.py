@@ -4,11 +4,16 @@ Input is checked before anything is fetched or stored (key count, empty or overs
 payload size, and on Put that each payload really is a KV payload for its key), and a bad
 request fails alone with INVALID_ARGUMENT. A backend that fails (Redis down, timed out) turns
 into UNAVAILABLE with a message, so callers fall back to recomputing; the server keeps serving.
+
+The kvstore keeps bytes and never needs the mesh secret: workers verify each block's signature
+before they use it. Given the secret anyway (`secret`), it also refuses unsigned or badly
+signed Puts at the door (INVALID_ARGUMENT), so a forged block never takes space in the store.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from splitserve.services.tracing import extract_context, tracer
 from splitserve.v1 import pb, rpc
 
 log = logging.getLogger("splitserve")
+REFUSED_LOG_INTERVAL_S = 10.0  # forged Puts are logged at most this often
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext
 
@@ -67,9 +73,14 @@ def check_block(block: pb.BlockPayload, index: int, limits: Limits) -> str | Non
 
 
 class KVStoreServicer(rpc.KVStoreServicer):
-    def __init__(self, backend: KVBackend, limits: Limits | None = None) -> None:
+    def __init__(
+        self, backend: KVBackend, limits: Limits | None = None, secret: bytes | None = None
+    ) -> None:
         self.backend = backend
         self.limits = limits or Limits()
+        self.secret = secret
+        self._refused_logged_at = -REFUSED_LOG_INTERVAL_S
+        self._refused_quiet = 0  # refusals not logged since the last line
         self._backend_down = False  # log a failing backend once, not once per RPC
 
     async def Match(self, request: pb.MatchRequest, context: Ctx) -> pb.MatchResponse:
@@ -130,14 +141,27 @@ class KVStoreServicer(rpc.KVStoreServicer):
         if not batch:
             return 0
         keys, values = [k for k, _ in batch], [v for _, v in batch]
-        valid = await verify_values(keys, values)
+        valid = await verify_values(keys, values, self.secret)
         if not all(valid):
             i = valid.index(False)
-            reason = _payload_error(values[i], keys[i])
+            reason = _payload_error(values[i], keys[i], self.secret)
+            self._log_refused(context, keys[i], reason)
             await _abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, f"block {keys[i].hex()}: {reason}"
             )
         return await self._backend_call(self.backend.put_many(batch), context)
+
+    def _log_refused(self, context: Ctx, key: bytes, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._refused_logged_at < REFUSED_LOG_INTERVAL_S:
+            self._refused_quiet += 1
+            return
+        quiet, self._refused_quiet, self._refused_logged_at = self._refused_quiet, 0, now
+        log.warning(
+            "kvstore: refused a Put from %s: block %s: %s%s",
+            context.peer(), key.hex()[:16], reason,
+            f" ({quiet} more refused since the last report)" if quiet else "",
+        )  # fmt: skip
 
     async def _validate_keys(self, keys: Sequence[bytes], context: Ctx) -> None:
         if (error := check_keys(keys, self.limits)) is not None:
@@ -173,9 +197,9 @@ def _block(key: bytes, value: bytes | None) -> pb.BlockPayload:
     return pb.BlockPayload(key=key, payload=value)
 
 
-def _payload_error(payload: bytes, key: bytes) -> str:
+def _payload_error(payload: bytes, key: bytes, secret: bytes | None) -> str:
     try:
-        verify_payload(payload, key)
+        verify_payload(payload, key, secret)
     except KVPayloadError as exc:
         return str(exc)
     return "invalid KV payload"

@@ -2,10 +2,16 @@
 
 Before a prompt runs: find how many leading blocks the local cache holds, ask the kvstore for
 the longest stored run of the hash chain, fetch the blocks between the two, check each payload
-(key, dtype, shape, checksum: a bad one is a miss, and so is everything after it) and adopt
-them as cached blocks, so the engine's own prefix lookup hits them. After it ran: write the full
-blocks the store lacks back to it, in the background. A store that is absent, down or slow
-only costs recomputation; nothing here can fail a request.
+(key, dtype, shape, checksum and, with a mesh secret, its signature: a bad one is a miss, and
+so is everything after it) and adopt them as cached blocks, so the engine's own prefix lookup
+hits them. After it ran: write the full blocks the store lacks back to it, in the background,
+signed with the mesh secret. A store that is absent, down or slow only costs recomputation;
+nothing here can fail a request.
+
+Every check runs before a block reaches the engine: a rejected block never enters the local
+prefix cache, where it would outlive the store's copy. Rejections are counted by reason
+(`kvstore_blocks_rejected_total{reason}`) and logged at most once per `REJECT_LOG_INTERVAL_S`
+per reason: a store full of forged blocks must not flood the log.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -29,6 +36,8 @@ if TYPE_CHECKING:
     from splitserve.services.metrics import WorkerMetrics
 
 log = logging.getLogger("splitserve")
+
+REJECT_LOG_INTERVAL_S = 10.0
 
 
 class PrefixStore(Protocol):
@@ -53,10 +62,14 @@ class PrefixTier:
         engine: AsyncEngine,
         store: PrefixStore | None,
         metrics: WorkerMetrics | None = None,
+        secret: bytes | None = None,
     ) -> None:
+        """`secret`: the mesh secret; blocks are signed with it and must verify with it."""
         self.engine = engine
         self.store = store
         self.metrics = metrics
+        self.secret = secret
+        self._reject_log = _RateLimitedLog(REJECT_LOG_INTERVAL_S)
         runner = engine.engine.runner
         pool = runner.kv_layout  # (layers, 2, num_blocks, block_size, kvh, hd)
         self.block_shape = pool[:2] + pool[3:]
@@ -106,11 +119,23 @@ class PrefixTier:
             if payload is None:
                 break
             try:
-                blocks.append(decode_block(payload, key, self.dtype, self.block_shape))
+                blocks.append(decode_block(payload, key, self.dtype, self.block_shape, self.secret))
             except KVCodecError as exc:
-                log.warning("kvstore block %s rejected: %s", key.hex()[:12], exc)
+                self._rejected(key, exc)
                 break
         return blocks
+
+    def _rejected(self, key: bytes, exc: KVCodecError) -> None:
+        reason = getattr(exc, "reason", "format")
+        if self.metrics is not None:
+            self.metrics.kvstore_block_rejected(reason)
+        suppressed = self._reject_log.allow(reason)
+        if suppressed is not None:
+            more = f" ({suppressed} more {reason} rejections since the last report)"
+            log.warning(
+                "kvstore block %s rejected (%s): %s; recomputing%s",
+                key.hex()[:12], reason, exc, more if suppressed else "",
+            )  # fmt: skip
 
     def write_back(self, plan: PrefixPlan, kv: KVExport) -> None:
         """Store the prompt's full blocks the kvstore lacks; returns at once."""
@@ -125,7 +150,7 @@ class PrefixTier:
     async def _put(self, hashes: list[BlockHash], start: int, data: torch.Tensor) -> None:
         def encode() -> list[tuple[bytes, bytes]]:
             return [
-                (hashes[i], encode_block(hashes[i], data[:, :, i]))
+                (hashes[i], encode_block(hashes[i], data[:, :, i], self.secret))
                 for i in range(start, len(hashes))
             ]
 
@@ -140,3 +165,22 @@ class PrefixTier:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class _RateLimitedLog:
+    """At most one line per key per `interval_s`; the next one says how many were skipped."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None: stay quiet. Otherwise log now; the value is how many were skipped."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._skipped.pop(key, 0)

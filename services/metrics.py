@@ -73,6 +73,23 @@ class WorkerMetrics:
         self._kvstore_blocks = counter(
             "kvstore_blocks_fetched_total", "Prefix blocks fetched from the kvstore and adopted"
         )
+        self._kvstore_rejected = counter(
+            "kvstore_blocks_rejected_total",
+            "kvstore blocks refused before use (bad signature, key, shape, dtype, checksum, ...)",
+            ("reason",),
+        )
+        self._kvstore_requests = counter(
+            "kvstore_requests_total",
+            "kvstore calls by outcome: ok, error, or skipped while the circuit was open",
+            ("op", "outcome"),
+        )
+        self.kvstore_circuit_state = gauge(
+            "kvstore_circuit_state",
+            "The kvstore client's circuit breaker: 0 closed, 1 open (not calling), 2 half-open",
+        )
+        self._kvstore_circuit_opens = counter(
+            "kvstore_circuit_opens_total", "Times the kvstore circuit breaker opened"
+        )
         self._prompt_tokens = counter(
             "prompt_tokens_total", "Prompt tokens by how they were obtained", ("source",)
         )
@@ -96,6 +113,20 @@ class WorkerMetrics:
 
     def kvstore_blocks_fetched(self, n: int) -> None:
         self._kvstore_blocks.labels(*self._labels).inc(n)
+
+    def kvstore_block_rejected(self, reason: str) -> None:
+        """`reason`: one of engine.kv_payload.REASONS."""
+        self._kvstore_rejected.labels(*self._labels, reason).inc()
+
+    def kvstore_request(self, op: str, outcome: str) -> None:
+        """`op`: match, get or put; `outcome`: ok, error or skipped."""
+        self._kvstore_requests.labels(*self._labels, op, outcome).inc()
+
+    def kvstore_circuit(self, state: int, opened: bool) -> None:
+        """The breaker's new state (0 closed, 1 open, 2 half-open); `opened`: it just opened."""
+        self.kvstore_circuit_state.set(state)
+        if opened:
+            self._kvstore_circuit_opens.labels(*self._labels).inc()
 
     def prompt_tokens(self, computed: int, cached: int) -> None:
         self._prompt_tokens.labels(*self._labels, "computed").inc(computed)

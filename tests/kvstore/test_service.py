@@ -3,7 +3,6 @@ input rejected without harm, a backend outage as UNAVAILABLE, SIGTERM as a clean
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -12,62 +11,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kvstore_testing import free_port, make_keys, payload, throwaway_redis
+from grpc_health.v1 import health_pb2
+from kvstore_testing import KVStoreProcess, make_keys, payload, throwaway_redis
 
 from splitserve.v1 import pb, rpc
 
 SERVICE = "splitserve.v1.KVStore"
 MAX_KEYS = 64
 MAX_PAYLOAD = 64 * 1024
-
-
-class KVStoreProcess:
-    def __init__(self, log_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "splitserve.kvstore", "--port", str(self.port), *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = rpc.KVStoreStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def health_status(self, service: str = SERVICE) -> int:
-        request = health_pb2.HealthCheckRequest(service=service)
-        return self.health.Check(request, timeout=1.0).status
-
-    def wait_serving(self, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"kvstore exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if self.health_status() == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.05)
-        pytest.fail(f"kvstore not SERVING after {timeout_s}s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log_path.read_text()  # the child writes it; we only read
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit code (killed and failed if it takes over 5 s)."""
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"kvstore ignored SIGTERM for 5 s:\n{self.output()}")
-        finally:
-            self._log.close()
 
 
 def _start(tmp_path: Path, *args: str) -> KVStoreProcess:
