@@ -121,9 +121,18 @@ class LLMEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
         export_kv: bool = False,
+        resume_token_ids: Seq[int] = (),
     ) -> None:
-        """Queue a request. `export_kv`: attach the prompt's KV to the final output."""
+        """Queue a request. `export_kv`: attach the prompt's KV to the final output.
+
+        `resume_token_ids`: output the request already produced elsewhere (a migrated
+        request). They are computed with the prompt and count as output in every respect
+        (max_tokens, min_tokens, penalties, the seed's position); only new tokens are reported.
+        """
         seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
+        if resume_token_ids:
+            self.check_resume(prompt_token_ids, params, resume_token_ids)
+            seq.resume_from(resume_token_ids)
         self._requests[request_id] = _Request(seq, self._stop_checker(seq, params), export_kv)
         self.scheduler.add(seq)
 
@@ -213,7 +222,8 @@ class LLMEngine:
         self.block_manager.register_full_blocks(
             seq, seq.block_hashes(self.block_size, self.namespace)
         )
-        self._skip_first_draw(seq)
+        # No draw to skip for a seeded request: the sampler seeds each output position on its
+        # own, so the next token (position 1) draws what it would have in one engine.
         self._requests[request_id] = request
         seq.status = SequenceStatus.RUNNING
         self.scheduler.running.append(seq)
@@ -230,13 +240,6 @@ class LLMEngine:
     @property
     def num_reserved_requests(self) -> int:
         return len(self._reserved)
-
-    def _skip_first_draw(self, seq: Sequence) -> None:
-        # The prefill worker drew the first token from this seed's stream: consume the same
-        # draw (the sampler takes exactly `vocab` exponentials per step) so a seeded request
-        # samples the same tokens disaggregated as it does in one engine.
-        if seq.generator is not None and not seq.params.is_greedy:
-            torch.empty(self.model_config.vocab_size).exponential_(generator=seq.generator)
 
     # ---- prefix blocks from outside (the kvstore) ----------------------------------------
     def prompt_block_hashes(
@@ -445,7 +448,26 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in prompt):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
 
+    def check_resume(self, prompt: Seq[int], params: SamplingParams, resume: Seq[int]) -> None:
+        """RequestError unless `resume` can be the output so far of `prompt` under `params`:
+        ids in the vocabulary, fewer than max_tokens, prompt + resume within the context.
+        Like check_request, safe from any thread."""
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in resume):
+            raise RequestError(f"resume token ids must be in [0, {vocab})")
+        if len(resume) >= params.max_tokens:
+            raise RequestError(
+                f"{len(resume)} resume tokens leave nothing to generate (max_tokens "
+                f"{params.max_tokens})"
+            )
+        if len(prompt) + len(resume) >= self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(prompt)}) + resume ({len(resume)}) tokens leave no room in the "
+                f"context ({self.max_model_len})"
+            )
+
     def _stop_checker(self, seq: Sequence, params: SamplingParams) -> StopChecker:
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this model has none")
-        return StopChecker(params, self.eos_token_ids, self.tokenizer, seq.prompt_token_ids)
+        # The detokenizer's context is everything before the first token it will be shown.
+        return StopChecker(params, self.eos_token_ids, self.tokenizer, list(seq.all_token_ids))

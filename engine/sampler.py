@@ -9,9 +9,12 @@ Pipeline per step (rows are processed together; Python loops only run over rows,
          -> greedy rows: argmax (first index on ties, as HF greedy)
          -> other rows: / temperature -> top-k -> top-p -> min-p -> exponential race
 
-Reproducibility: a seeded row samples with its own generator and draws exactly V exponentials per
-step, so its tokens depend on neither the batch nor its position in it. Unseeded rows share the
-sampler's generator.
+Reproducibility: a seeded row samples with its own generator, reseeded before every draw from
+(seed, output position) and drawing exactly V exponentials, so the token at output position i
+depends only on the seed, i and the logits: not on the batch, the row's place in it, or where
+the request started. A request resumed at position k on another worker (after a prefill worker
+sampled its first token, or after the router migrated it) draws what the original would have.
+Unseeded rows share the sampler's generator.
 """
 
 from __future__ import annotations
@@ -46,10 +49,25 @@ class SampleResult:
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """The per-request generator for SamplingRow.generator; None when the request has no seed."""
+    """The per-request generator for SamplingRow.generator; None when the request has no seed.
+    The sampler reseeds it for every output position (position_seed), so its state between
+    steps does not matter."""
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(position_seed(seed, 0))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed for a request's output position: a SplitMix64 finalizer over the
+    request's seed and the position, so neighbouring positions (and seeds) get unrelated streams.
+    """
+    x = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 class Sampler:
@@ -132,8 +150,15 @@ class Sampler:
         if shared:
             q[shared] = q[shared].exponential_(generator=self._shared_generator(device))
         for i, r in enumerate(rows):
-            if r.generator is not None:
-                q[i].exponential_(generator=r.generator)  # exactly V draws from its own stream
+            if r.generator is None:
+                continue
+            gen = r.generator
+            if r.params.seed is not None:  # position i of the output draws from (seed, i) alone
+                gen.manual_seed(position_seed(r.params.seed, len(r.output_token_ids)))
+            if gen.device == q.device:
+                q[i].exponential_(generator=gen)  # exactly V draws
+            else:  # a CPU generator for CUDA logits: the same draws, wherever the row runs
+                q[i] = torch.empty(vocab_size, device=gen.device).exponential_(generator=gen)
         return q
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:

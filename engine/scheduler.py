@@ -120,8 +120,10 @@ class Scheduler:
             if not bm.allocate_slots(seq, n, cached):
                 break
             self.waiting.popleft()
-            if seq.num_preemptions == 0:
-                seq.num_cached_prompt_tokens = len(cached) * bm.block_size
+            if seq.num_preemptions == 0:  # a resumed request's own output is not prompt
+                seq.num_cached_prompt_tokens = min(
+                    len(cached) * bm.block_size, seq.num_prompt_tokens
+                )
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)

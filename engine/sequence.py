@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,14 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def resume_from(self, output_token_ids: Iterable[int]) -> None:
+        """Before it is scheduled: the request already produced these tokens elsewhere (a
+        migrated request). They are output like any other, and get computed with the prompt."""
+        if self.num_computed_tokens or self.output_token_ids:
+            raise ValueError("only a sequence that has not started can be resumed")
+        self.output_token_ids = list(output_token_ids)
+        self.all_token_ids = [*self.prompt_token_ids, *self.output_token_ids]
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -102,10 +102,12 @@ class PrefillServicer(rpc.PrefillServicer):
     async def Prefill(self, request: pb.PrefillRequest, context: Ctx) -> pb.PrefillResponse:
         with tracer().start_as_current_span("prefill.Prefill", context=extract_context(context)):
             try:
-                return await self._prefill(request)
+                return await self._prefill(request, context.time_remaining())
             except Exception as exc:
                 error = exc
         self.w.metrics.request_done("rejected")
+        if isinstance(error, TimeoutError):  # the deadline passed during the kvstore lookup
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed")
         await abort_with(context, error)
 
     async def PullKV(self, request: pb.PullKVRequest, context: Ctx) -> AsyncIterator[pb.KVChunk]:
@@ -133,7 +135,12 @@ class PrefillServicer(rpc.PrefillServicer):
         return worker_load(self.w.engine, self.w.worker_id, self.w.role)
 
     # ---- the prefill -----------------------------------------------------------------------
-    async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
+    async def _prefill(
+        self, request: pb.PrefillRequest, time_left: float | None = None
+    ) -> pb.PrefillResponse:
+        """`time_left`: until the RPC's deadline (None: none). gRPC cancels the call when it
+        passes, which aborts the engine request and ends the lease reservation; the kvstore
+        lookup is bounded by it too, so a slow store can't outlast the request."""
         prompt = list(request.prompt_token_ids)
         params = to_params(request.sampling)
         llm = self.w.engine.engine
@@ -145,7 +152,8 @@ class PrefillServicer(rpc.PrefillServicer):
         except LeaseCapacityError as exc:
             raise OverloadedError(str(exc)) from None
         with reservation:
-            plan = await self.w.prefix.prepare(prompt, salt)
+            lookup = self.w.prefix.prepare(prompt, salt)
+            plan = await asyncio.wait_for(lookup, None if time_left is None else max(0, time_left))
             out = await self._run(request_id, prompt, params, salt)
             assert out.kv is not None  # export_kv=True always attaches it
             finish = self._finish_reason(out, params, len(prompt))

@@ -199,14 +199,18 @@ class AsyncEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
         export_kv: bool = False,
+        resume_token_ids: Sequence[int] = (),
     ) -> RequestStream:
-        """Queue a request; its outputs arrive on the returned stream."""
-        self._check_admission(request_id, len(prompt_token_ids))
-        stream = self._register(request_id, len(prompt_token_ids), queued=True)
+        """Queue a request; its outputs arrive on the returned stream. `resume_token_ids`:
+        output already produced elsewhere (LLMEngine.add_request), computed with the prompt."""
+        resume = list(resume_token_ids)
+        num_tokens = len(prompt_token_ids) + len(resume)  # all of them get prefilled
+        self._check_admission(request_id, num_tokens)
+        stream = self._register(request_id, len(prompt_token_ids), queued=True, work=num_tokens)
         prompt = list(prompt_token_ids)
 
         def add(engine: LLMEngine) -> None:
-            engine.add_request(stream.key, prompt, params, cache_salt, export_kv)
+            engine.add_request(stream.key, prompt, params, cache_salt, export_kv, resume)
             self._running[stream.key] = stream
 
         await self._guarded(stream, add)
@@ -299,14 +303,17 @@ class AsyncEngine:
         if self._queued_tokens and self._queued_tokens + num_tokens > self.max_queued_tokens:
             raise QueueFullError(f"{self._queued_tokens} prompt tokens already waiting")
 
-    def _register(self, request_id: str, num_tokens: int, queued: bool) -> RequestStream:
+    def _register(
+        self, request_id: str, num_tokens: int, queued: bool, work: int | None = None
+    ) -> RequestStream:
         stream = RequestStream(self, request_id, f"{request_id}#{next(self._ids)}", num_tokens)
         self._streams[request_id] = stream
         self._idle.clear()
         if queued:
             stream.queued = True
+            stream.num_queued_tokens = num_tokens if work is None else work
             self._num_queued += 1
-            self._queued_tokens += num_tokens
+            self._queued_tokens += stream.num_queued_tokens
         return stream
 
     async def _guarded(self, stream: RequestStream, fn: Callable[[LLMEngine], None]) -> None:
@@ -321,7 +328,7 @@ class AsyncEngine:
         if stream.queued:
             stream.queued = False
             self._num_queued -= 1
-            self._queued_tokens -= stream.num_prompt_tokens
+            self._queued_tokens -= stream.num_queued_tokens
 
     def _forget(self, stream: RequestStream) -> None:
         self._dequeue(stream)

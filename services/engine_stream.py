@@ -71,6 +71,7 @@ class RequestStream:
         self.request_id = request_id
         self.key = key  # the engine's id: unique per submission, so a reused id never mixes
         self.num_prompt_tokens = num_prompt_tokens
+        self.num_queued_tokens = num_prompt_tokens  # what it counts against the queue bound
         self.num_output_tokens = 0
         self.num_cached_tokens = 0
         self.finished = False

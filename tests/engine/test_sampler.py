@@ -12,7 +12,13 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from splitserve.engine.sampler import Sampler, SamplingRow, filter_probs, make_generator
+from splitserve.engine.sampler import (
+    Sampler,
+    SamplingRow,
+    filter_probs,
+    make_generator,
+    position_seed,
+)
 from splitserve.engine.sampling_params import SamplingParams
 
 EOS = 3
@@ -295,9 +301,53 @@ def test_sampling_distribution_shared_generator() -> None:
 
 def test_sampling_distribution_one_seeded_request_over_steps() -> None:
     probs = [0.1, 0.2, 0.3, 0.4]
-    sampler, r = Sampler(), row(SamplingParams(seed=5))
-    tokens = [sampler(logits_for(probs), [r]).token_ids[0] for _ in range(2000)]
+    sampler, params = Sampler(), SamplingParams(seed=5)
+    gen = make_generator(params.seed)
+    tokens: list[int] = []
+    for _ in range(2000):  # each step one output position further
+        tokens += sampler(logits_for(probs), [row(params, output=tokens, generator=gen)]).token_ids
     assert chi_square(tokens, probs) < CHI2_3DF
+
+
+def test_a_seeded_draw_depends_only_on_the_seed_and_the_output_position() -> None:
+    """Per-position seeding: sampling resumed at any position (another worker, a fresh
+    generator) draws exactly what the uninterrupted run drew there."""
+    vocab = 64
+    params = SamplingParams(seed=77, temperature=1.0)
+
+    def logits_at(position: int) -> torch.Tensor:
+        return torch.sin(torch.arange(vocab) * (position + 1.0)).unsqueeze(0) * 3
+
+    def run(start: list[int], steps: int) -> list[int]:
+        gen = make_generator(params.seed)
+        tokens = list(start)
+        for _ in range(steps):
+            out = Sampler()(logits_at(len(tokens)), [row(params, output=tokens, generator=gen)])
+            tokens += out.token_ids
+        return tokens
+
+    whole = run([], 16)
+    assert len(set(whole)) > 4  # actually sampling
+    for k in (0, 1, 5, 15):
+        assert run(whole[:k], 16 - k) == whole, k
+    # A draw that is not a function of the generator's history: the same position twice.
+    gen = make_generator(params.seed)
+    twice = [Sampler()(logits_at(3), [row(params, output=whole[:3], generator=gen)]) for _ in "ab"]
+    assert twice[0].token_ids == twice[1].token_ids == [whole[3]]
+    # Another seed draws another sequence.
+    other = SamplingParams(seed=78, temperature=1.0)
+    gen = make_generator(other.seed)
+    tokens: list[int] = []
+    for _ in range(16):
+        out = Sampler()(logits_at(len(tokens)), [row(other, output=tokens, generator=gen)])
+        tokens += out.token_ids
+    assert tokens != whole
+
+
+def test_position_seeds_are_distinct_and_take_any_int64_seed() -> None:
+    seeds = {position_seed(s, i) for s in (-(2**63), -1, 0, 1, 2**63 - 1) for i in range(100)}
+    assert len(seeds) == 500 and all(0 <= x < 2**64 for x in seeds)
+    torch.Generator().manual_seed(max(seeds))  # the generator takes every value
 
 
 def test_sampling_distribution_with_temperature_and_top_k() -> None:
