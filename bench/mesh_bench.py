@@ -391,15 +391,14 @@ def engine_info(engine: Any) -> dict[str, Any]:
 
 
 # ---- mesh client sessions --------------------------------------------------------------------
-def _channel(address: str) -> Any:
-    import grpc
-
-    from splitserve.bench.mesh_runner import CLIENT_CHANNEL_OPTIONS
-
-    return grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
+def _channel(mesh: RunningMesh, name: str) -> Any:
+    """The router with the mesh's API key, the kvstore with its client certificate."""
+    return mesh.channel(name)
 
 
-async def _warm_up(address: str, settings: MeshBenchSettings, vocab: int, tag: str, disagg: bool):
+async def _warm_up(
+    mesh: RunningMesh, router: str, settings: MeshBenchSettings, vocab: int, tag: str, disagg: bool
+):
     """One short request: the router sees its workers, the workers' kernels are loaded."""
     from splitserve.bench.mesh_runner import generate_request, wait_until_served
     from splitserve.v1 import rpc
@@ -412,12 +411,13 @@ async def _warm_up(address: str, settings: MeshBenchSettings, vocab: int, tag: s
         cache_salt=f"warmup-{tag}",
         disaggregate=True if disagg else None,
     )
-    async with _channel(address) as channel:
+    async with _channel(mesh, router) as channel:
         await wait_until_served(rpc.InferenceStub(channel), req)
 
 
 async def run_mesh_workload(
-    address: str,
+    mesh: RunningMesh,
+    router: str,
     requests: list[BenchRequest],
     tag: str,
     repeats: int = 1,
@@ -432,7 +432,7 @@ async def run_mesh_workload(
     expected = sum(r.output_len for r in requests)
     runs: list[ThroughputResult] = []
     tokens: dict[str, list[int]] = {}
-    async with _channel(address) as channel:
+    async with _channel(mesh, router) as channel:
         stub = rpc.InferenceStub(channel)
         for k in range(repeats):
             reqs = [
@@ -479,7 +479,7 @@ async def _ttft_case(
     before_p = scrape_metrics(mesh.metrics_url(prefill))
     results: list[StreamResult] = []
     stored_before: list[int] = []
-    async with _channel(mesh.address(router)) as ch, _channel(mesh.address("kvstore")) as kv_ch:
+    async with _channel(mesh, router) as ch, _channel(mesh, "kvstore") as kv_ch:
         stub, store = rpc.InferenceStub(ch), rpc.KVStoreStub(kv_ch)
         for i, prompt in enumerate(prompts.prompts[case]):
             stored_before.append(await store_match(store, keys.prefix[i]))
@@ -529,8 +529,8 @@ class ChainKeys:
 
 
 async def warm_up_disagg(mesh: RunningMesh, settings: MeshBenchSettings, vocab: int) -> None:
-    await _warm_up(mesh.address("router-cold"), settings, vocab, "disagg-cold", disagg=True)
-    await _warm_up(mesh.address("router"), settings, vocab, "disagg", disagg=True)
+    await _warm_up(mesh, "router-cold", settings, vocab, "disagg-cold", disagg=True)
+    await _warm_up(mesh, "router", settings, vocab, "disagg", disagg=True)
 
 
 async def run_disagg_session(
@@ -557,7 +557,7 @@ async def run_disagg_session(
         decode_metrics = mesh.metrics_url("decode-0")
         before = scrape_metrics(decode_metrics)
         runs, tokens = await run_mesh_workload(
-            mesh.address("router"), bench.workload, "disagg", disaggregate=True
+            mesh, "router", bench.workload, "disagg", disaggregate=True
         )
         bench.workload_transfer = transfer_delta(before, scrape_metrics(decode_metrics))
         mesh.check_alive()
@@ -689,10 +689,10 @@ def _run(args: argparse.Namespace) -> int:
                 )
                 bench.startup_seconds["colocated"] = mesh.started_s
                 phases.pids = mesh.pids
-                asyncio.run(_warm_up(mesh.address("router"), settings, vocab, "colo", False))
+                asyncio.run(_warm_up(mesh, "router", settings, vocab, "colo", False))
             with phases(PHASES[3]):
-                address = mesh.address("router")
-                workload = run_mesh_workload(address, requests, "colocated", settings.repeats)
+                repeats = settings.repeats
+                workload = run_mesh_workload(mesh, "router", requests, "colocated", repeats)
                 runs, tokens = asyncio.run(workload)
                 mesh.check_alive()
             bench.colocated = ThroughputRun.best_of("mesh, colocated", runs)

@@ -10,6 +10,9 @@ under the launcher's process supervision (cli/mesh.py), and talked to as a clien
         scrape_metrics(mesh.metrics_url("decode-0"))
 
 Every service logs to LOG_DIR/<name>.log; a startup failure raises MeshError with the tails.
+Each mesh is secured as `splitserve up` secures it (mutual TLS inside, an API key at the
+routers), its secrets in a private temporary directory removed with it; `mesh.channel(name)`
+dials a router with the key, any other service with the launcher's client certificate.
 """
 
 from __future__ import annotations
@@ -17,16 +20,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
+
+import grpc
 
 from splitserve.mesh import Console, Mesh, StartupError
+from splitserve.services.security import TLSConfig, open_channel
 from splitserve.topology import ServiceSpec, Topology
 
 if TYPE_CHECKING:
@@ -97,6 +106,19 @@ def set_flag(args: Sequence[str], flag: str, value: str) -> list[str]:
     return out
 
 
+def secrets_dir() -> str:
+    """A new private directory's path for a mesh's secrets: `running_mesh` creates it (0700)
+    and removes it at the end."""
+    return os.path.join(tempfile.gettempdir(), f"splitserve-bench-{uuid.uuid4().hex}")
+
+
+def local_topology(args: argparse.Namespace, secrets: str) -> Topology:
+    """`up`'s topology for these flags, its secrets in `secrets`."""
+    from splitserve.cmd_up import local_topology as up_topology
+
+    return up_topology(args, secrets)
+
+
 def without_kvstore(topology: Topology) -> Topology:
     """The same mesh with no kvstore: workers keep only their local prefix cache."""
     services = [
@@ -108,12 +130,13 @@ def without_kvstore(topology: Topology) -> Topology:
         for s in topology.services
         if s.name != "kvstore"
     ]
-    return Topology(services=services, placement=topology.placement)
+    return replace(topology, services=services)
 
 
 def colocated_topology(engine_flags: Sequence[str]) -> Topology:
     """Router + one colocated worker: one engine process does all the work (no kvstore)."""
     grpc_port, http_port = free_port(), free_port()
+    secrets = secrets_dir()
 
     def build(offset: int) -> Topology:
         args = up_args(
@@ -121,7 +144,7 @@ def colocated_topology(engine_flags: Sequence[str]) -> Topology:
             *("--colocated", "--decode", "1", "--port-offset", str(offset)),
             *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
         )
-        return without_kvstore(Topology.from_args(args))
+        return without_kvstore(local_topology(args, secrets))
 
     return _place(build)
 
@@ -135,10 +158,13 @@ def _route_only(router: ServiceSpec, drop: ServiceSpec, topology: Topology) -> S
     )
 
 
-def split_routers(topology: Topology, cold_grpc: int, cold_http: int) -> Topology:
+def split_routers(
+    topology: Topology, cold_grpc: int, cold_http: int, cold_internal: int
+) -> Topology:
     """Two routers over one decode worker and kvstore, each with a prefill worker of its own:
     `router` sends prompts to prefill-1 only, `router-cold` to prefill-0 only. A prefix
-    computed through router-cold reaches prefill-1 only by way of the kvstore."""
+    computed through router-cold reaches prefill-1 only by way of the kvstore. (The two share
+    the router's certificate and API key file.)"""
     router = topology.router
     prefill = [w for w in topology.workers if w.name.startswith("prefill-")]
     if len(prefill) != 2:
@@ -149,17 +175,22 @@ def split_routers(topology: Topology, cold_grpc: int, cold_http: int) -> Topolog
         cold,
         name="router-cold",
         args=set_flag(
-            set_flag(cold.args, "--grpc-port", str(cold_grpc)), "--http-port", str(cold_http)
+            set_flag(
+                set_flag(cold.args, "--grpc-port", str(cold_grpc)), "--http-port", str(cold_http)
+            ),
+            "--internal-port",
+            str(cold_internal),
         ),
-        ports={"grpc": cold_grpc, "http": cold_http},
+        ports={"grpc": cold_grpc, "http": cold_http, "internal": cold_internal},
     )
     services = [s for s in topology.services if s.name != "router"] + [main, cold]
-    return Topology(services=services, placement=topology.placement)
+    return replace(topology, services=services)
 
 
 def disagg_topology(engine_flags: Sequence[str]) -> Topology:
     """kvstore (in memory), prefill-0, prefill-1, decode-0, `router` and `router-cold`."""
-    ports = [free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(5)]
+    secrets = secrets_dir()
 
     def build(offset: int) -> Topology:
         args = up_args(
@@ -169,7 +200,7 @@ def disagg_topology(engine_flags: Sequence[str]) -> Topology:
             "--no-register",
             *("--grpc-port", str(ports[0]), "--http-port", str(ports[1])),
         )
-        return split_routers(Topology.from_args(args), ports[2], ports[3])
+        return split_routers(local_topology(args, secrets), *ports[2:])
 
     return _place(build)
 
@@ -196,9 +227,22 @@ class RunningMesh:
     mesh: Mesh
     log_dir: str
     started_s: float = 0.0  # launch to every service SERVING
+    api_key: str | None = None  # what the routers ask clients for
+    tls: TLSConfig | None = None  # the launcher's client certificate
 
     def address(self, name: str) -> str:
         return f"{HOST}:{self.topology.service(name).ports['grpc']}"
+
+    def channel(self, name: str) -> grpc.aio.Channel:
+        """A grpc.aio channel: to a router's public port with the API key, to any other
+        service with the client certificate."""
+
+        if self.topology.service(name).module != "splitserve.router":
+            return open_channel(self.address(name), self.tls, CLIENT_CHANNEL_OPTIONS)
+        interceptors = api_key_interceptors(self.api_key) if self.api_key else []
+        return grpc.aio.insecure_channel(
+            self.address(name), options=CLIENT_CHANNEL_OPTIONS, interceptors=interceptors
+        )
 
     def metrics_url(self, name: str) -> str:
         return f"http://{HOST}:{self.topology.service(name).ports['metrics']}/metrics"
@@ -215,24 +259,59 @@ class RunningMesh:
 
 @contextmanager
 def running_mesh(topology: Topology, log_dir: str, timeout: float = 300.0) -> Iterator[RunningMesh]:
-    """Start every service (dependencies first), yield once all are SERVING, stop them all."""
+    """Start every service (dependencies first), yield once all are SERVING, stop them all.
+    Writes the topology's secrets first, and removes them at the end."""
+    from splitserve.run_secrets import client_tls, write_secrets
+
     os.makedirs(log_dir, exist_ok=True)
     console = QuietConsole(topology.names, log_dir)
-    mesh = Mesh(topology, console)
-    start = time.perf_counter()
     try:
+        api_key = write_secrets(topology)
+        mesh = Mesh(topology, console, client_tls(topology))
+        start = time.perf_counter()
         try:
-            mesh.start(timeout, threading.Event())
-        except StartupError as exc:
-            tail = "\n".join(mesh.tails(exc.culprits))
-            raise MeshError(f"{exc} (logs in {log_dir})\n{tail}") from None
-        yield RunningMesh(topology, mesh, log_dir, time.perf_counter() - start)
+            try:
+                mesh.start(timeout, threading.Event())
+            except StartupError as exc:
+                tail = "\n".join(mesh.tails(exc.culprits))
+                raise MeshError(f"{exc} (logs in {log_dir})\n{tail}") from None
+            started = time.perf_counter() - start
+            yield RunningMesh(topology, mesh, log_dir, started, api_key, mesh.tls)
+        finally:
+            mesh.stop(STOP_GRACE_S)
     finally:
-        mesh.stop(STOP_GRACE_S)
         console.close()
+        if topology.secrets is not None:
+            shutil.rmtree(topology.secrets.dir, ignore_errors=True)
 
 
 # ---- the client side --------------------------------------------------------------------------
+class _WithApiKey:
+    """`authorization: Bearer KEY` on a channel's calls."""
+
+    def __init__(self, api_key: str) -> None:
+        self.header = ("authorization", f"Bearer {api_key}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self.header)
+        return details._replace(metadata=metadata)
+
+
+class _UnaryWithApiKey(_WithApiKey, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _StreamWithApiKey(_WithApiKey, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+def api_key_interceptors(api_key: str) -> list[grpc.aio.ClientInterceptor]:
+    """For a grpc.aio channel, which takes one interceptor per kind of call."""
+    return [_UnaryWithApiKey(api_key), _StreamWithApiKey(api_key)]
+
+
 @dataclass
 class StreamResult:
     """One Generate call as the client saw it; times are time.perf_counter() values."""

@@ -38,7 +38,7 @@ def run_service(name: str, argv: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from splitserve import cmd_bench, cmd_generate, cmd_plan, cmd_up
+    from splitserve import cmd_bench, cmd_certs, cmd_generate, cmd_plan, cmd_up
 
     parser = argparse.ArgumentParser(
         prog="splitserve",
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_bench.add_parser(sub)
     cmd_up.add_parser(sub)
     cmd_plan.add_parser(sub)
+    cmd_certs.add_parser(sub)
     for name, help_text in SERVICES.items():
         # Listed for --help only: main() hands these commands' arguments over untouched.
         sub.add_parser(name, help=help_text, add_help=False)

@@ -22,3 +22,7 @@ def add_parser(sub) -> None:
     from splitserve.bench import linear_bench
 
     linear_bench.add_parser(bsub)
+
+    from splitserve.bench import faults
+
+    faults.add_parser(bsub)

@@ -3,17 +3,27 @@
 Starts every launchable service of the topology (kvstore, prefill, decode, router; see
 topology.py) under mesh.py's supervision, prints the endpoints once all report SERVING, and
 stops everything on Ctrl-C / SIGTERM (exit 0; a second Ctrl-C skips the drain). A child that
-dies while up stops the rest (exit 1); a startup failure is one line (exit 2).
+dies while up is restarted; a crash loop stops the rest (exit 1); a startup failure is one line
+(exit 2).
+
+By default the mesh is locked: a fresh private run directory (removed on exit; --secrets-dir
+keeps one) gets a CA and a certificate per service, so every internal connection is mutual
+TLS; a mesh secret that signs KV blocks; and an API key the router asks every client for,
+printed in the banner. `--insecure` (plaintext internal plane, loopback only) and `--no-auth`
+(no API key) opt out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -21,8 +31,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from splitserve.cli import CLIError
-from splitserve.mesh import GRACE_SECONDS, Console, Mesh, StartupError
-from splitserve.topology import COMPOSE, Topology, render_compose_yaml
+from splitserve.mesh import GRACE_SECONDS, Console, Mesh, RestartPolicy, StartupError
+from splitserve.topology import COMPOSE, LOCAL, Secrets, Topology, render_compose_yaml
 
 DEMO_PROMPT = "What is the capital of France?"
 POLICIES = ("prefix_aware", "round_robin", "least_tokens")
@@ -95,6 +105,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="send one chat completion once up, print the answer, then stop everything",
     )
+    sec = p.add_argument_group("security (by default: mutual TLS inside, an API key outside)")
+    sec.add_argument(
+        "--secrets-dir",
+        default=None,
+        metavar="DIR",
+        help="keep the certificates, mesh secret and API key here, and reuse them next time "
+        "(default: a private temporary directory, removed on exit)",
+    )
+    sec.add_argument("--api-key", default=None, help="the key clients send (default: a new one)")
+    sec.add_argument("--no-auth", action="store_true", help="the router asks for no API key")
+    sec.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC between the services (they are on loopback) instead of mutual TLS",
+    )
     g.add_argument(
         "--print-compose",
         action="store_true",
@@ -108,9 +133,36 @@ def run(args: argparse.Namespace) -> int:
     if args.print_compose:
         sys.stdout.write(render_compose_yaml(Topology.from_args(args, COMPOSE)))
         return 0
-    return serve(
-        Topology.from_args(args), timeout=args.timeout, demo=args.demo, log_dir=args.log_dir
-    )
+    from splitserve.run_secrets import write_secrets
+
+    check_api_key(args)
+    run_dir = args.secrets_dir or tempfile.mkdtemp(prefix="splitserve-up-")  # 0700
+    try:
+        topology = local_topology(args, run_dir)
+        api_key = write_secrets(topology, args.api_key)
+        return serve(
+            topology,
+            timeout=args.timeout,
+            demo=args.demo,
+            log_dir=args.log_dir,
+            api_key=api_key,
+        )
+    finally:
+        if not args.secrets_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def local_topology(args: argparse.Namespace, secrets_dir: str) -> Topology:
+    """`up`'s topology, its secrets in `secrets_dir` (which `write_secrets` then fills)."""
+    secrets = Secrets(secrets_dir, tls=not args.insecure, api_key_file=not args.no_auth)
+    return Topology.from_args(args, LOCAL, secrets)
+
+
+def check_api_key(args: argparse.Namespace) -> None:
+    if args.api_key is not None and not re.fullmatch(r"[\x21-\x7e]{8,256}", args.api_key):
+        raise CLIError("--api-key must be 8-256 printable characters, without spaces")
+    if args.api_key is not None and args.no_auth:
+        raise CLIError("--api-key and --no-auth contradict each other")
 
 
 # --- serve -----------------------------------------------------------------------------------
@@ -123,31 +175,33 @@ def serve(
     demo: bool = False,
     log_dir: str | None = None,
     grace: float = GRACE_SECONDS,
+    api_key: str | None = None,
+    policy: RestartPolicy | None = None,
 ) -> int:
-    """Run the topology's services until Ctrl-C/SIGTERM (0), a child dies (1), or --demo ends."""
+    """Run the topology's services until Ctrl-C/SIGTERM (0), a crash loop (1), or --demo ends.
+    Its secrets must be written already (`write_secrets`)."""
+    from splitserve.run_secrets import client_tls
+
     check_ports_free(topology)
     console = Console([s.name for s in topology.services], log_dir)
-    mesh = Mesh(topology, console)
+    mesh = Mesh(topology, console, client_tls(topology), policy)
     stop = threading.Event()
     restore = _handle_signals(stop, mesh.force)
     try:
         if not mesh.start(timeout, stop):
             return 0
         http_port = topology.router.ports["http"]
-        model = served_model(http_port)
-        console.say(describe(topology, model, log_dir))
+        model = served_model(http_port, api_key)
+        console.say(describe(topology, model, log_dir, api_key))
         if demo:
-            run_demo(http_port, model, console)
+            run_demo(http_port, model, console, api_key)
             return 0
-        dead = mesh.wait(stop)
-        if dead is None:
+        crash_loop = mesh.supervise(stop)
+        if crash_loop is None:
             return 0
-        _print_lines(console, mesh.tails([dead.name]))
-        console.say(
-            f"splitserve: error: {dead.name} exited with status {dead.proc.returncode}; "
-            "stopping the rest",
-            sys.stderr,
-        )
+        name, reason = crash_loop
+        _print_lines(console, mesh.tails([name]))
+        console.say(f"splitserve: error: {reason}; stopping the rest", sys.stderr)
         return 1
     except StartupError as exc:
         _print_lines(console, mesh.tails(exc.culprits))
@@ -220,7 +274,9 @@ def _port_is_free(host: str, port: int) -> bool:
 # --- what the user sees once up ---------------------------------------------------------------
 
 
-def describe(topology: Topology, model: str | None, log_dir: str | None) -> str:
+def describe(
+    topology: Topology, model: str | None, log_dir: str | None, api_key: str | None = None
+) -> str:
     host = topology.placement.bind_host
     router = topology.router
     http = f"http://{host}:{router.ports['http']}"
@@ -234,43 +290,60 @@ def describe(topology: Topology, model: str | None, log_dir: str | None) -> str:
     body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64}
     if model:
         body = {"model": model, **body}
+    auth = f" -H {shlex.quote(f'Authorization: Bearer {api_key}')}" if api_key else ""
     lines = [
         f"splitserve is up: {', '.join(s.name for s in topology.services if s.launchable)}",
         f"  HTTP (OpenAI)  {http}/v1",
         f"  gRPC           {host}:{router.ports['grpc']}  (splitserve.v1.Inference, health, "
         "reflection)",
+        f"  API key        {api_key or 'none (--no-auth)'}",
+        f"  internal       {_internal_plane(topology)}",
         *(
             f"  {'metrics' if i == 0 else '':<15}{name:<{width}}  {url}"
             for i, (name, url) in enumerate(metrics)
         ),
         *([f"  logs           {log_dir}/<service>.log"] if log_dir else []),
         "  try:",
-        f"    curl {http}/v1/chat/completions -H 'Content-Type: application/json' \\",
+        f"    curl {http}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
         f"      -d {shlex.quote(json.dumps(body))}",
         "  Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
 
 
-def _http(url: str, body: dict | None = None, timeout: float = 10.0) -> dict:
+def _internal_plane(topology: Topology) -> str:
+    s = topology.secrets
+    if s is None or not s.tls:
+        return "plaintext gRPC on loopback (--insecure)"
+    return f"mutual TLS, certificates in {s.dir}"
+
+
+def _http(
+    url: str, body: dict | None = None, timeout: float = 10.0, api_key: str | None = None
+) -> dict:
     # No proxy: the router is on loopback and an HTTP(S)_PROXY from the environment would
     # swallow the request.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=data, headers=headers)
     with opener.open(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
-def served_model(http_port: int) -> str | None:
+def served_model(http_port: int, api_key: str | None = None) -> str | None:
     """The router's model id for examples, or None if it won't say."""
     try:
-        return _http(f"http://127.0.0.1:{http_port}/v1/models")["data"][0]["id"]
+        return _http(f"http://127.0.0.1:{http_port}/v1/models", api_key=api_key)["data"][0]["id"]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
 
 
-def run_demo(http_port: int, model: str | None, console: Console) -> str:
+def run_demo(
+    http_port: int, model: str | None, console: Console, api_key: str | None = None
+) -> str:
     body: dict[str, Any] = {
         "messages": [{"role": "user", "content": DEMO_PROMPT}],
         "max_tokens": 32,
@@ -280,7 +353,7 @@ def run_demo(http_port: int, model: str | None, console: Console) -> str:
         body["model"] = model
     url = f"http://127.0.0.1:{http_port}/v1/chat/completions"
     try:
-        reply = _http(url, body, timeout=120.0)
+        reply = _http(url, body, timeout=120.0, api_key=api_key)
         answer = reply["choices"][0]["message"]["content"]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise CLIError(f"demo request to {url} failed: {exc}") from None

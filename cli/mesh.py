@@ -1,9 +1,16 @@
-"""Process supervision for `splitserve up`: children, their logs, health, ordered shutdown.
+"""Process supervision for `splitserve up`: children, their logs, health, restarts, shutdown.
 
 Each service runs as `python -m splitserve.<svc>` in its own process group, so the terminal's
 Ctrl-C reaches the launcher only and the launcher decides the order: start a service once
-everything it depends on reports SERVING on grpc.health.v1; stop in waves, dependents first
-(SIGTERM, a grace period, then SIGKILL to the whole group).
+everything it depends on reports SERVING on grpc.health.v1 (asked over mutual TLS with the
+launcher's own certificate when the mesh has one); stop in waves, dependents first (SIGTERM, a
+grace period, then SIGKILL to the whole group).
+
+Once up, a child that exits is restarted (`supervise`): after 0.5 s, doubling to 10 s while it
+keeps failing, back to 0.5 s once a run lasted a minute, with a log line each time. A restarted
+worker joins the router's pool again by itself (--router), and peers reconnect to it. Only a
+crash loop (a service exiting more than 5 times within 60 s) gives up: then the whole mesh
+stops.
 """
 
 from __future__ import annotations
@@ -17,12 +24,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
 
 from splitserve.topology import ServiceSpec, Topology
 
+if TYPE_CHECKING:  # imported where used: `splitserve --help` shouldn't load gRPC
+    from splitserve.services.security import TLSConfig
+
 TAIL_LINES = 20
-GRACE_SECONDS = 35.0  # workers drain in-flight work for up to 30 s on SIGTERM
+# The router drains for up to 30 s (and its drain covers the workers', which get SIGTERM after
+# it has stopped); a worker then has little left, yet may take its own 25 s.
+GRACE_SECONDS = 60.0
 WAVE_GRACE_SECONDS = 2.0
 POLL_SECONDS = 0.25
 HEALTH_CHANNEL_OPTIONS = [
@@ -33,6 +46,18 @@ HEALTH_CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    backoff_s: tuple[float, float] = (0.5, 10.0)  # first wait before a restart, and the longest
+    max_restarts: int = 5  # restarts of one service within `window_s`; one more exit gives up
+    window_s: float = 60.0  # also: a run this long resets the backoff
+
+    def delay(self, previous: float | None, ran_s: float) -> float:
+        if previous is None or ran_s >= self.window_s:
+            return self.backoff_s[0]
+        return min(2 * previous, self.backoff_s[1])
 
 
 class StartupError(Exception):
@@ -52,6 +77,7 @@ class Console:
         self.width = max(map(len, names), default=0)
         self.log_dir = log_dir
         self.files: list[IO[str]] = []
+        self._writers: dict[str, Callable[[str], None]] = {}  # a restarted child keeps its own
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
 
@@ -60,6 +86,11 @@ class Console:
             print(text, file=stream or sys.stdout, flush=True)
 
     def writer(self, name: str) -> Callable[[str], None]:
+        if name not in self._writers:
+            self._writers[name] = self._new_writer(name)
+        return self._writers[name]
+
+    def _new_writer(self, name: str) -> Callable[[str], None]:
         if not self.log_dir:
             prefix = f"{name:>{self.width}} | "
             return lambda line: self.say(prefix + line)
@@ -76,10 +107,14 @@ class Console:
 
 
 class Child:
-    def __init__(self, spec: ServiceSpec, host: str, console: Console) -> None:
+    def __init__(
+        self, spec: ServiceSpec, host: str, console: Console, tls: TLSConfig | None = None
+    ) -> None:
         self.spec = spec
         self.host = host
+        self.tls = tls
         self.ready = False
+        self.started_at = time.monotonic()
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.proc = subprocess.Popen(
             spec.argv(),
@@ -109,9 +144,11 @@ class Child:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        from splitserve.services.security import open_sync_channel
+
         if self._channel is None:
-            address = f"{self.host}:{self.spec.ports['grpc']}"
-            self._channel = grpc.insecure_channel(address, options=HEALTH_CHANNEL_OPTIONS)
+            address = f"{self.host}:{self.spec.ports[self.spec.probe]}"
+            self._channel = open_sync_channel(address, self.tls, HEALTH_CHANNEL_OPTIONS)
         try:
             reply = health_pb2_grpc.HealthStub(self._channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=1.0
@@ -142,11 +179,20 @@ class Child:
 
 
 class Mesh:
-    def __init__(self, topology: Topology, console: Console) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        console: Console,
+        tls: TLSConfig | None = None,
+        policy: RestartPolicy | None = None,
+    ) -> None:
         self.topology = topology
         self.console = console
+        self.tls = tls  # the launcher's certificate, for health probes
+        self.policy = policy or RestartPolicy()
         self.children: dict[str, Child] = {}
         self.force = threading.Event()  # a second Ctrl-C: no more waiting for drains
+        self.restarts: dict[str, _Restarts] = {}
 
     def start(self, timeout: float, stop: threading.Event) -> bool:
         """Start services as their dependencies come up; False if `stop` was set first."""
@@ -176,10 +222,14 @@ class Mesh:
                 dep in self.children and self.children[dep].ready
             ):
                 return False
-        child = Child(spec, self.topology.placement.bind_host, self.console)
+        self._launch(spec)
+        return True
+
+    def _launch(self, spec: ServiceSpec) -> Child:
+        child = Child(spec, self.topology.placement.bind_host, self.console, self.tls)
         self.children[spec.name] = child
         self.console.say(f"splitserve: started {spec.name} (pid {child.proc.pid})")
-        return True
+        return child
 
     def _check_alive(self) -> None:
         dead = self.first_exited()
@@ -192,12 +242,48 @@ class Mesh:
     def first_exited(self) -> Child | None:
         return next((c for c in self.children.values() if c.proc.poll() is not None), None)
 
-    def wait(self, stop: threading.Event) -> Child | None:
-        """Block until `stop` is set (None) or a child exits (that child)."""
+    def supervise(self, stop: threading.Event) -> tuple[str, str] | None:
+        """Keep the started mesh running until `stop` is set (None): restart each child that
+        exits, after its backoff. Gives up on a crash loop: (the service, why in one line)."""
+        due: dict[str, float] = {}  # service -> when to start it again
         while not stop.wait(POLL_SECONDS):
-            dead = self.first_exited()
-            if dead is not None:
-                return dead
+            now = time.monotonic()
+            for child in list(self.children.values()):
+                if child.name in due:
+                    continue
+                if child.proc.poll() is not None:
+                    reason = self._exited(child, now, due)
+                    if reason is not None:
+                        return child.name, reason
+                elif not child.ready and child.is_serving():
+                    child.ready = True
+                    child.close_channel()
+                    self.console.say(f"splitserve: {child.name} is serving again")
+            for name, when in list(due.items()):
+                if now >= when:
+                    del due[name]
+                    self._launch(self.children[name].spec)
+        return None
+
+    def _exited(self, child: Child, now: float, due: dict[str, float]) -> str | None:
+        """Schedule a restart of a child that exited; the give-up reason on a crash loop."""
+        child.signal_group(signal.SIGKILL)  # whatever it left in its group (TP ranks)
+        child.close()
+        code = child.proc.returncode
+        history = self.restarts.setdefault(child.name, _Restarts())
+        history.exits = [t for t in history.exits if now - t < self.policy.window_s] + [now]
+        if len(history.exits) > self.policy.max_restarts:
+            return (
+                f"{child.name} exited {len(history.exits)} times within "
+                f"{self.policy.window_s:g}s (last status {code}); giving up"
+            )
+        history.delay = self.policy.delay(history.delay, now - child.started_at)
+        self.console.say(
+            f"splitserve: {child.name} exited with status {code}; restarting it in "
+            f"{history.delay:g}s",
+            sys.stderr,
+        )
+        due[child.name] = now + history.delay
         return None
 
     def stop(self, grace: float = GRACE_SECONDS) -> None:
@@ -236,3 +322,9 @@ class Mesh:
                 child.finish_log()
             yield f"--- last log lines of {name} ---"
             yield from child.tail
+
+
+@dataclass
+class _Restarts:
+    exits: list[float] = field(default_factory=list)  # when it exited, within the window
+    delay: float | None = None  # the last wait before restarting it

@@ -12,20 +12,28 @@ own child processes; with --stage-services too, those stages are services of the
 (`<worker>-stage-<k>`, one container each under compose, so each can have its own device or
 host) and the worker reaches them with --pipeline-stage-addresses.
 
-The router lists every worker, and every worker also registers itself with the router
-(`--router`; `up --no-register` turns that off), so a replica started later by hand with
-`--router` joins the same pools (data parallelism).
+The router lists every worker, and every worker also registers itself with the router's
+internal port (`--router`; `up --no-register` turns that off), so a replica started later by
+hand with `--router` joins the same pools (data parallelism).
+
+Secrets (`Secrets`): with them every splitserve service gets `--tls-cert/--tls-key/--tls-ca`
+(mutual TLS on every internal connection; its own certificate, named after the service), every
+worker `--mesh-secret-file` (KV blocks are signed), the router `--api-key-file` (or, under
+compose, SPLITSERVE_API_KEYS from the environment), and the kvstore Redis's password. `up`
+writes them into a run directory (cli/run_secrets.py); compose into a named volume, by a
+one-shot `secrets` service that every other one waits for and mounts read-only.
 
 Port plan (each shifted by --port-offset, skipping ports already taken by the plan):
-router gRPC 50051 and HTTP 8000 (never shifted: they are the public face), kvstore 50060,
-prefill 50070+i, decode 50080+i, worker metrics 9100+k (prefill workers first), pipeline
-stage services 50200+j (worker by worker, stage by stage).
+router gRPC 50051 and HTTP 8000 (never shifted: they are the public face), router internal
+50052 (the Registry), kvstore 50060, prefill 50070+i, decode 50080+i, worker metrics 9100+k
+(prefill workers first), pipeline stage services 50200+j (worker by worker, stage by stage).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -33,6 +41,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from splitserve.cmd_certs import API_KEYS_FILE, MESH_SECRET_FILE, REDIS_PASSWORD_FILE
+
+ROUTER_INTERNAL_PORT = 50052
 KVSTORE_PORT = 50060
 PREFILL_PORT = 50070
 DECODE_PORT = 50080
@@ -52,14 +63,28 @@ REDIS_COMMAND = [
 ]
 COMPOSE_HEADER = (
     "# Generated from cli/topology.py by `splitserve up --print-compose`; don't edit by hand.\n"
-    "# docker compose up --build                  # router on :8000 (HTTP) and :50051 (gRPC)\n"
+    "# Every internal connection is mutual TLS (certificates made by the `secrets` service into\n"
+    "# the `secrets` volume) and the router asks clients for one of SPLITSERVE_API_KEYS:\n"
+    "# SPLITSERVE_API_KEYS=sk-... docker compose up --build   # router on :8000 (HTTP), :50051\n"
     "# SPLITSERVE_OTEL_EXPORTER=otlp docker compose --profile otel up --build   # with tracing\n"
 )
-# Exits 0 only if the gRPC server at argv[1] answers grpc.health.v1 with SERVING.
+# Exits 0 only if the gRPC server at argv[1] answers grpc.health.v1 with SERVING; with
+# argv[2:5] = certificate, key and CA, over mutual TLS.
 GRPC_PROBE = (
     "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; "
-    "r = g.HealthStub(grpc.insecure_channel(sys.argv[1])).Check(h.HealthCheckRequest(), "
-    "timeout=3); sys.exit(r.status != h.HealthCheckResponse.SERVING)"
+    "f = [open(p, 'rb').read() for p in sys.argv[2:5]]; "
+    "c = grpc.secure_channel(sys.argv[1], grpc.ssl_channel_credentials(f[2], f[1], f[0])) "
+    "if f else grpc.insecure_channel(sys.argv[1]); "
+    "r = g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=3); "
+    "sys.exit(r.status != h.HealthCheckResponse.SERVING)"
+)
+TLS_FLAGS = ("--tls-cert", "--tls-key", "--tls-ca")  # in that order in every command
+PUBLIC_PORTS = ("grpc", "http")  # the router's; its "internal" port is only exposed
+SECRETS_VOLUME = "secrets"
+SECRETS_MOUNT = "/secrets"  # in the image, owned by its user (Dockerfile)
+API_KEYS_ENV = (
+    "${SPLITSERVE_API_KEYS:?set SPLITSERVE_API_KEYS to the API keys clients must send, "
+    "comma-separated}"
 )
 
 
@@ -88,6 +113,30 @@ COMPOSE = Placement(
 
 
 @dataclass(frozen=True)
+class Secrets:
+    """Where the services read their secrets, and which of them are used (see the docstring).
+    File names are `splitserve certs`'s: NAME.crt/.key per service, ca.crt, mesh-secret,
+    api-keys, redis-password."""
+
+    dir: str
+    tls: bool = True  # mutual TLS on the internal plane; False: plaintext (loopback only)
+    api_key_file: bool = True  # the router's keys from DIR/api-keys; False: none, or compose's env
+    redis_password: bool = False  # Redis AUTH from DIR/redis-password (the compose Redis)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def tls_args(self, service: str) -> list[str]:
+        if not self.tls:
+            return []
+        cert, key = self.file(f"{service}.crt"), self.file(f"{service}.key")
+        return ["--tls-cert", cert, "--tls-key", key, "--tls-ca", self.file("ca.crt")]
+
+
+COMPOSE_SECRETS = Secrets(SECRETS_MOUNT, api_key_file=False, redis_password=True)
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     name: str
     module: str | None  # run as `python -m module`; None: a third-party image (redis, otel)
@@ -98,11 +147,15 @@ class ServiceSpec:
     public: bool = False  # reachable from outside (compose publishes its ports)
     image: str | None = None
     profiles: list[str] = field(default_factory=list)  # compose profiles; [] = always on
+    probe: str = "grpc"  # the port whose grpc.health.v1 says whether it is up
+    healthcheck: list[str] = field(default_factory=list)  # compose's test, if not the default
+    secrets: bool = False  # mounts the secrets volume (compose)
+    oneshot: bool = False  # runs to completion before the others start (compose)
 
     @property
     def launchable(self) -> bool:
-        """`splitserve up` runs it; redis and the collector are the user's to run."""
-        return self.module is not None
+        """`splitserve up` runs it; redis, the collector and compose's secrets maker aren't."""
+        return self.module is not None and not self.oneshot
 
     def argv(self, python: str = sys.executable) -> list[str]:
         if self.module is None:
@@ -114,11 +167,20 @@ class ServiceSpec:
 class Topology:
     services: list[ServiceSpec]  # in start order: every service after what it depends on
     placement: Placement
+    secrets: Secrets | None = None  # None: plaintext on loopback, no API key
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, placement: Placement = LOCAL) -> Topology:
-        """Build from `splitserve up`'s parsed flags (see cmd_up.build_parser)."""
-        return _build(args, placement)
+    def from_args(
+        cls,
+        args: argparse.Namespace,
+        placement: Placement = LOCAL,
+        secrets: Secrets | None = None,
+    ) -> Topology:
+        """Build from `splitserve up`'s parsed flags (see cmd_up.build_parser). Compose always
+        has its secrets (COMPOSE_SECRETS); locally they are the caller's to write."""
+        if placement is COMPOSE:
+            secrets = secrets or COMPOSE_SECRETS
+        return _build(args, placement, secrets)
 
     def service(self, name: str) -> ServiceSpec:
         for spec in self.services:
@@ -176,13 +238,17 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _validate(args: argparse.Namespace) -> None:
+def _validate(args: argparse.Namespace, placement: Placement) -> None:
     if args.colocated and args.prefill is not None:
         raise ValueError("--colocated runs no prefill workers; drop --prefill")
     if (args.prefill is not None and args.prefill < 1) or args.decode < 1:
         raise ValueError("--prefill and --decode need at least one worker each")
     if args.http_port == args.grpc_port:
         raise ValueError(f"--http-port and --grpc-port are both {args.http_port}")
+    opted_out = getattr(args, "insecure", False) or getattr(args, "no_auth", False)
+    if placement is COMPOSE and opted_out:
+        raise ValueError("--insecure and --no-auth are for `up` on loopback; compose services "
+                         "talk over a network and the router is published")  # fmt: skip
     if args.stage_services:
         if args.pipeline_stages < 2:
             raise ValueError("--stage-services needs --pipeline-stages 2 or more")
@@ -191,46 +257,63 @@ def _validate(args: argparse.Namespace) -> None:
                              "--pipeline-stage-addresses")  # fmt: skip
 
 
-def _build(args: argparse.Namespace, placement: Placement) -> Topology:
-    _validate(args)
+def _build(args: argparse.Namespace, placement: Placement, secrets: Secrets | None) -> Topology:
+    _validate(args, placement)
     redis_url = args.redis_url or (COMPOSE_REDIS_URL if placement is COMPOSE else None)
-    redis = _redis(redis_url) if redis_url else None
-    builder = _Builder(args, placement, reserved=redis.ports.values() if redis else ())
-    kvstore = builder.kvstore(redis_url)
+    own_redis = placement is COMPOSE and not args.redis_url  # compose runs it: ours to lock
+    redis = _redis(redis_url, secrets if own_redis else None) if redis_url else None
+    builder = _Builder(args, placement, secrets, reserved=redis.ports.values() if redis else ())
+    kvstore = builder.kvstore(redis_url, own_redis)
     workers = builder.workers(kv_address=placement.address(kvstore.name, kvstore.ports["grpc"]))
     stages = {w.name: builder.stages(w) for w in workers}  # [] unless --stage-services
     wired = [builder.wired_to_stages(w, stages[w.name]) for w in workers]
     services = [*([redis] if redis else []), kvstore, *(s for w in wired for s in stages[w.name])]
     services += [*wired, builder.router(wired)]
     if placement is COMPOSE:
-        services.append(_otel_collector())
-    return Topology(services=services, placement=placement)
+        services = [_secrets_maker(services, secrets), *services, _otel_collector()]
+    return Topology(services=services, placement=placement, secrets=secrets)
 
 
 class _Builder:
     """The splitserve services' specs, sharing one port plan, placement and flag set."""
 
-    def __init__(self, args: argparse.Namespace, placement: Placement, reserved: Iterable[int]):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        placement: Placement,
+        secrets: Secrets | None,
+        reserved: Iterable[int],
+    ):
         self.args = args
         self.placement = placement
+        self.secrets = secrets
         self.plan = PortPlan([args.http_port, args.grpc_port, *reserved])
+        self.internal_port = self._port(ROUTER_INTERNAL_PORT)
         # Unbuffered, so log lines reach the launcher (and `docker logs`) as they happen.
         self.env = {"PYTHONUNBUFFERED": "1", **placement.env}
 
     def _port(self, base: int) -> int:
         return self.plan.take(base + self.args.port_offset)
 
-    def _common(self, port: int) -> list[str]:
+    def _common(self, name: str, port: int) -> list[str]:
         host, level = self.placement.bind_host, self.args.log_level
-        return ["--host", host, "--port", str(port), "--log-level", level]
+        return ["--host", host, "--port", str(port), "--log-level", level, *self._tls(name)]
 
-    def kvstore(self, redis_url: str | None) -> ServiceSpec:
+    def _tls(self, name: str) -> list[str]:
+        return self.secrets.tls_args(name) if self.secrets else []
+
+    def _spec(self, **kw) -> ServiceSpec:
+        return ServiceSpec(secrets=self.secrets is not None, **kw)
+
+    def kvstore(self, redis_url: str | None, own_redis: bool) -> ServiceSpec:
         port = self._port(KVSTORE_PORT)
         backend = ["--backend", "redis", "--redis-url", redis_url] if redis_url else []
-        return ServiceSpec(
+        if own_redis and self.secrets and self.secrets.redis_password:
+            backend += ["--redis-password-file", self.secrets.file(REDIS_PASSWORD_FILE)]
+        return self._spec(
             name="kvstore",
             module="splitserve.kvstore",
-            args=[*self._common(port), *(backend or ["--backend", "memory"])],
+            args=[*self._common("kvstore", port), *(backend or ["--backend", "memory"])],
             ports={"grpc": port},
             env=self.env,
             depends_on=["redis"] if redis_url else [],
@@ -260,11 +343,12 @@ class _Builder:
         out = []
         for k in range(1, self.args.pipeline_stages):
             port = self._port(STAGE_PORT)  # the plan hands out the next free one
+            name = f"{worker.name}-stage-{k}"
             out.append(
-                ServiceSpec(
-                    name=f"{worker.name}-stage-{k}",
+                self._spec(
+                    name=name,
                     module=STAGE_MODULE,
-                    args=[*self._common(port), "--stage-index", str(k), *engine],
+                    args=[*self._common(name, port), "--stage-index", str(k), *engine],
                     ports={"grpc": port},
                     env=worker.env,
                 )
@@ -319,13 +403,15 @@ class _Builder:
             # Workers also join the router's pool themselves (it lists them too, so that is
             # idempotent) and leave it first on SIGTERM. The router starts after them: they
             # retry until it answers.
-            router = self.placement.address("router", self.args.grpc_port)
+            router = self.placement.address("router", self.internal_port)
             own += ["--router", router, *(advertise if role != "prefill" else [])]
-        return ServiceSpec(
+        if self.secrets:
+            own += ["--mesh-secret-file", self.secrets.file(MESH_SECRET_FILE)]
+        return self._spec(
             name=name,
             module="splitserve.prefill" if role == "prefill" else "splitserve.decode",
             args=[
-                *self._common(port),
+                *self._common(name, port),
                 *own,
                 *("--kvstore", kv_address, "--metrics-port", str(metrics_port)),
                 *engine,
@@ -343,32 +429,75 @@ class _Builder:
             pools += [f"--{pool}", self.placement.address(w.name, w.ports["grpc"])]
         # The router hashes prompt blocks itself, so its block size and KV dtype must be the
         # workers': otherwise no key it computes would ever hit their caches.
-        return ServiceSpec(
+        keys, env = [], self.env
+        if self.secrets and self.secrets.api_key_file:
+            keys = ["--api-key-file", self.secrets.file(API_KEYS_FILE)]
+        elif self.placement is COMPOSE:
+            env = {**env, "SPLITSERVE_API_KEYS": API_KEYS_ENV}
+        return self._spec(
             name="router",
             module="splitserve.router",
             args=[
                 *("--host", self.placement.bind_host),
                 *("--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port)),
+                *("--internal-port", str(self.internal_port), *self._tls("router"), *keys),
                 *(["--model", args.model] if args.model else []),
                 *pools,
                 *("--policy", args.policy, "--kv-dtype", args.dtype),
                 *("--block-size", str(args.block_size), "--log-level", args.log_level),
             ],
-            ports={"grpc": args.grpc_port, "http": args.http_port},
-            env=self.env,
+            ports={"grpc": args.grpc_port, "http": args.http_port, "internal": self.internal_port},
+            env=env,
             depends_on=[w.name for w in workers],
             public=True,
+            probe="internal",
         )
 
 
-def _redis(url: str) -> ServiceSpec:
+def _redis(url: str, secrets: Secrets | None) -> ServiceSpec:
+    """Redis as a service (compose): with `secrets`, it asks for the password in the volume,
+    read into a config file only Redis can read (never on a command line)."""
     port = urlsplit(url).port or 6379
+    command = [*REDIS_COMMAND, *(["--port", str(port)] if port != 6379 else [])]
+    probe = ["CMD", "redis-cli", "-p", str(port), "ping"]
+    if secrets is not None and secrets.redis_password:
+        password = secrets.file(REDIS_PASSWORD_FILE)
+        # Runs as root in the redis image; its entrypoint then drops to the redis user.
+        command = ["sh", "-c", (
+            f"umask 077 && printf 'requirepass %s\\n' \"$$(cat {password})\" > /tmp/redis.conf && "
+            "chown redis /tmp/redis.conf && exec docker-entrypoint.sh redis-server "
+            f"/tmp/redis.conf {shlex.join(command[1:])}"
+        )]  # fmt: skip
+        probe = ["CMD-SHELL", f"REDISCLI_AUTH=\"$$(cat {password})\" redis-cli -p {port} ping "
+                 "| grep -q PONG"]  # fmt: skip
     return ServiceSpec(
         name="redis",
         module=None,
         image="redis:7",
-        args=[*REDIS_COMMAND, *(["--port", str(port)] if port != 6379 else [])],
+        args=command,
         ports={"redis": port},
+        healthcheck=probe,
+        secrets=secrets is not None,
+    )
+
+
+def _secrets_maker(services: list[ServiceSpec], secrets: Secrets | None) -> ServiceSpec:
+    """Compose's one-shot `secrets`: certificates for every splitserve service, the mesh secret
+    and Redis's password, into the volume; a second run keeps what is there."""
+    assert secrets is not None
+    names = [s.name for s in services if s.launchable]
+    return ServiceSpec(
+        name="secrets",
+        module="splitserve",
+        args=[
+            *("certs", "--out", secrets.dir),
+            *(a for name in names for a in ("--service", name)),
+            *("--mesh-secret", "--redis-password"),
+        ],
+        ports={},
+        env={"PYTHONUNBUFFERED": "1"},
+        oneshot=True,
+        secrets=True,
     )
 
 
@@ -390,10 +519,14 @@ def render_compose(topology: Topology) -> dict:
     """The compose file for a topology built with the COMPOSE placement."""
     if topology.placement is not COMPOSE:
         raise ValueError("render_compose needs a topology built with placement=COMPOSE")
-    return {
+    oneshots = [s.name for s in topology.services if s.oneshot]
+    out = {
         "name": "splitserve",
-        "services": {s.name: _compose_service(s) for s in topology.services},
+        "services": {s.name: _compose_service(s, oneshots) for s in topology.services},
     }
+    if any(s.secrets for s in topology.services):
+        out["volumes"] = {SECRETS_VOLUME: {}}
+    return out
 
 
 class _ComposeDumper(yaml.SafeDumper):
@@ -413,7 +546,7 @@ def render_compose_yaml(topology: Topology) -> str:
     return COMPOSE_HEADER + body
 
 
-def _compose_service(spec: ServiceSpec) -> dict:
+def _compose_service(spec: ServiceSpec, oneshots: list[str]) -> dict:
     out: dict = {}
     if spec.profiles:
         out["profiles"] = list(spec.profiles)
@@ -426,10 +559,15 @@ def _compose_service(spec: ServiceSpec) -> dict:
         out["command"] = spec.argv(python="python")
     if spec.env:
         out["environment"] = dict(spec.env)
-    if spec.public:
-        out["ports"] = [f"{p}:{p}" for p in spec.ports.values()]
-    else:
-        out["expose"] = [str(p) for p in spec.ports.values()]
+    published = [p for role, p in spec.ports.items() if spec.public and role in PUBLIC_PORTS]
+    if published:
+        out["ports"] = [f"{p}:{p}" for p in published]
+    exposed = [str(p) for p in spec.ports.values() if p not in published]
+    if exposed:
+        out["expose"] = exposed
+    if spec.secrets:
+        mode = "" if spec.oneshot else ":ro"  # only the maker writes
+        out["volumes"] = [f"{SECRETS_VOLUME}:{SECRETS_MOUNT}{mode}"]
     probe = _probe(spec)
     if probe:
         out["healthcheck"] = {
@@ -440,16 +578,28 @@ def _compose_service(spec: ServiceSpec) -> dict:
             # Loading weights on a small CPU box takes a while; Redis is up at once.
             "start_period": "180s" if spec.module else "10s",
         }
-    if spec.depends_on:
-        out["depends_on"] = {d: {"condition": "service_healthy"} for d in spec.depends_on}
-    if spec.module is not None:
-        out["stop_grace_period"] = "35s"  # workers drain in-flight work for up to 30 s
+    after = {d: {"condition": "service_completed_successfully"} for d in oneshots}
+    after = after if spec.secrets and not spec.oneshot else {}
+    after.update({d: {"condition": "service_healthy"} for d in spec.depends_on})
+    if after:
+        out["depends_on"] = after
+    if spec.launchable:
+        out["stop_grace_period"] = _stop_grace(spec)
     return out
 
 
+def _stop_grace(spec: ServiceSpec) -> str:
+    """Past the service's own drain: the router's 30 s, which covers the workers' (25 s, and
+    they get SIGTERM after the router has stopped: compose stops dependents first)."""
+    return "45s" if spec.public else "35s"
+
+
 def _probe(spec: ServiceSpec) -> list[str] | None:
-    if "grpc" in spec.ports:
-        return ["CMD", "python", "-c", GRPC_PROBE, f"127.0.0.1:{spec.ports['grpc']}"]
+    if spec.healthcheck:
+        return list(spec.healthcheck)
+    if spec.probe in spec.ports:
+        tls = [spec.args[i + 1] for i, a in enumerate(spec.args) if a in TLS_FLAGS]
+        return ["CMD", "python", "-c", GRPC_PROBE, f"127.0.0.1:{spec.ports[spec.probe]}", *tls]
     if "redis" in spec.ports:
         return ["CMD", "redis-cli", "-p", str(spec.ports["redis"]), "ping"]
     return None

@@ -7,11 +7,16 @@
                               returned and the prompt is prefilled here instead.
     Generate(req without kv)  prefill here (the router's short-prompt path; a colocated worker
                               always takes it), with the kvstore's prefix blocks when configured.
+    Generate(req + resume)    a request the router migrated off a failed worker: the output the
+                              client already has is checked (ids, count < max_tokens, context),
+                              prefilled here with the prompt, counted as output, and only new
+                              tokens are streamed.
     Abort                     by request id; the stream ends with FINISH_REASON_ABORT.
 
 The stream carries every output token, the prefill worker's first token included, so the
 router relays one stream whichever path ran. A cancelled RPC aborts the request; every ending
-returns its blocks.
+returns its blocks. So does the RPC's deadline: gRPC cancels the call when it passes, and the
+calls made for it (PullKV, the kvstore lookups) are bounded by the time it has left.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from splitserve.engine.outputs import KVExport, RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.services.engine_loop import RequestStream
 from splitserve.services.kv_prefix import PrefixPlan
+from splitserve.services.security import TLSConfig, open_channel
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.services.tracing import extract_context, inject_metadata, tracer
 from splitserve.services.worker import (
@@ -96,9 +102,12 @@ class DecodeServicer(rpc.DecodeServicer):
         with tracer().start_as_current_span("decode.Generate", context=extract_context(context)):
             error: BaseException | None = None
             try:
-                req = await self._open(request)
+                req = await self._open(request, context)
             except Exception as exc:
                 error = exc
+            if isinstance(error, TimeoutError):  # the deadline passed while it was opening
+                self.w.metrics.request_done("rejected")
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed")
             if error is not None:
                 self.w.metrics.request_done("rejected")
                 await abort_with(context, error)
@@ -122,14 +131,19 @@ class DecodeServicer(rpc.DecodeServicer):
         return worker_load(self.w.engine, self.w.worker_id, self.w.role)
 
     # ---- opening a request -----------------------------------------------------------------
-    async def _open(self, request: pb.DecodeRequest) -> _Request:
+    async def _open(self, request: pb.DecodeRequest, context: Ctx) -> _Request:
         prompt = list(request.prompt_token_ids)
         params = to_params(request.sampling)
         self.w.engine.engine.check_request(prompt, params)
         request_id = request.request_id or uuid.uuid4().hex
         salt = request.cache_salt or None
+        resume = list(request.resume_token_ids)
+        if resume:
+            if request.HasField("kv"):
+                raise RequestError("a resumed request is prefilled here; it can't come with kv")
+            self.w.engine.engine.check_resume(prompt, params, resume)
         if not request.HasField("kv"):
-            return await self._prefill_here(request_id, prompt, params, salt)
+            return await self._prefill_here(request_id, prompt, params, salt, context, resume)
         if not request.HasField("first_token_id"):
             raise RequestError("a request with kv needs first_token_id")
         if request.kv.num_tokens != len(prompt):
@@ -138,7 +152,7 @@ class DecodeServicer(rpc.DecodeServicer):
             )
         stream = await self.w.engine.reserve_prefilled(request_id, prompt, params, salt)
         try:
-            adopted = await self._adopt(stream, request)
+            adopted = await self._adopt(stream, request, _time_left(context))
         except BaseException:
             stream.close()
             raise
@@ -151,12 +165,14 @@ class DecodeServicer(rpc.DecodeServicer):
         stream.close()
         self._release_remote(request.kv)
         self.w.metrics.transfer_fallback()
-        return await self._prefill_here(request_id, prompt, params, salt)
+        return await self._prefill_here(request_id, prompt, params, salt, context)
 
-    async def _adopt(self, stream: RequestStream, request: pb.DecodeRequest) -> bool:
+    async def _adopt(
+        self, stream: RequestStream, request: pb.DecodeRequest, time_left: float | None
+    ) -> bool:
         """Pull the KV into the reservation. False if that failed: the caller recomputes."""
         try:
-            kv = await self._pull(request.kv, stream.num_prompt_tokens)
+            kv = await self._pull(request.kv, stream.num_prompt_tokens, time_left)
             return await self.w.engine.complete_prefilled(stream, kv, request.first_token_id)
         except (TransferError, KVCodecError, RequestError, ValueError) as exc:
             log.warning(
@@ -168,25 +184,46 @@ class DecodeServicer(rpc.DecodeServicer):
             return False
 
     async def _prefill_here(
-        self, request_id: str, prompt: list[int], params: SamplingParams, salt: str | None
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        salt: str | None,
+        context: Ctx,
+        resume: list[int] | None = None,
     ) -> _Request:
         prefix = self.w.prefix
-        plan = await prefix.prepare(prompt, salt) if prefix.store is not None else None
+        plan = None
+        if prefix.store is not None:
+            # The prompt's blocks only: the store holds prompts, not a resumed request's output.
+            # The lookup is an optimisation, so the RPC's deadline bounds it (gRPC cancels the
+            # call itself when the deadline passes; this is only the earlier, cleaner exit).
+            plan = await asyncio.wait_for(prefix.prepare(prompt, salt), _time_left(context))
         stream = await self.w.engine.add_request(
-            request_id, prompt, params, salt, export_kv=plan is not None
+            request_id,
+            prompt,
+            params,
+            salt,
+            export_kv=plan is not None,
+            resume_token_ids=resume or (),
         )
         req = _Request(stream, params)
         req.plan = plan
         return req
 
     # ---- the KV transfer -------------------------------------------------------------------
-    async def _pull(self, handle: pb.KVHandle, num_tokens: int) -> KVExport:
+    async def _pull(
+        self, handle: pb.KVHandle, num_tokens: int, time_left: float | None = None
+    ) -> KVExport:
         llm = self.w.engine.engine
         blocks = -(-num_tokens // llm.block_size)
         pool = llm.runner.kv_layout
         expected_shape = (*pool[:2], blocks, *pool[3:])
-        # num_bytes is the sender's word: it stretches the deadline only up to a point.
+        # num_bytes is the sender's word: it stretches the deadline only up to a point; the
+        # request's own deadline caps it.
         timeout = self.pull_timeout_s + min(handle.num_bytes / MIN_PULL_BYTES_PER_S, 120.0)
+        if time_left is not None:
+            timeout = max(0.001, min(timeout, time_left))
         start = time.perf_counter()
         stub = rpc.PrefillStub(self._channel(handle.prefill_address))
         call = stub.PullKV(
@@ -215,7 +252,7 @@ class DecodeServicer(rpc.DecodeServicer):
             if len(self._channels) >= MAX_CHANNELS:  # drop the oldest peer
                 old = self._channels.pop(next(iter(self._channels)))
                 self._background(old.close(grace=5.0))
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_channel(address, TLSConfig.from_env(), CHANNEL_OPTIONS)
             self._channels[address] = channel
         return channel
 
@@ -286,6 +323,12 @@ def _assembler(
             f"this request needs {num_tokens} tokens {expected_shape}"
         )
     return KVAssembler(header, dtype, expected_shape)  # type: ignore[arg-type]
+
+
+def _time_left(context: Ctx) -> float | None:
+    """Seconds until the RPC's deadline; None when the caller set none."""
+    left = context.time_remaining()
+    return None if left is None else max(0.0, left)
 
 
 def _describe(exc: grpc.RpcError) -> str:

@@ -242,7 +242,11 @@ class _RemoteStage:
         self.layout = layout
         self.next_stage = next_stage
         self.instance_id: str | None = None
-        self.channel = grpc.insecure_channel(address, options=STAGE_CHANNEL_OPTIONS)
+        # Mutual TLS when this worker has certificates (the environment carries them, as it
+        # does to the stages this process starts); the one service module the engine uses.
+        from splitserve.services.security import TLSConfig, open_sync_channel
+
+        self.channel = open_sync_channel(address, TLSConfig.from_env(), STAGE_CHANNEL_OPTIONS)
         self.stub = rpc.StageStub(self.channel)
 
     @property

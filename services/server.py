@@ -7,6 +7,12 @@
 
 `run` starts serving, marks every service SERVING in `grpc.health.v1`, and on SIGTERM/SIGINT
 flips them to NOT_SERVING, lets in-flight RPCs finish for `drain_seconds`, then stops.
+
+An internal service binds through `security.add_port`: mutual TLS when given a `TLSConfig`,
+else plaintext, and then only on loopback. The router's public port is `public=True`: TLS
+without client certificates when given `public_tls`, plaintext on any address otherwise (its
+callers authenticate with API keys). A second server in the same process (the router's
+internal port) uses `start`, `set_serving` and `stop` instead of `run`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -22,6 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitserve.services.security import PublicTLS, TLSConfig, add_port, add_public_port
 from splitserve.v1 import pb
 
 log = logging.getLogger("splitserve")
@@ -37,6 +45,7 @@ CHANNEL_OPTIONS = [
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005
+QUIET_GRPC = ("ERROR", "WARNING", "NONE")  # verbosities that drop refused-handshake lines
 
 
 def fast_gil_handoff() -> None:
@@ -70,17 +79,32 @@ class ServiceServer:
         address: str,
         max_concurrent_rpcs: int | None = 1024,
         options: list[tuple[str, int]] | None = None,
+        tls: TLSConfig | None = None,
+        *,
+        public: bool = False,
+        public_tls: PublicTLS | None = None,
     ) -> None:
         self.name = name
         self.address = address
+        self.tls = None if public else tls
+        self._security = " (mutual TLS)" if self.tls else " (TLS)" if public and public_tls else ""
         self.grpc = grpc.aio.server(
             options=options or CHANNEL_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        self.port = self.grpc.add_insecure_port(address)
+        if public:
+            self.port = add_public_port(self.grpc, address, public_tls)
+        else:
+            self.port = add_port(self.grpc, address, tls)
         if self.port == 0:
             raise OSError(f"{name}: cannot bind {address}")
+        if self.tls and os.environ.get("GRPC_VERBOSITY", "").upper() in QUIET_GRPC:
+            log.warning(
+                "%s: GRPC_VERBOSITY=%s hides gRPC's 'Handshake failed' lines, the only record "
+                "of callers refused for want of a valid certificate",
+                name, os.environ["GRPC_VERBOSITY"],
+            )  # fmt: skip
         self._stopping = asyncio.Event()
         self._service_names: list[str] = []
 
@@ -96,6 +120,22 @@ class ServiceServer:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def bound(self) -> str:
+        """host:port as bound (the port the OS chose for port 0)."""
+        return f"{self.address.rsplit(':', 1)[0]}:{self.port}"
+
+    async def start(self, service_names: Iterable[str], reflect: bool = True) -> None:
+        """Serve (health NOT_SERVING until `set_serving(True)`); `run` does this itself."""
+        self._service_names = list(service_names)
+        if reflect:
+            names = [*self._service_names, reflection.SERVICE_NAME, health.SERVICE_NAME]
+            reflection.enable_server_reflection(names, self.grpc)
+        await self.grpc.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self.grpc.stop(grace=grace)
+
     async def run(
         self,
         service_names: Iterable[str],
@@ -103,10 +143,7 @@ class ServiceServer:
         on_started: Callable[[], Awaitable[None]] | None = None,
         on_draining: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._service_names = list(service_names)
-        names = [*self._service_names, reflection.SERVICE_NAME, health.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.grpc)
-        await self.grpc.start()
+        await self.start(service_names)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -114,7 +151,7 @@ class ServiceServer:
         if on_started is not None:
             await on_started()
         await self.set_serving(True)
-        log.info("%s serving on %s", self.name, self.address.rsplit(":", 1)[0] + f":{self.port}")
+        log.info("%s serving on %s%s", self.name, self.bound, self._security)
         await self._stopping.wait()
         log.info("%s draining (up to %.0fs)", self.name, drain_seconds)
         await self.set_serving(False)

@@ -52,8 +52,10 @@ from splitserve.engine.pipeline_codec import (
 )
 from splitserve.engine.pipeline_procs import StageSpec
 from splitserve.engine.runner import plan_num_blocks
+from splitserve.engine.shard import max_positions
 from splitserve.engine.tensor_parallel import ShardGroupError
 from splitserve.engine_args import add_engine_args, engine_config
+from splitserve.services.security import TLSConfig, add_tls_arguments, open_channel
 from splitserve.services.server import (
     ServiceServer,
     configure_logging,
@@ -101,6 +103,7 @@ class StageRuntime:
         )  # fmt: skip
         self.counters = StageCounters()
         self.started = time.monotonic()
+        self.max_positions = max_positions(cfg, self.engine)  # the rotary table's length
 
     @property
     def pool(self) -> tuple[int, ...]:
@@ -110,9 +113,7 @@ class StageRuntime:
     def forward(self, req: pb.StageForwardRequest):
         """The next stage's request, or (last stage) the logits answer."""
         wire = bytes_wire(req.step_wire)
-        for table in wire.block_tables:
-            if table and not 0 <= min(table) <= max(table) < self.spec.num_blocks:
-                raise ValueError(f"block ids outside the pool of {self.spec.num_blocks}")
+        wire.check(self.engine.block_size, self.spec.num_blocks, self.max_positions)
         hidden = message_tensor(req.hidden, (wire.num_tokens, self.cfg.hidden_size))
         t0, c0 = time.perf_counter(), time.thread_time()
         out = self.shard.forward(wire, hidden=hidden)
@@ -199,8 +200,8 @@ class StageServicer(rpc.StageServicer):
             if self._next_channel is not None:
                 await self._next_channel.close()
             self.next_address = request.next_stage
-            self._next_channel = grpc.aio.insecure_channel(
-                self.next_address, options=STAGE_CHANNEL_OPTIONS
+            self._next_channel = open_channel(
+                self.next_address, TLSConfig.from_env(), STAGE_CHANNEL_OPTIONS
             )
             log.info("stage %d forwards to %s", self.rt.spec.index, self.next_address)
         return pb.StageHandshakeResponse(layout=self.rt.layout, instance_id=self.instance_id)
@@ -408,6 +409,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--spec-json", default=None, help=argparse.SUPPRESS)  # from the worker
     g.add_argument("--drain-seconds", type=float, default=5.0)
     g.add_argument("--log-level", default="INFO")
+    add_tls_arguments(parser)  # a stage its worker starts inherits them (SPLITSERVE_TLS_*)
     add_engine_args(parser)
 
 
@@ -446,7 +448,8 @@ async def serve(
     args: argparse.Namespace, runtime: StageRuntime, compute: ThreadPoolExecutor | None = None
 ) -> None:
     name = f"stage-{runtime.spec.index}"
-    server = ServiceServer(name, f"{args.host}:{args.port}", options=STAGE_CHANNEL_OPTIONS)
+    tls = TLSConfig.from_args(args)
+    server = ServiceServer(name, f"{args.host}:{args.port}", options=STAGE_CHANNEL_OPTIONS, tls=tls)
     servicer = StageServicer(runtime, args.max_in_flight, compute)
     rpc.add_StageServicer_to_server(servicer, server.grpc)
 
@@ -495,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fast_gil_handoff()
     compute = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
     try:
+        tls = TLSConfig.from_args(args)  # a bad flag fails before the slow load
+        if tls is not None:
+            tls.export_env()  # the channel to the next stage dials with it
         runtime = compute.submit(load_runtime, args).result()
     except (ValueError, ModelLoadError, OSError) as exc:
         log.error("stage: cannot start: %s", " ".join(str(exc).split()))

@@ -23,6 +23,7 @@ from typing import NoReturn, Protocol
 import grpc
 
 from splitserve.engine.engine import CapacityError, LLMEngine, RequestError
+from splitserve.engine.kv_payload import load_mesh_secret
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.pipeline import StageUnavailableError
 from splitserve.engine.sampling_params import SamplingParams, SamplingParamsError
@@ -38,6 +39,7 @@ from splitserve.services.engine_loop import (
 from splitserve.services.kv_prefix import PrefixTier
 from splitserve.services.kvstore_client import KVStoreClient
 from splitserve.services.metrics import WorkerMetrics, start_metrics_server
+from splitserve.services.security import TLSConfig, add_tls_arguments, open_channel
 from splitserve.services.server import (
     CHANNEL_OPTIONS,
     ServiceServer,
@@ -149,6 +151,10 @@ def worker_load(engine: AsyncEngine, worker_id: str, role: str) -> pb.WorkerLoad
         num_free_blocks=load.num_free_blocks,
         block_size=load.block_size,
         model=engine.engine.model_id,
+        max_num_seqs=engine.engine.config.max_num_seqs,
+        max_waiting_requests=engine.max_waiting_requests,
+        num_total_blocks=load.num_blocks,
+        max_queued_tokens=engine.max_queued_tokens,
     )
 
 
@@ -166,14 +172,21 @@ def add_worker_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         "--router",
         default=None,
         metavar="HOST:PORT",
-        help="the router's gRPC address: join its pool once serving (retried until it answers), "
-        "leave it first thing on SIGTERM",
+        help="the router's internal address (its --internal-port, splitserve.v1.Registry): join "
+        "its pool once serving (retried until it answers), leave it first thing on SIGTERM",
     )
     g.add_argument(
         "--kvstore-timeout-s",
         type=float,
         default=3.0,
         help="deadline of a kvstore lookup; past it the worker recomputes",
+    )
+    g.add_argument(
+        "--mesh-secret-file",
+        default=None,
+        metavar="PATH",
+        help="the secret kvstore blocks are signed and verified with (env SPLITSERVE_MESH_SECRET "
+        "holds the secret itself); without one, blocks are unsigned",
     )
     g.add_argument("--metrics-port", type=int, default=0, help="Prometheus port; 0 = off")
     g.add_argument("--max-waiting-requests", type=int, default=256)
@@ -185,6 +198,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         help="on SIGTERM, how long in-flight requests (and unpulled KV) may take to finish",
     )
     g.add_argument("--log-level", default="INFO")
+    add_tls_arguments(parser)
     add_engine_args(parser)
 
 
@@ -214,9 +228,16 @@ async def serve_worker(
     args: argparse.Namespace, role: str, service_names: Sequence[str], build: Build
 ) -> None:
     _check_router_flags(args)
+    secret = load_mesh_secret(getattr(args, "mesh_secret_file", None))
+    if args.kvstore and secret is None:
+        log.warning(
+            "kvstore blocks are unsigned: anyone who can write to the kvstore (or its Redis) can "
+            "plant KV this worker will use; give every worker --mesh-secret-file"
+        )
     worker_id = args.worker_id or f"{role}-{args.port}"
     metrics = WorkerMetrics(role, worker_id)
-    server = ServiceServer(role, f"{args.host}:{args.port}")  # bind before the slow load
+    # Bind before the slow load; mutual TLS when given certificates, else loopback only.
+    server = ServiceServer(role, f"{args.host}:{args.port}", tls=TLSConfig.from_args(args))
     address = args.advertise_address or f"{args.host}:{server.port}"
 
     def broken(exc: BaseException) -> None:
@@ -235,10 +256,13 @@ async def serve_worker(
         on_broken=broken,
     )
     llm = engine.engine
-    store = KVStoreClient(args.kvstore, timeout_s=args.kvstore_timeout_s) if args.kvstore else None
-    worker = Worker(
-        args, role, worker_id, address, engine, metrics, PrefixTier(engine, store, metrics)
+    store = (
+        KVStoreClient(args.kvstore, timeout_s=args.kvstore_timeout_s, metrics=metrics)
+        if args.kvstore
+        else None
     )
+    prefix = PrefixTier(engine, store, metrics, secret=secret)
+    worker = Worker(args, role, worker_id, address, engine, metrics, prefix)
     servicer = build(worker, server)
     membership = (
         RouterRegistration(args.router, address, role, llm.model_id, worker_id)
@@ -351,7 +375,8 @@ class RouterRegistration:
 
     def _stub(self) -> rpc.RegistryStub:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.router, options=_ROUTER_CHANNEL_OPTIONS)
+            tls = TLSConfig.from_env()  # this worker's certificate: the Registry wants a worker's
+            self._channel = open_channel(self.router, tls, _ROUTER_CHANNEL_OPTIONS)
         return rpc.RegistryStub(self._channel)
 
     def start(self) -> None:
@@ -435,6 +460,9 @@ def run_worker(
     install_uvloop()
     fast_gil_handoff()
     try:
+        tls = TLSConfig.from_args(args)
+        if tls is not None:
+            tls.export_env()  # its pipeline stages serve, and its channels dial, with it too
         asyncio.run(serve_worker(args, role, service_names, build))
     except (OSError, ValueError) as exc:  # a port in use, a model that won't load
         log.error("%s: cannot start: %s", role, " ".join(str(exc).split()))

@@ -6,6 +6,11 @@ runs it under `splitserve.mesh.Mesh`: the processes, the health waits, the log f
 ordered shutdown are exactly what `splitserve up` does. Ports are found the way the launcher's
 own tests find them (free router ports, a random --port-offset whose plan is free).
 
+Secured as `up` secures it, by default: certificates, a mesh secret and an API key in
+`<log_dir>/secrets`, mutual TLS on every internal connection. The helpers use them: channels
+to internal services present the launcher's client certificate, the router channel and the
+OpenAI client send the API key.
+
 Also here: the checks every module ends with (`assert_idle`: no request, KV block, lease or
 outstanding token left anywhere), metric scraping, and the reference engine's greedy output.
 """
@@ -32,11 +37,14 @@ from mesh_ports import up_args
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve import cmd_up
+from splitserve.cmd_certs import CertBundle
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.mesh import Console, Mesh, StartupError
+from splitserve.run_secrets import client_tls, write_secrets
 from splitserve.services.metrics import PREFIX as WORKER_PREFIX
+from splitserve.services.security import TLSConfig, open_sync_channel
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.topology import ServiceSpec, Topology
 from splitserve.v1 import pb, rpc
@@ -57,6 +65,49 @@ RPC_TIMEOUT_S = 300.0
 
 # ---- ports ----------------------------------------------------------------------------------
 # ---- the mesh -------------------------------------------------------------------------------
+class ApiKeyInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer KEY` to every call that doesn't carry its own."""
+
+    def __init__(self, api_key: str) -> None:
+        self.header = ("authorization", f"Bearer {api_key}")
+
+    def _with_key(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = list(details.metadata or [])
+        if not any(k == "authorization" for k, _ in metadata):
+            metadata.append(self.header)
+        return _CallDetails(
+            details.method, details.timeout, metadata, details.credentials,
+            details.wait_for_ready, details.compression,
+        )  # fmt: skip
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
 @dataclass
 class RunningMesh:
     topology: Topology
@@ -64,8 +115,11 @@ class RunningMesh:
     console: Console
     log_dir: Path
     redis_prefix: str | None = None
+    api_key: str | None = None  # what clients send the router (None: --no-auth)
+    tls: TLSConfig | None = None  # the launcher's client certificate (None: --insecure)
     baseline_kv_usage: dict[str, float] = field(default_factory=dict)
     _channels: dict[str, grpc.Channel] = field(default_factory=dict)
+    _supervisor: tuple[threading.Thread, threading.Event] | None = None
 
     # ---- addresses
     def port(self, service: str, role: str = "grpc") -> int:
@@ -85,21 +139,52 @@ class RunningMesh:
     def workers_of(self, role: str) -> list[str]:
         return [w for w in self.workers if w.rsplit("-", 1)[0] == role]
 
+    @property
+    def secrets_dir(self) -> Path:
+        assert self.topology.secrets is not None
+        return Path(self.topology.secrets.dir)
+
     # ---- clients
     def channel(self, service: str) -> grpc.Channel:
+        """The router's public port with the API key; any other service's port with the
+        launcher's client certificate."""
         if service not in self._channels:
-            self._channels[service] = grpc.insecure_channel(
-                self.address(service), options=CHANNEL_OPTIONS
-            )
+            if service == "router":
+                channel = grpc.insecure_channel(self.address(service), options=CHANNEL_OPTIONS)
+                if self.api_key:
+                    channel = grpc.intercept_channel(channel, ApiKeyInterceptor(self.api_key))
+            else:
+                channel = open_sync_channel(self.address(service), self.tls, CHANNEL_OPTIONS)
+            self._channels[service] = channel
         return self._channels[service]
+
+    def internal_address(self) -> str:
+        """The router's internal port (splitserve.v1.Registry)."""
+        return f"127.0.0.1:{self.port('router', 'internal')}"
 
     def inference(self) -> rpc.InferenceStub:
         return rpc.InferenceStub(self.channel("router"))
 
     def openai(self) -> openai.OpenAI:
         return openai.OpenAI(
-            base_url=f"{self.http_url}/v1", api_key="e2e", max_retries=0, timeout=RPC_TIMEOUT_S
+            base_url=f"{self.http_url}/v1",
+            api_key=self.api_key or "unused",
+            max_retries=0,
+            timeout=RPC_TIMEOUT_S,
         )
+
+    def http_post(self, path: str, body: bytes, timeout: float = 60.0) -> tuple[int, dict]:
+        return http_post(f"{self.http_url}{path}", body, timeout, api_key=self.api_key)
+
+    def tls_args(self, name: str, role: str = "worker") -> list[str]:
+        """--tls-* flags for a process a test starts by hand (a certificate of its own);
+        [] on a plaintext mesh."""
+        if self.tls is None:
+            return []
+        CertBundle(self.secrets_dir).write([(name, role)])
+        d = self.secrets_dir
+        return [*("--tls-cert", str(d / f"{name}.crt"), "--tls-key", str(d / f"{name}.key")),
+                *("--tls-ca", str(d / "ca.crt"))]  # fmt: skip
 
     def load(self, worker: str) -> pb.WorkerLoad:
         stub_type = rpc.PrefillStub if worker.startswith("prefill") else rpc.DecodeStub
@@ -114,7 +199,7 @@ class RunningMesh:
         return scrape(url, WORKER_PREFIX + name, **labels)
 
     def router_metrics(self) -> str:
-        return http_get(f"{self.http_url}/metrics")
+        return http_get(f"{self.http_url}/metrics", api_key=self.api_key)
 
     def log(self, service: str) -> str:
         return (self.log_dir / f"{service}.log").read_text(errors="replace")
@@ -123,7 +208,19 @@ class RunningMesh:
         return "\n".join(self.mesh.tails(list(self.mesh.children)))
 
     # ---- lifecycle
+    def supervise(self) -> None:
+        """Restart children that die, as `splitserve up` does once up (until `stop`)."""
+        stop = threading.Event()
+        thread = threading.Thread(target=self.mesh.supervise, args=(stop,), daemon=True)
+        thread.start()
+        self._supervisor = (thread, stop)
+
     def stop(self) -> None:
+        if self._supervisor is not None:
+            thread, stop = self._supervisor
+            stop.set()
+            thread.join(30)
+            self._supervisor = None
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
@@ -150,19 +247,26 @@ def start_mesh(
     env: dict[str, str] | None = None,
     worker_flags: Sequence[str] = WORKER_FLAGS,
     redis: bool = False,
+    router_flags: Sequence[str] = (),
 ) -> RunningMesh:
-    """Start a mesh as `splitserve up <flags>` would, wait until every service is SERVING."""
+    """Start a mesh as `splitserve up <flags>` would, wait until every service is SERVING.
+    `router_flags`: extra flags for the router (ones `up` has no option for)."""
     redis_prefix = f"splitserve:e2e:{os.getpid()}:{random.getrandbits(48):012x}:" if redis else None
     flags = [*up_flags, *ENGINE_FLAGS, "--log-level", "info"]
     if redis:
         flags += ["--redis-url", REDIS_URL]
-    base = Topology.from_args(cmd_up.build_parser().parse_args(up_args(*flags)))
-    services = [_adjust(s, env or {}, worker_flags, redis_prefix) for s in base.services]
-    topology = Topology(services=services, placement=base.placement)
+    args = cmd_up.build_parser().parse_args(up_args(*flags))
+    base = cmd_up.local_topology(args, str(log_dir / "secrets"))
+    services = [
+        _adjust(s, env or {}, worker_flags, redis_prefix, router_flags) for s in base.services
+    ]
+    topology = dataclasses.replace(base, services=services)
     cmd_up.check_ports_free(topology)
+    api_key = write_secrets(topology, args.api_key)
+    tls = client_tls(topology)
     console = Console(topology.names, str(log_dir))
-    mesh = Mesh(topology, console)
-    running = RunningMesh(topology, mesh, console, log_dir, redis_prefix)
+    mesh = Mesh(topology, console, tls)
+    running = RunningMesh(topology, mesh, console, log_dir, redis_prefix, api_key, tls)
     try:
         mesh.start(STARTUP_TIMEOUT_S, threading.Event())
     except StartupError as exc:
@@ -184,7 +288,11 @@ def start_mesh(
 
 
 def _adjust(
-    spec: ServiceSpec, env: dict[str, str], worker_flags: Sequence[str], redis_prefix: str | None
+    spec: ServiceSpec,
+    env: dict[str, str],
+    worker_flags: Sequence[str],
+    redis_prefix: str | None,
+    router_flags: Sequence[str] = (),
 ) -> ServiceSpec:
     args = list(spec.args)
     if spec.name == "kvstore" and redis_prefix:
@@ -192,7 +300,7 @@ def _adjust(
     if spec.module in ("splitserve.prefill", "splitserve.decode"):
         args += list(worker_flags)
     if spec.name == "router":
-        args += ["--health-interval", "0.5"]
+        args += ["--health-interval", "0.5", *router_flags]
     return dataclasses.replace(spec, args=args, env={**spec.env, **env})
 
 
@@ -228,13 +336,21 @@ def delete_redis_keys(prefix: str) -> None:
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http_get(url: str, timeout: float = 10.0) -> str:
-    with _NO_PROXY.open(url, timeout=timeout) as resp:
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def http_get(url: str, timeout: float = 10.0, api_key: str | None = None) -> str:
+    req = urllib.request.Request(url, headers=_headers(api_key))
+    with _NO_PROXY.open(req, timeout=timeout) as resp:
         return resp.read().decode()
 
 
-def http_post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+def http_post(
+    url: str, body: bytes, timeout: float = 60.0, api_key: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json", **_headers(api_key)}
+    req = urllib.request.Request(url, data=body, headers=headers)
     try:
         with _NO_PROXY.open(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())

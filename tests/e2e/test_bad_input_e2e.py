@@ -17,7 +17,7 @@ import socket
 import grpc
 import openai
 import pytest
-from mesh_fixtures import RPC_TIMEOUT_S, RunningMesh, assert_idle, http_post, stream_ids
+from mesh_fixtures import RPC_TIMEOUT_S, RunningMesh, assert_idle, stream_ids
 
 from splitserve.v1 import pb
 
@@ -79,7 +79,7 @@ def test_bad_http_requests_get_4xx_with_openai_error_bodies(disagg_mesh):
         client.chat.completions.create(model=model, messages=[], max_tokens=2)
     check_error_body(info.value.body, "empty_prompt", "messages")
 
-    status, body = http_post(f"{disagg_mesh.http_url}/v1/completions", b'{"prompt": "Hi", ')
+    status, body = disagg_mesh.http_post("/v1/completions", b'{"prompt": "Hi", ')
     assert status == 400
     check_error_body(body, "invalid_json")
 
@@ -91,6 +91,7 @@ def post_huge(mesh: RunningMesh, chunked: bool) -> tuple[int, dict, int]:
     """
     head = "POST /v1/completions HTTP/1.1\r\nHost: e2e\r\nContent-Type: application/json\r\n"
     head += "Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {HUGE}\r\n"
+    head += f"Authorization: Bearer {mesh.api_key}\r\n" if mesh.api_key else ""
     piece = b'{"prompt": "' + b"x" * (MIB - 12)
     sent = 0
     with socket.create_connection(("127.0.0.1", mesh.port("router", "http")), timeout=60) as s:

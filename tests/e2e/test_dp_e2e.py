@@ -79,7 +79,8 @@ def answers() -> dict[str, list[int]]:
 
 
 class ExtraWorker:
-    """A colocated worker started by hand, told only where the router is."""
+    """A colocated worker started by hand, told only where the router's internal port is (and
+    given a worker certificate of its own: the Registry takes no other)."""
 
     def __init__(self, mesh: RunningMesh, log_dir: Path) -> None:
         self.port, self.metrics_port = free_ports(2)
@@ -89,8 +90,8 @@ class ExtraWorker:
         argv = [
             sys.executable, "-m", "splitserve.decode", "--role", "colocated",
             "--port", str(self.port), "--worker-id", "colocated-extra",
-            "--metrics-port", str(self.metrics_port), "--router", mesh.address("router"),
-            *ENGINE_FLAGS, "--log-level", "info",
+            "--metrics-port", str(self.metrics_port), "--router", mesh.internal_address(),
+            *mesh.tls_args("colocated-extra"), *ENGINE_FLAGS, "--log-level", "info",
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
 

@@ -17,6 +17,7 @@ from mesh_fixtures import RPC_TIMEOUT_S, RunningMesh, assert_idle, greedy, strea
 
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.tokenizer import Tokenizer
+from splitserve.router.auth import tenant_of
 from splitserve.v1 import pb, rpc
 
 pytestmark = pytest.mark.slow
@@ -47,9 +48,17 @@ def expected(reference_engine: LLMEngine, prompts) -> tuple[list[int], list[int]
 
 
 def prefill(mesh: RunningMesh, worker: str, prompt: list[int]) -> pb.PrefillResponse:
-    """Prefill directly on one worker, then give the KV lease back (no decode will pull it)."""
+    """Prefill directly on one worker, then give the KV lease back (no decode will pull it).
+
+    Under the cache salt the router gives the mesh's API key: the router's request later in
+    this module is that tenant's, and only its own tenant's blocks can be a hit for it."""
     stub = rpc.PrefillStub(mesh.channel(worker))
-    req = pb.PrefillRequest(request_id=f"prefix-{worker}", prompt_token_ids=prompt, sampling=GREEDY)
+    req = pb.PrefillRequest(
+        request_id=f"prefix-{worker}",
+        prompt_token_ids=prompt,
+        sampling=GREEDY,
+        cache_salt=tenant_of(mesh.api_key) if mesh.api_key else "",
+    )
     resp = stub.Prefill(req, timeout=RPC_TIMEOUT_S)
     assert resp.kv.lease_id and resp.kv.num_tokens == len(prompt)
     assert stub.ReleaseKV(pb.ReleaseKVRequest(lease_id=resp.kv.lease_id), timeout=10).released

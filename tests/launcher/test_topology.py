@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 
 from splitserve import cmd_up
-from splitserve.topology import COMPOSE, LOCAL, PortPlan, ServiceSpec, Topology
+from splitserve.topology import COMPOSE, LOCAL, PortPlan, Secrets, ServiceSpec, Topology
 
 
 def topology(*argv: str, placement=LOCAL) -> Topology:
@@ -31,7 +31,7 @@ def test_default_topology_follows_the_port_plan():
     assert t.service("kvstore").ports == {"grpc": 50060}
     assert t.service("prefill-0").ports == {"grpc": 50070, "metrics": 9100}
     assert t.service("decode-0").ports == {"grpc": 50080, "metrics": 9101}
-    assert t.router.ports == {"grpc": 50051, "http": 8000}
+    assert t.router.ports == {"grpc": 50051, "http": 8000, "internal": 50052}
     assert all(flag(s, "--host") == ["127.0.0.1"] for s in t.services)  # loopback only
     assert flag(t.service("kvstore"), "--backend") == ["memory"]
     assert [s.name for s in t.services if s.public] == ["router"]
@@ -79,7 +79,7 @@ def test_port_offset_moves_internal_ports_only():
     t = topology("--port-offset", "1000")
     assert t.service("kvstore").ports["grpc"] == 51060
     assert t.service("prefill-0").ports == {"grpc": 51070, "metrics": 10100}
-    assert t.router.ports == {"grpc": 50051, "http": 8000}
+    assert t.router.ports == {"grpc": 50051, "http": 8000, "internal": 51052}
 
 
 def test_colocated_has_no_prefill_pool():
@@ -128,7 +128,9 @@ def test_engine_flags_reach_every_worker_and_the_router_agrees():
 
 def test_compose_placement_uses_service_names_and_binds_all_interfaces():
     t = topology(placement=COMPOSE)
-    assert t.names == ["redis", "kvstore", "prefill-0", "decode-0", "router", "otel-collector"]
+    assert t.names == [
+        *("secrets", "redis", "kvstore", "prefill-0", "decode-0", "router", "otel-collector")
+    ]
     assert flag(t.service("kvstore"), "--redis-url") == ["redis://redis:6379/0"]
     assert flag(t.service("prefill-0"), "--kvstore") == ["kvstore:50060"]
     assert flag(t.service("prefill-0"), "--advertise-address") == ["prefill-0:50070"]
@@ -171,8 +173,9 @@ def test_the_services_accept_the_topologys_flags(package, argv):
     if importlib.util.find_spec(f"splitserve.{package}.__main__") is None:
         pytest.skip(f"splitserve.{package}.__main__ isn't in yet")
     module = importlib.import_module(f"splitserve.{package}.__main__")
-    for placement in (LOCAL, COMPOSE):
-        for spec in topology(*argv, placement=placement).services:
+    locked = Topology.from_args(cmd_up.build_parser().parse_args(argv), LOCAL, Secrets("/s"))
+    for t in (topology(*argv), locked, topology(*argv, placement=COMPOSE)):
+        for spec in t.services:
             if spec.module == f"splitserve.{package}":
                 parser = argparse.ArgumentParser(prog=spec.name, exit_on_error=False)
                 module.add_arguments(parser)
@@ -254,7 +257,7 @@ def test_stage_services_are_their_workers_stages(placement):
     t = topology(*argv, placement=placement)
     workers = ["prefill-0", "decode-0", "decode-1"]
     stages = [f"{w}-stage-{k}" for w in workers for k in (1, 2)]
-    splitserve = [n for n in t.names if n not in ("redis", "otel-collector")]  # compose's
+    splitserve = [n for n in t.names if n not in ("secrets", "redis", "otel-collector")]
     assert splitserve == ["kvstore", *stages, *workers, "router"]
     assert [s.name for s in t.stages] == stages and [w.name for w in t.workers] == workers
     assert [s.ports["grpc"] for s in t.stages] == list(range(50200, 50206))
@@ -286,8 +289,47 @@ def test_compose_gives_each_stage_its_own_container():
     stage = services["colocated-0-stage-1"]
     assert stage["command"][:3] == ["python", "-m", "splitserve.services.stage"]
     assert stage["expose"] == ["50200"] and "ports" not in stage  # internal only
-    assert stage["healthcheck"]["test"][-1] == "127.0.0.1:50200"
+    assert stage["healthcheck"]["test"][4] == "127.0.0.1:50200"
     worker = services["colocated-0"]
     assert worker["depends_on"]["colocated-0-stage-1"] == {"condition": "service_healthy"}
     cmd = worker["command"]
     assert cmd[cmd.index("--pipeline-stage-addresses") + 1] == "colocated-0-stage-1:50200"
+
+
+# ---- secrets --------------------------------------------------------------------------------
+def locked(*argv: str, secrets_dir: str = "/run/x") -> Topology:
+    """`up`'s topology as `up` builds it, with its secrets in `secrets_dir`."""
+    return cmd_up.local_topology(cmd_up.build_parser().parse_args(list(argv)), secrets_dir)
+
+
+def test_up_wires_tls_the_mesh_secret_and_the_api_key_by_default():
+    t = locked("--pipeline-stages", "2", "--stage-services", "--prefill", "2")
+    for spec in t.services:
+        assert flag(spec, "--tls-cert") == [f"/run/x/{spec.name}.crt"], spec.name
+        assert flag(spec, "--tls-key") == [f"/run/x/{spec.name}.key"], spec.name
+        assert flag(spec, "--tls-ca") == ["/run/x/ca.crt"], spec.name
+    for w in t.workers:
+        assert flag(w, "--mesh-secret-file") == ["/run/x/mesh-secret"]
+        # the router's internal port, never its public one
+        assert flag(w, "--router") == [f"127.0.0.1:{t.router.ports['internal']}"]
+    assert flag(t.router, "--api-key-file") == ["/run/x/api-keys"]
+    assert flag(t.router, "--internal-port") == [str(t.router.ports["internal"])]
+    assert t.router.probe == "internal"  # the launcher's health checks: mutual TLS too
+    secret_values = [a for s in t.services for a in s.args if "sk-" in a]
+    assert secret_values == []  # files only: argv is visible to every local user
+
+
+def test_up_opt_outs():
+    insecure = locked("--insecure")
+    assert not any("--tls-cert" in s.args for s in insecure.services)
+    assert flag(insecure.router, "--api-key-file") == ["/run/x/api-keys"]
+    no_auth = locked("--no-auth")
+    assert flag(no_auth.router, "--api-key-file") == []
+    assert all(flag(s, "--tls-ca") == ["/run/x/ca.crt"] for s in no_auth.services)
+    assert all(flag(w, "--mesh-secret-file") for w in no_auth.workers)  # signing stays on
+
+
+@pytest.mark.parametrize("opt_out", ["--insecure", "--no-auth"])
+def test_compose_has_no_opt_outs(opt_out):
+    with pytest.raises(ValueError, match="for `up` on loopback"):
+        topology(opt_out, placement=COMPOSE)

@@ -1,8 +1,8 @@
 """`splitserve up` as a user runs it: real processes, real signals, nothing left behind.
 
-The process handling (startup order, health wait, a child dying, timeouts, SIGTERM then SIGKILL)
-is checked against tiny fake services that only speak grpc.health.v1, in seconds; the end-to-end
-test runs the real mesh with the real model once the service packages exist.
+The process handling (startup order, health wait, a child dying and being restarted, a crash
+loop, timeouts, SIGTERM then SIGKILL) is checked against tiny fake services that only speak
+grpc.health.v1, in seconds; the end-to-end tests run the real mesh with the real model.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from splitserve.topology import Topology
 
 FAKE_SERVICE = textwrap.dedent(
     """
-    import argparse, signal, subprocess, sys, threading
+    import argparse, os, signal, subprocess, sys, threading
     from concurrent import futures
 
     import grpc
@@ -38,6 +38,8 @@ FAKE_SERVICE = textwrap.dedent(
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--never-serve", action="store_true")
     p.add_argument("--ignore-term", action="store_true")
+    p.add_argument("--crash-when", default=None, help="exit 3 once this file exists")
+    p.add_argument("--crash-once", action="store_true", help="... removing it first")
     a = p.parse_args()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, signal.SIG_IGN if a.ignore_term else lambda *_: stop.set())
@@ -51,8 +53,14 @@ FAKE_SERVICE = textwrap.dedent(
     print(f"fake listening on {a.port}", flush=True)
     status = "NOT_SERVING" if a.never_serve else "SERVING"
     servicer.set("", health_pb2.HealthCheckResponse.ServingStatus.Value(status))
-    stop.wait(a.exit_after)
-    if a.exit_after is not None:
+    if a.crash_when:
+        while not stop.wait(0.05) and not os.path.exists(a.crash_when):
+            pass
+    else:
+        stop.wait(a.exit_after)
+    if a.exit_after is not None or (a.crash_when and not stop.is_set()):
+        if a.crash_once:
+            os.remove(a.crash_when)
         print("fake crashing", flush=True)
         sys.exit(3)
     print("fake stopping", flush=True)
@@ -66,6 +74,7 @@ DRIVER = textwrap.dedent(
     import json, sys
     from splitserve.cli import CLIError
     from splitserve.cmd_up import serve
+    from splitserve.mesh import RestartPolicy
     from splitserve.topology import LOCAL, ServiceSpec, Topology
 
     cfg = json.loads(sys.argv[1])
@@ -83,6 +92,7 @@ DRIVER = textwrap.dedent(
             timeout=cfg["timeout"],
             grace=cfg["grace"],
             log_dir=cfg.get("log_dir"),
+            policy=RestartPolicy(backoff_s=(0.2, 0.4), max_restarts=cfg.get("max_restarts", 3)),
         )
     except CLIError as exc:
         print(f"splitserve: error: {exc}", file=sys.stderr)
@@ -200,14 +210,53 @@ def test_up_waits_for_health_in_dependency_order_and_stops_on_sigterm(fakes):
     assert live_in_groups(set(pids.values())) == []
 
 
-def test_a_child_dying_stops_the_rest_and_exits_nonzero(fakes):
-    cfg = mesh_config(fakes, extra={"worker-1": ["--exit-after", "2"]})
+def test_a_child_that_dies_is_restarted_and_the_mesh_serves_on(fakes, tmp_path):
+    crash = tmp_path / "crash-worker-1"
+    cfg = mesh_config(fakes, extra={"worker-1": ["--crash-when", str(crash), "--crash-once"]})
     proc = start_driver(fakes, cfg)
-    out, err = proc.communicate(timeout=60)
+    before = read_until(proc, "splitserve is up")
+    first = started(before)
+    crash.touch()
+    again = read_until(proc, "splitserve: worker-1 is serving again")
+    proc.send_signal(signal.SIGTERM)
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    assert "worker-1 exited with status 3; restarting it in 0.2s" in err
+    restarted = started(again)
+    assert list(restarted) == ["worker-1"] and restarted["worker-1"] != first["worker-1"]
+    assert "fake stopping" in out  # the rest never stopped, and stop cleanly at the end
+    assert "worker-0 exited" not in err and "router exited" not in err
+    assert live_in_groups({*first.values(), *restarted.values()}) == []
+
+
+def test_a_crash_loop_stops_the_rest_and_exits_nonzero(fakes, tmp_path):
+    crash = tmp_path / "crash-worker-1"
+    cfg = mesh_config(fakes, extra={"worker-1": ["--crash-when", str(crash)]}, max_restarts=2)
+    proc = start_driver(fakes, cfg)
+    before = read_until(proc, "splitserve is up")
+    crash.touch()  # from now on, every worker-1 exits as soon as it starts
+    out, err = finish(proc)
     assert proc.returncode == 1
-    assert "worker-1 exited with status 3" in err
+    assert err.count("worker-1 exited with status 3; restarting it in") == 2
+    assert (
+        "splitserve: error: worker-1 exited 3 times within 60s (last status 3); giving up; "
+        "stopping the rest" in err
+    )
     assert "fake crashing" in err  # its last log lines come with the message
-    assert live_in_groups(set(started(out).values())) == []
+    assert out.count("fake stopping") == 3  # the others were stopped in order
+    assert live_in_groups(set(started(before + out).values())) == []
+
+
+def test_restart_backoff_doubles_to_its_cap_and_resets_after_a_long_run():
+    from splitserve.mesh import RestartPolicy
+
+    policy = RestartPolicy(backoff_s=(0.5, 10.0), window_s=60.0)
+    delays, delay = [], None
+    for _ in range(7):
+        delay = policy.delay(delay, ran_s=1.0)
+        delays.append(delay)
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert policy.delay(10.0, ran_s=61.0) == 0.5
 
 
 def test_startup_timeout_names_the_service_and_shows_its_log(fakes):
