@@ -3,6 +3,12 @@
     python -m splitserve.router --grpc-port 50051 --http-port 8000 \\
         --prefill 127.0.0.1:50061 --decode 127.0.0.1:50071 --policy prefix_aware
 
+Two planes, separate listeners: the public ports (--grpc-port: Inference, health, reflection;
+--http-port: the OpenAI API), with server-side TLS when given --public-tls-cert/--public-tls-key;
+and the internal port (--internal-port, default 50052: splitserve.v1.Registry and health), with
+mutual TLS when given --tls-cert/--tls-key/--tls-ca, where only a certificate made for a worker
+may register (router/registry_api.py). The same certificate dials the workers.
+
 `add_arguments(parser)` and `run(args)` let `splitserve router ...` reuse the same flags.
 SIGTERM/SIGINT: health goes NOT_SERVING, new requests are refused, in-flight ones finish
 (up to --drain-seconds), exit status 0.
@@ -17,12 +23,27 @@ import sys
 from collections.abc import Sequence
 
 from splitserve.engine.loader import ModelLoadError
-from splitserve.services.server import ServiceServer, configure_logging, install_uvloop
+from splitserve.services.security import PublicTLS, TLSConfig, add_tls_arguments
+from splitserve.services.server import (
+    CHANNEL_OPTIONS,
+    ServiceServer,
+    configure_logging,
+    install_uvloop,
+)
 from splitserve.services.tracing import init_tracing
 from splitserve.v1 import rpc
 
-from .app import MIB, Router, RouterConfig
+from .app import (
+    CUT_GRACE_S,
+    MIB,
+    Router,
+    RouterConfig,
+    add_reliability_arguments,
+    reliability_config,
+)
+from .auth import add_auth_arguments, front_door_from_args
 from .grpc_api import SERVICE_NAME, InferenceServicer
+from .grpc_api import add_to_server as add_inference_servicer
 from .http_api import HttpApi
 from .policy import DEFAULT_ABS_THRESHOLD, DEFAULT_REL_THRESHOLD, POLICY_NAMES
 from .registry_api import SERVICE_NAME as REGISTRY_SERVICE_NAME
@@ -36,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     net.add_argument("--grpc-port", type=int, default=50051, help="default: %(default)s")
     net.add_argument("--http-port", type=int, default=8000, help="default: %(default)s")
+    _add_listener_arguments(p)
     model = p.add_argument_group("model (tokenizer and config only; no weights are loaded)")
     model.add_argument("--model", default=None, help="a .gguf file or HF folder; default model")
     model.add_argument("--served-model-name", default=None, help="default: the model's name")
@@ -58,10 +80,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-inflight", type=int, default=256, help="more get 429")
     limits.add_argument("--max-body-bytes", type=int, default=MIB, help="larger bodies get 413")
-    limits.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds: a request's deadline, or the cap on the caller's own (gRPC deadline, HTTP "
+        "X-Request-Timeout header or `timeout` field); past it, 504 / DEADLINE_EXCEEDED",
+    )
     limits.add_argument("--health-interval", type=float, default=2.0, help="seconds")
-    limits.add_argument("--drain-seconds", type=float, default=10.0, help="on SIGTERM")
+    limits.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long in-flight requests may take; longer than the workers' own "
+        "drain (25 s), which starts once they have deregistered (default: %(default)s)",
+    )
+    add_auth_arguments(p)
+    add_reliability_arguments(p)
     p.add_argument("--log-level", default="INFO")
+
+
+def _add_listener_arguments(p: argparse.ArgumentParser) -> None:
+    """The public ports' optional TLS, and the internal port (Registry) with its mutual TLS."""
+    g = p.add_argument_group(
+        "internal port (splitserve.v1.Registry and health: workers join the pools here; mutual "
+        "TLS with --tls-*, and only a worker's certificate may register)"
+    )
+    g.add_argument("--internal-host", default=None, help="bind address (default: --host)")
+    g.add_argument(
+        "--internal-port",
+        type=int,
+        default=50052,
+        help="0 picks a free one (default: %(default)s)",
+    )
+    add_tls_arguments(p)
+    pub = p.add_argument_group("public TLS (gRPC and HTTP ports; no client certificates)")
+    pub.add_argument("--public-tls-cert", default=None, metavar="PATH")
+    pub.add_argument("--public-tls-key", default=None, metavar="PATH")
 
 
 def _add_routing_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         health_interval_s=args.health_interval,
         drop_after_failures=args.drop_after_failures,
         request_timeout_s=args.request_timeout,
+        **reliability_config(args),
     )
 
 
@@ -143,6 +199,9 @@ def _addresses(values: Sequence[str]) -> tuple[str, ...]:
 
 async def serve(config: RouterConfig, args: argparse.Namespace) -> None:
     init_tracing("router")
+    front = front_door_from_args(args)  # before the model loads: a refused config fails fast
+    tls = TLSConfig.from_args(args)
+    public_tls = PublicTLS.resolve(args.public_tls_cert, args.public_tls_key)
     router = Router(config)
     if not router.workers.workers:
         log.warning("no workers listed: generations get UNAVAILABLE / 503 until some register")
@@ -150,29 +209,61 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> None:
         "router",
         f"{args.host}:{args.grpc_port}",
         max_concurrent_rpcs=2 * config.max_inflight + 64,  # our own 429 comes first
+        public=True,
+        public_tls=public_tls,
     )
-    rpc.add_InferenceServicer_to_server(InferenceServicer(router), server.grpc)
-    rpc.add_RegistryServicer_to_server(RegistryServicer(router), server.grpc)
-    http = HttpApi(router, args.host, args.http_port)
+    internal = _internal_server(router, args, tls)
+    add_inference_servicer(InferenceServicer(router, front.auth), server.grpc)
+    http = HttpApi(
+        router,
+        args.host,
+        args.http_port,
+        auth=front.auth,
+        limits=front.http,
+        ssl_context=public_tls.ssl_context() if public_tls else None,
+    )
 
     async def on_started() -> None:
+        await internal.start([REGISTRY_SERVICE_NAME], reflect=False)
         await router.start()
         await http.start()
+        await internal.set_serving(True)
+        log.info("router internal port %s%s", internal.bound, " (mutual TLS)" if tls else "")
 
     async def on_draining() -> None:
+        await internal.set_serving(False)
         await router.drain(args.drain_seconds)
         await http.stop()
 
     try:
         await server.run(
-            [SERVICE_NAME, REGISTRY_SERVICE_NAME],
-            drain_seconds=args.drain_seconds,
+            [SERVICE_NAME],
+            # router.drain already waited, then ended what was left: only closing is left.
+            drain_seconds=CUT_GRACE_S,
             on_started=on_started,
             on_draining=on_draining,
         )
     finally:
+        await internal.stop(grace=1.0)
         await http.stop()
         await router.close()
+
+
+def _internal_server(
+    router: Router, args: argparse.Namespace, tls: TLSConfig | None
+) -> ServiceServer:
+    """The Registry's own listener: never the public port, mutual TLS when given certificates
+    (a plaintext one only on loopback), and no SO_REUSEPORT, so a second process can't quietly
+    share it."""
+    internal = ServiceServer(
+        "router-internal",
+        f"{args.internal_host or args.host}:{args.internal_port}",
+        options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+        tls=tls,
+    )
+    servicer = RegistryServicer(router, require_worker_cert=tls is not None)
+    rpc.add_RegistryServicer_to_server(servicer, internal.grpc)
+    return internal
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,6 +271,9 @@ def run(args: argparse.Namespace) -> int:
     install_uvloop()
     try:
         config = config_from_args(args)
+        tls = TLSConfig.from_args(args)
+        if tls is not None:
+            tls.export_env()  # the channels to the workers dial with the same certificate
         asyncio.run(serve(config, args))
     except (ModelLoadError, ValueError, OSError) as e:
         print(f"splitserve router: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -1,15 +1,30 @@
 """The router's errors, each knowing its gRPC status, HTTP status and OpenAI error body.
 
 Both front doors raise these and map them the same way, so a bad request looks alike over
-gRPC and HTTP: INVALID_ARGUMENT / 400, NOT_FOUND / 404 (unknown model), 413 (body too large),
+gRPC and HTTP: INVALID_ARGUMENT / 400, UNAUTHENTICATED / 401 (no or a wrong API key),
+NOT_FOUND / 404 (unknown model), 408 (body too slow), 413 (body too large), 415 (not JSON),
 RESOURCE_EXHAUSTED / 429 (overload), UNAVAILABLE / 503 (no worker, draining).
 """
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, ClassVar
 
 import grpc
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 80, 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
+def show(value: object) -> str:
+    """A short, safe repr of an untrusted value for an error message: bounded in length and
+    depth whatever the value (a megabyte string, JSON nested a thousand deep)."""
+    try:
+        return _SHORT.repr(value)
+    except Exception:  # e.g. an int past Python's digit limit
+        return f"<{type(value).__name__}>"
 
 
 class RouterError(Exception):
@@ -48,6 +63,17 @@ class RequestValidationError(RouterError):
         super().__init__(message, code=code, param=param)
 
 
+class AuthenticationError(RouterError):
+    """No API key, or not one of the configured ones: 401 / UNAUTHENTICATED."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key")
+
+
 class ModelNotFoundError(RequestValidationError):
     grpc_code = grpc.StatusCode.NOT_FOUND
     http_status = 404
@@ -55,7 +81,7 @@ class ModelNotFoundError(RequestValidationError):
     def __init__(self, model: str, served: str) -> None:
         super().__init__(
             "model_not_found",
-            f"the model {model!r} does not exist; this server serves {served!r}",
+            f"the model {show(model)} does not exist; this server serves {served!r}",
             "model",
         )
 
@@ -67,6 +93,26 @@ class RequestTooLargeError(RequestValidationError):
         size_text = f" ({size} bytes)" if size is not None else ""
         message = f"the request body{size_text} exceeds the limit of {limit} bytes"
         super().__init__("request_too_large", message, None)
+
+
+class UnsupportedMediaTypeError(RequestValidationError):
+    http_status = 415
+
+    def __init__(self, content_type: str) -> None:
+        super().__init__(
+            "unsupported_media_type",
+            f"the body must be JSON (Content-Type: application/json); got {show(content_type)}",
+        )
+
+
+class RequestTimeoutError(RequestValidationError):
+    """The client didn't send its request body in time."""
+
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 408
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__("request_timeout", f"the request body didn't arrive within {timeout_s}s")
 
 
 class OverloadedError(RouterError):

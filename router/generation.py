@@ -17,6 +17,7 @@ import grpc
 from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from splitserve.v1 import pb
 
+from .admission import Deadline
 from .dispatch import CallSlot, Dispatcher, Metadata, WorkerTokens
 from .errors import UpstreamError
 from .validation import ValidatedRequest
@@ -152,14 +153,18 @@ async def generate(
     request: ValidatedRequest,
     slot: CallSlot,
     metadata: Metadata,
+    deadline: Deadline | None = None,
 ) -> AsyncIterator[GenerationDelta]:
     """The request's deltas, the last with `finish_reason` and `usage`.
 
     Returning early (a stop string) or being closed by the caller (client gone) closes the
-    dispatcher's stream, which cancels the worker's stream.
+    dispatcher's stream, which cancels the worker's stream. One processor sees every token
+    whichever workers produced them: a request the dispatcher moved to another worker goes on
+    with the same detokenizer, stop-string window and token count.
     """
     proc = OutputProcessor(tokenizer, request)
-    async with aclosing(dispatcher.stream(request, slot, metadata)) as events:
+    events = dispatcher.stream(request, slot, metadata, deadline)
+    async with aclosing(events):
         async for ev in events:
             delta = proc.process(ev)
             if delta.token_ids or delta.text or delta.finish_reason is not None:

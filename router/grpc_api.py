@@ -2,23 +2,33 @@
 
 Errors are status codes (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...),
 never messages in the stream. A client that cancels its call cancels the worker's stream.
-Health and reflection come with `ServiceServer`.
+Health and reflection come with `ServiceServer` and stay open; with API keys configured, every
+Inference method needs one in the `authorization` metadata (`Bearer KEY`, or the bare key),
+else UNAUTHENTICATED, and Abort only finds the caller's own tenant's requests.
+
+`add_to_server` registers the servicer with lenient deserializers: a message that doesn't parse
+(corrupt bytes, a string that isn't UTF-8) reaches the method as `Undecodable` and gets
+INVALID_ARGUMENT, where grpc's own handling would answer UNKNOWN.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from splitserve.services.tracing import extract_context
 from splitserve.v1 import pb, rpc
 
 from .app import Router
-from .errors import RouterError
+from .auth import Authenticator
+from .errors import AuthenticationError, RouterError
 from .generation import FINISH_CODES, GenerationDelta
 from .validation import GenerateInput
 
@@ -26,21 +36,69 @@ log = logging.getLogger("splitserve.router")
 
 SERVICE_NAME = "splitserve.v1.Inference"
 
+M = TypeVar("M")
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request message that didn't parse; the method answers INVALID_ARGUMENT."""
+
+    reason: str
+
+
+def _lenient(parse: Callable[[bytes], M]) -> Callable[[bytes], M | Undecodable]:
+    def deserialize(data: bytes) -> M | Undecodable:
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return Undecodable(str(e))
+
+    return deserialize
+
+
+def add_to_server(servicer: InferenceServicer, server: Any) -> None:
+    """`rpc.add_InferenceServicer_to_server`, but an unparsable message is INVALID_ARGUMENT."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=_lenient(pb.GenerateRequest.FromString),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "Abort": grpc.unary_unary_rpc_method_handler(
+            servicer.Abort,
+            request_deserializer=_lenient(pb.AbortRequest.FromString),
+            response_serializer=pb.AbortResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=_lenient(pb.ListModelsRequest.FromString),
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):  # grpc >= 1.62: the faster lookup
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
 
 class InferenceServicer(rpc.InferenceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, auth: Authenticator | None = None) -> None:
         self.router = router
+        self.auth = auth or Authenticator()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.monotonic()
+        timeout_s = context.time_remaining()  # the caller's deadline, if it set one
         try:
-            with self.router.admit("grpc"):
+            tenant = await self._authenticate(context)
+            await _check_decoded(request, context)
+            with self.router.admit("grpc"), self.auth.admit(tenant):
                 raw = generate_input(request, caller=_caller(context))
+                raw.tenant = tenant
                 validated = await self.router.validate(raw)
                 parent = extract_context(context)
-                deltas = self.router.generate(validated, parent, arrival)
+                deltas = self.router.generate(validated, parent, arrival, timeout_s)
                 async with aclosing(deltas) as stream:
                     async for delta in stream:
                         yield to_response(delta)
@@ -55,14 +113,33 @@ class InferenceServicer(rpc.InferenceServicer):
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
-        return pb.AbortResponse(found=self.router.abort(request.request_id))
+        tenant = await self._authenticate(context)
+        await _check_decoded(request, context)
+        # Only the caller's own tenant's requests can be found (and aborted).
+        return pb.AbortResponse(found=self.router.abort(request.request_id, tenant))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        await self._authenticate(context)
+        await _check_decoded(request, context)
         m = self.router.model
         card = pb.ModelCard(id=m.name, max_model_len=m.max_model_len, vocab_size=m.vocab_size)
         return pb.ListModelsResponse(models=[card])
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The caller's tenant (None with authentication off); else UNAUTHENTICATED."""
+        try:
+            return self.auth.authenticate(_caller(context), allow_bare=True)
+        except AuthenticationError as e:
+            self.router.metrics.requests.labels("grpc", e.code).inc()
+            await context.abort(e.grpc_code, e.message)
+            raise AssertionError("unreachable: abort raises") from e
+
+
+async def _check_decoded(request: object, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad message: {request.reason}")
 
 
 def _caller(context: grpc.aio.ServicerContext) -> str | None:

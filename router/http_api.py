@@ -3,15 +3,28 @@
 POST /v1/completions, POST /v1/chat/completions (JSON, or SSE with `stream: true`), GET
 /v1/models, GET /health (200 only while a decode or colocated worker is healthy), GET /metrics.
 
-Every error has OpenAI's shape. A body over `max_body_bytes` gets 413 from its Content-Length
-alone, or once that many bytes have arrived, never after reading it all. A client that goes
-away cancels its handler (`handler_cancellation`), which cancels the worker's stream.
+Every error has OpenAI's shape, and no input reaches a 500: a body that isn't UTF-8 JSON
+(NaN and Infinity included) or nests too deep gets 400, a Content-Type other than JSON 415.
+A body over `max_body_bytes` gets 413 from its Content-Length alone, or once that many bytes
+have arrived, never after reading it all; one that doesn't arrive within the body timeout,
+408. A client that goes away cancels its handler (`handler_cancellation`), which cancels the
+worker's stream.
+
+With API keys configured (router/auth.py) every path needs `Authorization: Bearer KEY`, else
+401 with `WWW-Authenticate: Bearer`, but /health, and /metrics unless `metrics_require_key`.
+
+The listening socket is ours, not aiohttp's `TCPSite`, so that each connection passes through
+`ConnectionGuard` (router/http_guard.py: open-connection limit, header timeout); aiohttp's
+keep-alive timeout closes idle connections.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -21,9 +34,19 @@ from aiohttp import web
 from opentelemetry import propagate
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .admission import RETRY_AFTER_S, request_timeout
 from .app import Router
-from .errors import RequestTooLargeError, RequestValidationError, RouterError
+from .auth import Authenticator, HttpLimits, RateLimitedLog
+from .errors import (
+    AuthenticationError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    RequestValidationError,
+    RouterError,
+    UnsupportedMediaTypeError,
+)
 from .generation import GenerationDelta
+from .http_guard import ConnectionGuard, connection_budget, raise_file_limit
 from .openai_protocol import Accumulator, Formatter, ParsedRequest, parse_chat, parse_completion
 
 log = logging.getLogger("splitserve.router")
@@ -33,19 +56,40 @@ Parser = Callable[[dict[str, Any], int, str | None], ParsedRequest]
 
 # Seconds a refused request's unread body is drained before the connection closes.
 LINGER_S = 1.0
+# A JSON string escape of a UTF-16 surrogate: only then can a parsed body hold a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class HttpApi:
-    def __init__(self, router: Router, host: str, port: int) -> None:
+    def __init__(
+        self,
+        router: Router,
+        host: str,
+        port: int,
+        *,
+        auth: Authenticator | None = None,
+        limits: HttpLimits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.router = router
         self.host = host
         self.port = port
+        self.auth = auth or Authenticator()
+        self.limits = limits or HttpLimits()
+        self.ssl_context = ssl_context  # public TLS; None: plain HTTP
+        self.guard: ConnectionGuard | None = None
+        self.slow_bodies = RateLimitedLog(
+            f"answered 408 to request bodies that took over {self.limits.body_timeout_s}s "
+            "(--http-body-timeout-s)"
+        )
+        self._open_paths = {"/health"} if self.auth.metrics_require_key else {"/health", "/metrics"}
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
 
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.router.config.max_body_bytes,
-            middlewares=[self._errors],
+            middlewares=[self._errors, self._authenticate],
         )
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -55,25 +99,46 @@ class HttpApi:
         return app
 
     async def start(self) -> None:
+        soft, hard = raise_file_limit()
+        max_connections = connection_budget(self.limits.max_connections, soft)
+        log.info(
+            "open-file limit %s (hard %s): at most %d HTTP connections",
+            _limit_text(soft),
+            _limit_text(hard),
+            max_connections,
+        )
+        self.guard = ConnectionGuard(self.limits, max_connections)
         self._runner = web.AppRunner(
             self.app(),
             handler_cancellation=True,
             access_log=None,
             lingering_time=LINGER_S,
+            keepalive_timeout=self.limits.idle_timeout_s,
             shutdown_timeout=2.0,  # in-flight requests were drained before this
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        log.info("router http on %s:%d", self.host, self.bound_port())
+        loop = asyncio.get_running_loop()
+        tls = {"ssl": self.ssl_context, "ssl_handshake_timeout": self.limits.header_timeout_s}
+        self._server = await loop.create_server(
+            self.guard.wrap(self._runner.server),  # type: ignore[arg-type]
+            self.host,
+            self.port,
+            reuse_address=True,
+            **(tls if self.ssl_context is not None else {}),
+        )
+        scheme = "https" if self.ssl_context is not None else "http"
+        log.info("router %s on %s:%d", scheme, self.host, self.bound_port())
 
     def bound_port(self) -> int:
         """The port actually bound (differs from `port` when that was 0)."""
-        if self._runner is None or not self._runner.addresses:
+        if self._server is None or not self._server.sockets:
             return self.port
-        return int(self._runner.addresses[0][1])
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()  # no new connections; open ones are the runner's to close
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -112,14 +177,22 @@ class HttpApi:
         self, request: web.Request, api: str, parse: Parser, chat: bool
     ) -> web.StreamResponse:
         arrival = time.monotonic()
-        with self.router.admit(api):
-            body, size = await _read_json(request, self.router.config.max_body_bytes)
+        tenant = self.auth.authenticate(request.headers.get("Authorization"))  # passed before
+        with self.router.admit(api), self.auth.admit(tenant):
+            limit, timeout_s = self.router.config.max_body_bytes, self.limits.body_timeout_s
+            try:
+                body, size = await _read_json(request, limit, timeout_s)
+            except RequestTimeoutError:
+                self.slow_bodies.hit()
+                raise
             parsed = parse(body, size, request.headers.get("Authorization"))
+            parsed.raw.tenant = tenant
             validated = await self.router.validate(parsed.raw)
             fmt = Formatter(chat, validated.request_id, self.router.model.name, parsed.top_logprobs)
             # Trace context from the caller's W3C `traceparent` header, if it sent one.
             parent = propagate.extract(dict(request.headers))
-            deltas = self.router.generate(validated, parent, arrival)
+            budget_s = request_timeout(request.headers, body)  # X-Request-Timeout, `timeout`
+            deltas = self.router.generate(validated, parent, arrival, budget_s)
             async with aclosing(deltas) as stream:
                 if parsed.stream.stream:
                     return await _stream(request, stream, fmt, parsed.stream.include_usage)
@@ -127,6 +200,18 @@ class HttpApi:
                 async for delta in stream:
                     acc.add(delta)
                 return web.json_response(fmt.response(acc))
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With keys configured every path needs one but /health (and /metrics unless
+        `metrics_require_key`): closed by default, so no path is ever left open by mistake."""
+        if request.path not in self._open_paths:
+            try:
+                self.auth.authenticate(request.headers.get("Authorization"))
+            except AuthenticationError as e:
+                self.router.metrics.requests.labels("http", e.code).inc()
+                raise
+        return await handler(request)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -185,28 +270,77 @@ async def _write_events(
         await resp.write(_sse(e.openai_body()))
 
 
-async def _read_json(request: web.Request, limit: int) -> tuple[dict[str, Any], int]:
+async def _read_json(
+    request: web.Request, limit: int, timeout_s: float
+) -> tuple[dict[str, Any], int]:
+    _check_content_type(request)
     length = request.content_length
     if length is not None and length > limit:
         raise RequestTooLargeError(length, limit)  # refused before reading a byte of it
     try:
-        raw = await request.read()  # stops once client_max_size bytes have arrived
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()  # stops once client_max_size bytes have arrived
     except web.HTTPRequestEntityTooLarge as e:  # chunked: no Content-Length to check first
         raise RequestTooLargeError(None, limit) from e
+    except TimeoutError as e:
+        raise RequestTimeoutError(timeout_s) from e
+    return parse_json_object(raw), len(raw)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object: strict UTF-8, no NaN/Infinity, no lone surrogates."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestValidationError("invalid_json", f"the body is not valid JSON: {e}") from e
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _bad_json(f"the body is not UTF-8: {e.reason} at byte {e.start}") from e
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError as e:
+        raise _bad_json("the body is nested too deeply") from e
+    except ValueError as e:
+        raise _bad_json(f"the body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
-        raise RequestValidationError("invalid_json", "the body must be a JSON object")
-    return body, len(raw)
+        raise _bad_json("the body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then can a string hold a lone surrogate
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _bad_json("the body has a lone UTF-16 surrogate (e.g. \\ud800)") from e
+        except RecursionError as e:
+            raise _bad_json("the body is nested too deeply") from e
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _bad_json(message: str) -> RequestValidationError:
+    return RequestValidationError("invalid_json", message)
+
+
+def _check_content_type(request: web.Request) -> None:
+    """JSON, or no Content-Type at all; anything else (a form, text) gets 415."""
+    if "Content-Type" not in request.headers:
+        return
+    ctype = request.content_type  # lower-cased, parameters (charset) dropped
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaTypeError(request.headers["Content-Type"])
 
 
 def _error_response(err: RouterError) -> web.Response:
     resp = web.json_response(err.openai_body(), status=err.http_status)
-    if isinstance(err, RequestTooLargeError):
+    if err.http_status == 429:  # shed by admission control, or a worker full: come back later
+        resp.headers["Retry-After"] = str(getattr(err, "retry_after", RETRY_AFTER_S))
+    if isinstance(err, AuthenticationError):
+        resp.headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(err, RequestTooLargeError | RequestTimeoutError | UnsupportedMediaTypeError):
         resp.force_close()  # don't keep a connection whose body we won't read
     return resp
+
+
+def _limit_text(n: int) -> str:
+    return "unlimited" if n == -1 else str(n)
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

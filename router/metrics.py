@@ -2,12 +2,15 @@
 
 Request counts by API and outcome, TTFT, inter-token latency, end-to-end latency, requests in
 flight, token counts, routing decisions by policy and by mode (disaggregated or local) and
-reason, and per-worker gauges read live from the worker registry at scrape time.
+reason, requests moved off a failed worker (by phase and reason), requests shed by admission
+control and the time admitted ones queued, and per-worker gauges read live from the worker
+registry at scrape time (the admission limit among them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -15,6 +18,9 @@ from prometheus_client.registry import Collector
 
 from .dispatch import Route
 from .registry import WorkerRegistry
+
+if TYPE_CHECKING:
+    from .admission import Admission
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -62,10 +68,47 @@ class RouterMetrics:
             ["policy", "mode", "reason"],
             registry=r,
         )
-        r.register(_WorkerCollector(workers))
+        self.migrations = Counter(
+            "splitserve_router_migrations",
+            "Requests moved to another worker after one failed, by phase (prefill, "
+            "before_first_token, mid_stream: resumed from the tokens sent) and reason "
+            "(unavailable, health_check, idle_timeout, stream_incomplete, worker_full)",
+            ["phase", "reason"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "splitserve_router_requests_shed",
+            "Requests refused by admission control (429): queue_full, queue_timeout",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "splitserve_router_queue_wait_seconds",
+            "Time an admitted request waited for a decode worker with room",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queued = Gauge(
+            "splitserve_router_requests_queued",
+            "Requests waiting for a decode worker with room",
+            registry=r,
+        )
+        self._collector = _WorkerCollector(workers)
+        r.register(self._collector)
+
+    def bind_admission(self, admission: Admission) -> None:
+        """Read the queue length and the per-worker limits live from admission control."""
+        self.queued.set_function(lambda: admission.num_queued)
+        self._collector.admission = admission
 
     def observe_route(self, route: Route) -> None:
         self.routing.labels(self.policy, route.mode, route.reason).inc()
+
+    def observe_migration(self, phase: str, reason: str) -> None:
+        self.migrations.labels(phase, reason).inc()
+
+    def observe_shed(self, reason: str) -> None:
+        self.shed.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -76,6 +119,7 @@ class _WorkerCollector(Collector):
 
     def __init__(self, workers: WorkerRegistry) -> None:
         self.workers = workers
+        self.admission: Admission | None = None
 
     def collect(self) -> Iterator[Metric]:
         labels = ["worker", "role"]
@@ -95,6 +139,11 @@ class _WorkerCollector(Collector):
         kv_usage = GaugeMetricFamily(
             "splitserve_router_worker_kv_usage", "KV pool use the worker reported", labels=labels
         )
+        limits = GaugeMetricFamily(
+            "splitserve_router_worker_request_limit",
+            "Requests admission control lets a decode worker have in flight (absent: none)",
+            labels=labels,
+        )
         for w in self.workers.workers:
             key = [w.address, w.role]
             tokens.add_metric(key, w.load.tokens)
@@ -102,6 +151,9 @@ class _WorkerCollector(Collector):
             healthy.add_metric(key, 1.0 if w.healthy else 0.0)
             if w.reported is not None:
                 kv_usage.add_metric(key, w.reported.kv_usage)
+            limit = self.admission.limit(w) if self.admission is not None else None
+            if limit is not None and w.role != "prefill":
+                limits.add_metric(key, limit)
         changes = CounterMetricFamily(
             "splitserve_router_worker_pool_changes",
             "Workers that joined (registered), left (deregistered) or were dropped (failed "
@@ -110,4 +162,4 @@ class _WorkerCollector(Collector):
         )
         for event, count in self.workers.events.items():
             changes.add_metric([event], count)
-        yield from (tokens, requests, healthy, kv_usage, changes)
+        yield from (tokens, requests, healthy, kv_usage, limits, changes)

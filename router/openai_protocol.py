@@ -68,9 +68,7 @@ def parse_completion(body: dict[str, Any], body_bytes: int, caller: str | None) 
 
 def parse_chat(body: dict[str, Any], body_bytes: int, caller: str | None) -> ParsedRequest:
     _reject_unsupported(body)
-    format_type = (body.get("response_format") or {"type": "text"}).get("type")
-    if format_type != "text":
-        raise _invalid("response_format", "only text responses are supported")
+    _check_response_format(body.get("response_format"))
     raw = _common(body, body_bytes, caller, prefix="chatcmpl")
     raw.default_max_tokens = None  # chat goes on until the model stops or the context ends
     max_tokens = body.get("max_completion_tokens")
@@ -121,14 +119,32 @@ def _chat_logprobs(body: dict[str, Any]) -> int | None:
     return 0 if top is None else top  # the validator checks the range
 
 
+def _check_response_format(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise _invalid("response_format", 'response_format must be an object like {"type": "text"}')
+    if value["type"] != "text":
+        raise _invalid("response_format", "only text responses are supported")
+
+
 def _stream_options(body: dict[str, Any]) -> StreamOptions:
     stream = body.get("stream", False)
+    if stream is None:
+        stream = False
     if not isinstance(stream, bool):
         raise _invalid("stream", "stream must be true or false")
-    opts = body.get("stream_options") or {}
+    opts = body.get("stream_options")
+    if opts is None:
+        opts = {}
     if not isinstance(opts, dict):
         raise _invalid("stream_options", "stream_options must be an object")
-    return StreamOptions(stream, bool(opts.get("include_usage", False)) and stream)
+    include_usage = opts.get("include_usage", False)
+    if include_usage is None:
+        include_usage = False
+    if not isinstance(include_usage, bool):
+        raise _invalid("stream_options", "stream_options.include_usage must be true or false")
+    return StreamOptions(stream, include_usage and stream)
 
 
 def _reject_unsupported(body: dict[str, Any]) -> None:

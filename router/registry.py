@@ -8,7 +8,13 @@
     registry.remove("10.0.0.3:50072")                   # ... and leave at runtime
 
 A worker that fails a check (or an RPC with UNAVAILABLE) leaves selection until a later check
-passes; its prefix guesses are dropped, since a restarted worker has an empty cache.
+passes; its prefix guesses are dropped, since a restarted worker has an empty cache. A failed
+check also tells the calls in flight on that worker (`Worker.wait_down`), so a stream that got
+nothing from it during the check can give up on a hung worker at once (router/dispatch.py).
+
+Each worker's load as the router counts it (`LoadTicket`s) and its capacity as it reports it
+(GetLoad) feed the router's admission control; `on_change` listeners hear of every change that
+may free room (a ticket released, a worker healthy again, a new report).
 
 Workers given on the command line are *static*: they stay in the pool whatever happens, since
 they may come back. Workers that joined at runtime (`add`, `register`) are *dynamic*: one that
@@ -22,13 +28,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitserve.services.security import TLSConfig, open_channel
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.services.tracing import inject_metadata
 from splitserve.v1 import pb, rpc
@@ -69,6 +77,10 @@ class LoadTicket:
         self.tokens -= n
         self.worker.load.tokens -= n
 
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
     def release(self) -> None:
         if self._open:
             self._open = False
@@ -77,6 +89,7 @@ class LoadTicket:
             self.tokens = 0
             if self.worker.removed and self.worker.load.requests == 0:
                 self.worker.close_soon()  # the last request on a removed worker is done
+            self.worker.changed()  # room for a queued request, perhaps
 
     def __enter__(self) -> LoadTicket:
         return self
@@ -106,9 +119,12 @@ class Worker:
         self.removed = False  # out of the pool; the channel closes once no request uses it
         self.load = LoadCounter()
         self.prefixes = PrefixIndex(prefix_capacity)
-        self.reported: pb.WorkerLoad | None = None  # last GetLoad answer, for metrics
+        self.reported: pb.WorkerLoad | None = None  # last GetLoad answer: metrics, capacity
+        self.on_change: Callable[[], None] | None = None  # set by the registry
         self._channel: grpc.aio.Channel | None = None
         self._stubs: dict[type, object] = {}
+        # Calls waiting to hear that a health check of this worker failed (see wait_down).
+        self._down_waiters: set[asyncio.Future[float]] = set()
 
     def __repr__(self) -> str:
         return f"Worker({self.address}, {self.role}, healthy={self.healthy})"
@@ -117,7 +133,8 @@ class Worker:
     def channel(self) -> grpc.aio.Channel:
         # Created on first use so that pure-bookkeeping tests need no event loop.
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            # Mutual TLS with the router's own certificate when it has one (security.py).
+            self._channel = open_channel(self.address, TLSConfig.from_env(), CHANNEL_OPTIONS)
         return self._channel
 
     @property
@@ -141,7 +158,30 @@ class Worker:
             log.info("worker %s (%s) is %s", self.address, self.role, _word(healthy))
         if not healthy:
             self.prefixes.clear()
+        came_back = healthy and not self.healthy
         self.healthy = healthy
+        if came_back:
+            self.changed()
+
+    def changed(self) -> None:
+        """Its load, health or capacity changed: tell the registry's listeners."""
+        if self.on_change is not None:
+            self.on_change()
+
+    # ---- failure notices for calls in flight ---------------------------------------------------
+    def wait_down(self) -> asyncio.Future[float]:
+        """A future that resolves, with the time.monotonic() at which the failed check began,
+        when a health check of this worker next fails. Cancel it when no longer interested."""
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._down_waiters.add(fut)
+        fut.add_done_callback(self._down_waiters.discard)
+        return fut
+
+    def note_down(self, check_started: float) -> None:
+        """A health check that began at `check_started` failed: tell the calls in flight."""
+        for fut in list(self._down_waiters):
+            if not fut.done():
+                fut.set_result(check_started)
 
     def close_soon(self) -> None:
         """Close the channel in the background (from synchronous code, inside the loop)."""
@@ -189,9 +229,20 @@ class WorkerRegistry:
                 if address in seen:
                     raise ValueError(f"worker {address} is listed twice")
                 seen.add(address)
-                self.workers.append(Worker(address, role, prefix_capacity))
+                self.workers.append(self._new_worker(address, role, static=True))
         self._task: asyncio.Task[None] | None = None
         self._retired: set[Worker] = set()  # removed, with requests still on them
+        # Called whenever a worker may have room for more (admission control wakes its queue).
+        self.listeners: list[Callable[[], None]] = []
+
+    def _new_worker(self, address: str, role: str, static: bool) -> Worker:
+        worker = Worker(address, role, self.prefix_capacity, static=static)
+        worker.on_change = self._changed
+        return worker
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
 
     def get(self, address: str) -> Worker | None:
         return next((w for w in self.workers if w.address == address), None)
@@ -213,7 +264,7 @@ class WorkerRegistry:
         static = old is not None and old.static
         if old is not None:
             self._retire(old)
-        worker = Worker(address, role, self.prefix_capacity, static=static)
+        worker = self._new_worker(address, role, static=static)
         self.workers.append(worker)
         self.events["added"] += 1
         log.info("worker %s (%s) joined the pool", address, role)
@@ -299,6 +350,7 @@ class WorkerRegistry:
         if worker.removed:
             return  # left before its turn; its channel may be closed already (not reopened)
         stub = worker.stub(health_pb2_grpc.HealthStub)
+        started = time.monotonic()
         try:
             reply = await stub.Check(
                 health_pb2.HealthCheckRequest(service=""),
@@ -314,15 +366,21 @@ class WorkerRegistry:
         worker.set_healthy(healthy)
         if healthy:
             await self._refresh_load(worker)
+        else:
+            worker.note_down(started)
 
     async def _refresh_load(self, worker: Worker) -> None:
         stub = worker.prefill_stub if worker.role == PREFILL else worker.decode_stub
         try:
-            worker.reported = await stub.GetLoad(
+            reported = await stub.GetLoad(
                 pb.LoadRequest(), timeout=self.health_timeout, metadata=inject_metadata()
             )
         except grpc.aio.AioRpcError:
-            worker.reported = None  # load reports are for metrics only; health decides
+            return  # keep the last report (its capacity still holds); health decides
+        first = worker.reported is None
+        worker.reported = reported
+        if first:
+            worker.changed()  # its capacity is known now
 
     def start(self) -> None:
         if self._task is None:

@@ -8,23 +8,33 @@ and get back a `ValidatedRequest` or a `RequestValidationError`. The checks run 
 body size, model name, `n`, the input's shape and the sampling fields, and only then the
 tokenizer; the prompt's length is checked against the context after tokenization, and
 `max_tokens` is capped so that prompt + output fits the context.
+
+Untrusted values never reach code that could fail on them: every sampling field is checked
+against its type in the wire format (`SAMPLING_WIRE_TYPES`, the proto's SamplingOptions), so a
+value that passes can always be sent to a worker; floats are rounded to float32 first, so the
+range checks judge what the worker will see; text is checked to be encodable (a lone surrogate
+from a JSON `\\ud800` escape would break the tokenizer); error messages show values through
+`show`, bounded whatever their size or depth.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
+import struct
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from splitserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from splitserve.engine.sampling_params import MAX_STOP_STRINGS, SamplingParams, SamplingParamsError
 from splitserve.engine.tokenizer import Tokenizer
 
 from .errors import (
     ModelNotFoundError,
     RequestTooLargeError,
     RequestValidationError,
+    show,
 )
 
 __all__ = [
@@ -41,7 +51,31 @@ MAX_ID_CHARS = 128
 MAX_SALT_CHARS = 256
 # Above this many characters tokenization goes to a thread so the event loop keeps serving.
 THREAD_TOKENIZE_CHARS = 32_768
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_CHARS = 1024  # each stop string; the router matches them against every delta
+
+# Each SamplingOptions field's type in the wire format (protos/splitserve/v1): a value must
+# fit it before SamplingParams judges its range, or building the worker's request would fail.
+_INT_RANGES = {
+    "int32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+}
+SAMPLING_WIRE_TYPES: dict[str, str] = {
+    "max_tokens": "uint32",
+    "min_tokens": "uint32",
+    "temperature": "float",
+    "top_p": "float",
+    "top_k": "int32",
+    "min_p": "float",
+    "repetition_penalty": "float",
+    "presence_penalty": "float",
+    "frequency_penalty": "float",
+    "seed": "int64",
+    "stop": "strings",  # the router's alone: workers never see text
+    "stop_token_ids": "uint32s",
+    "ignore_eos": "bool",
+    "logprobs": "uint32",
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +105,7 @@ class GenerateInput:
     request_id: Any = None
     cache_salt: Any = None
     caller: str | None = None  # the caller's credential (Authorization), if it sent one
+    tenant: str | None = None  # the authenticated API key's tenant; overrides `caller`
     disaggregate: bool | None = None
     body_bytes: int = 0
 
@@ -82,6 +117,13 @@ class ValidatedRequest:
     params: SamplingParams  # max_tokens already capped to the context left
     cache_salt: str | None = None
     disaggregate: bool | None = None
+    tenant: str | None = None  # the caller's tenant (None with authentication off)
+
+    @property
+    def worker_request_id(self) -> str:
+        """The id workers see: unique across tenants, who pick their request ids themselves
+        (two tenants' equal ids must neither collide on a worker nor tell one of the other)."""
+        return f"{self.tenant}/{self.request_id}" if self.tenant else self.request_id
 
 
 @dataclass(frozen=True)
@@ -96,6 +138,7 @@ class _Checked:
     max_tokens: int | None  # asked for or the front door's default; None: the context left
     cache_salt: str | None
     disaggregate: bool | None
+    tenant: str | None
 
 
 class RequestValidator:
@@ -117,11 +160,13 @@ class RequestValidator:
         if raw.body_bytes > self.max_body_bytes:
             raise RequestTooLargeError(raw.body_bytes, self.max_body_bytes)
         if raw.model is not None and not isinstance(raw.model, str):
-            raise _invalid("model", f"model must be a string; got {raw.model!r}")
+            raise _invalid("model", f"model must be a string; got {show(raw.model)}")
         if not self.model.matches(raw.model):
             raise ModelNotFoundError(raw.model, self.model.name)
         if raw.n is not None and (not _is_int(raw.n) or raw.n != 1):
-            raise _invalid("n", f"n must be 1: one choice per request is supported; got {raw.n!r}")
+            raise _invalid(
+                "n", f"n must be 1: one choice per request is supported; got {show(raw.n)}"
+            )
         text, token_ids, param = self._check_input(raw)
         params, max_tokens = self._check_sampling(raw)
         return _Checked(
@@ -131,8 +176,9 @@ class RequestValidator:
             param=param,
             params=params,
             max_tokens=max_tokens,
-            cache_salt=_tenant_salt(_check_salt(raw.cache_salt), raw.caller),
+            cache_salt=_tenant_salt(_check_salt(raw.cache_salt), _tenant(raw)),
             disaggregate=raw.disaggregate,
+            tenant=raw.tenant or None,
         )
 
     def _check_input(self, raw: GenerateInput) -> tuple[str | None, list[int] | None, str]:
@@ -147,7 +193,7 @@ class RequestValidator:
                 raise _invalid("prompt", f"prompt must be a string; got {kind}")
             if not raw.prompt:
                 raise _empty("prompt")
-            return raw.prompt, None, "prompt"
+            return _check_text("prompt", raw.prompt), None, "prompt"
         return None, self._check_token_ids(raw.prompt_token_ids), "prompt"
 
     def _check_token_ids(self, ids: Any) -> list[int]:
@@ -176,7 +222,7 @@ class RequestValidator:
             raise _invalid("messages", f"the chat template rejected the messages: {e}") from e
 
     def _check_sampling(self, raw: GenerateInput) -> tuple[SamplingParams, int | None]:
-        fields = dict(raw.sampling)
+        fields = check_wire_types(raw.sampling)
         max_tokens = fields.pop("max_tokens", None)
         if max_tokens is None:
             max_tokens = raw.default_max_tokens
@@ -187,11 +233,6 @@ class RequestValidator:
             params.validate(self.model.vocab_size, self.model.max_model_len)
         except SamplingParamsError as e:
             raise _invalid(str(e).split(" ", 1)[0], str(e)) from e
-        except TypeError as e:  # a field SamplingParams doesn't have
-            raise _invalid(None, f"unsupported sampling option: {e}") from e
-        if params.seed is not None and not _INT64_MIN <= params.seed <= _INT64_MAX:
-            # The wire format carries an int64.
-            raise _invalid("seed", f"seed must be in [{_INT64_MIN}, {_INT64_MAX}]")
         return params, max_tokens
 
     # ---- phase two: tokens ------------------------------------------------------------------
@@ -224,6 +265,7 @@ class RequestValidator:
             params=params,
             cache_salt=checked.cache_salt,
             disaggregate=checked.disaggregate,
+            tenant=checked.tenant,
         )
 
 
@@ -232,7 +274,7 @@ def _check_message(index: int, message: Any) -> dict[str, str]:
     if not isinstance(message, dict):
         raise _invalid(param, f"{param} must be an object with a role and content")
     role, content = message.get("role"), message.get("content")
-    if role not in CHAT_ROLES:
+    if not isinstance(role, str) or role not in CHAT_ROLES:  # a list or dict isn't hashable
         raise _invalid(f"{param}.role", f"{param}.role must be one of {sorted(CHAT_ROLES)}")
     if content is None:
         content = ""
@@ -240,7 +282,7 @@ def _check_message(index: int, message: Any) -> dict[str, str]:
         content = _text_parts(param, content)
     elif not isinstance(content, str):
         raise _invalid(f"{param}.content", f"{param}.content must be a string or text parts")
-    return {"role": role, "content": content}
+    return {"role": role, "content": _check_text(f"{param}.content", content)}
 
 
 def _text_parts(param: str, parts: list[Any]) -> str:
@@ -268,18 +310,95 @@ def _check_salt(value: Any) -> str | None:
         return None
     if not isinstance(value, str) or len(value) > MAX_SALT_CHARS:
         raise _invalid("cache_salt", f"cache_salt must be a string of at most {MAX_SALT_CHARS}")
-    return value
+    return _check_text("cache_salt", value)
 
 
-def _tenant_salt(salt: str | None, caller: str | None) -> str | None:
-    """Callers with different credentials never share prefix-cache entries (timing leaks).
+def check_wire_types(sampling: dict[str, Any]) -> dict[str, Any]:
+    """The sampling fields, each checked against its wire type (`SAMPLING_WIRE_TYPES`), with
+    floats rounded to float32; None means "not given" and is dropped (max_tokens: kept)."""
+    out: dict[str, Any] = {}
+    for name, value in sampling.items():
+        kind = SAMPLING_WIRE_TYPES.get(name)
+        if kind is None:
+            raise _invalid(name, f"unsupported sampling option {show(name)}")
+        if value is None:
+            if name == "max_tokens":
+                out[name] = None
+            continue
+        out[name] = _check_wire_value(name, kind, value)
+    return out
 
-    The server derives the tenant part from the credential, so no caller can pick another's;
-    a caller's own `cache_salt` only narrows it further.
+
+def _check_wire_value(name: str, kind: str, value: Any) -> Any:
+    if kind in _INT_RANGES:
+        return _check_wire_int(name, kind, value)
+    if kind == "float":
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise _invalid(name, f"{name} must be a number; got {show(value)}")
+        try:
+            as_float = float(value)
+            rounded = struct.unpack("<f", struct.pack("<f", as_float))[0]
+        except (OverflowError, struct.error):  # past float32's range (or an int past float's)
+            raise _invalid(name, f"{name} is out of a float32's range; got {show(value)}") from None
+        if not math.isfinite(rounded):
+            raise _invalid(name, f"{name} must be a finite number; got {show(value)}")
+        return rounded
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _invalid(name, f"{name} must be true or false; got {show(value)}")
+        return value
+    if kind == "uint32s":
+        if not isinstance(value, list | tuple):
+            raise _invalid(name, f"{name} must be a list of integers; got {show(value)}")
+        return tuple(_check_wire_int(name, "uint32", v) for v in value)
+    # "strings": OpenAI's stop is a string or a list of them
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise _invalid(name, f"{name} must be a string or a list of strings; got {show(value)}")
+    if len(items) > MAX_STOP_STRINGS:
+        raise _invalid(name, f"{name} may have at most {MAX_STOP_STRINGS} strings")
+    if any(len(v) > MAX_STOP_CHARS for v in items):
+        raise _invalid(name, f"each {name} string may have at most {MAX_STOP_CHARS} characters")
+    return tuple(_check_text(name, v) for v in items)
+
+
+def _check_wire_int(name: str, kind: str, value: Any) -> int:
+    if not _is_int(value):
+        raise _invalid(name, f"{name} must be an integer; got {show(value)}")
+    lo, hi = _INT_RANGES[kind]
+    if not lo <= value <= hi:
+        raise _invalid(name, f"{name} must be in [{lo}, {hi}] ({kind}); got {show(value)}")
+    return int(value)
+
+
+def _check_text(param: str, text: str) -> str:
+    """Text must be valid Unicode: JSON can carry a lone surrogate (`"\\ud800"`), which no
+    UTF-8 encoder (the tokenizer, protobuf) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _invalid(param, f"{param} is not valid Unicode: {e.reason} at {e.start}") from e
+    return text
+
+
+def _tenant(raw: GenerateInput) -> str | None:
+    """The authenticated tenant; with authentication off, a hash of whatever credential the
+    caller sent (so callers that send different ones still don't share a cache)."""
+    if raw.tenant:
+        return raw.tenant
+    if not raw.caller:
+        return None
+    return hashlib.sha256(raw.caller.encode(errors="surrogatepass")).hexdigest()[:32]
+
+
+def _tenant_salt(salt: str | None, tenant: str | None) -> str | None:
+    """Tenants never share prefix-cache entries (`cached_tokens` and timing would leak).
+
+    The server derives the tenant, so no caller can pick another's; a caller's own
+    `cache_salt` only narrows it further.
     """
-    if not caller:
+    if not tenant:
         return salt
-    tenant = hashlib.sha256(caller.encode()).hexdigest()[:32]
     return f"{tenant}:{salt}" if salt else tenant
 
 

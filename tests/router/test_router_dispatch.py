@@ -1,10 +1,14 @@
 """Dispatcher unit tests, with scripted worker stubs in place of channels: the disaggregation
-decision, prefill retries and the local fallback, the KV handoff, lease release, abort, and load
-counters back at zero on every exit (finish, error, caller gone)."""
+decision, prefill retries and the local fallback, the KV handoff, lease release, abort,
+migration (a worker that fails or hangs mid-stream, resumed elsewhere from the tokens sent, at
+most max_migrations times), admission control (per-worker limits, the bounded queue, 429),
+deadlines and interruptions, and load counters back at zero on every exit (finish, error,
+caller gone). tests/router/test_router_migration.py does the same against real workers."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -14,6 +18,13 @@ import pytest
 
 from splitserve.engine.hashing import kv_namespace
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.router.admission import (
+    AdmissionConfig,
+    Deadline,
+    DeadlineExceededError,
+    QueueFullError,
+    reported_limit,
+)
 from splitserve.router.dispatch import CallSlot, DispatchConfig, Dispatcher, WorkerTokens
 from splitserve.router.errors import UnavailableError, UpstreamError
 from splitserve.router.policy import LeastOutstandingTokens, Policy, RoundRobin
@@ -28,19 +39,27 @@ def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "scripted")
 
 
+HANG = object()  # a FakeUnary result: never answers until cancelled
+
+
 class FakeUnary:
     """An awaitable call with cancel(), like grpc.aio's UnaryUnaryCall."""
 
     def __init__(self, result: Any) -> None:
         self.result = result
+        self.cancelled = asyncio.Event()
 
     def __await__(self) -> Any:
         yield from asyncio.sleep(0).__await__()
+        if self.result is HANG:
+            yield from self.cancelled.wait().__await__()
+            raise asyncio.CancelledError
         if isinstance(self.result, BaseException):
             raise self.result
         return self.result
 
     def cancel(self) -> bool:
+        self.cancelled.set()
         return True
 
 
@@ -103,6 +122,7 @@ def tokens(*ids: int, finish: int = 0) -> pb.DecodeResponse:
 
 
 DONE = [tokens(7), tokens(8, 9, finish=pb.FINISH_REASON_LENGTH)]
+RESUMED = [tokens(8, 9, finish=pb.FINISH_REASON_LENGTH)]  # what a worker resuming after 7 sends
 
 
 def setup(
@@ -245,12 +265,16 @@ def test_a_full_decoder_with_no_alternative_gives_429() -> None:
     assert registry.workers[0].healthy and idle(registry)  # full is not dead
 
 
-def test_error_mid_stream_fails_the_request_and_frees_the_load() -> None:
-    decode = FakeDecode([tokens(7)], error=rpc_error(UNAVAILABLE))
-    dispatcher, registry = setup([], [decode, FakeDecode(DONE)])
-    with pytest.raises(UpstreamError):  # a token was relayed: no retry
-        asyncio.run(collect(dispatcher, request(10)))
-    assert idle(registry)
+def test_an_error_mid_stream_resumes_on_another_worker_from_the_tokens_sent() -> None:
+    dying, spare = FakeDecode([tokens(7)], error=rpc_error(UNAVAILABLE)), FakeDecode(RESUMED)
+    dispatcher, registry = setup([], [dying, spare], FirstHealthy())
+    events = asyncio.run(collect(dispatcher, request(10)))
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]  # no gap, no duplicate
+    resumed = spare.requests[0]
+    assert list(resumed.resume_token_ids) == [7] and not resumed.HasField("kv")
+    assert list(resumed.prompt_token_ids) == list(range(1, 11))
+    assert resumed.sampling.max_tokens == 3  # the whole budget: the worker counts the 7
+    assert not registry.workers[0].healthy and idle(registry)
 
 
 def test_closing_the_stream_early_cancels_the_worker_call() -> None:
@@ -334,22 +358,71 @@ def test_every_replica_dead_gives_unavailable_after_trying_each_once() -> None:
     assert [len(d.requests) for d in down] == [1, 1, 1] and idle(registry)
 
 
-def test_a_replica_dying_mid_stream_fails_the_request_with_unavailable() -> None:
-    dying, spare = FakeDecode([tokens(7)], error=rpc_error(UNAVAILABLE)), FakeDecode(DONE)
-    dispatcher, registry = setup([], [dying, spare], decode_retries=2)
+def test_past_max_migrations_the_request_fails_naming_every_attempt() -> None:
+    dying = [FakeDecode([tokens(7 + i)], error=rpc_error(UNAVAILABLE)) for i in range(3)]
+    dispatcher, registry = setup([], dying, FirstHealthy(), max_migrations=1)
 
     async def scenario() -> list[WorkerTokens]:
         seen: list[WorkerTokens] = []
-        with pytest.raises(UpstreamError) as info:
+        with pytest.raises(UnavailableError) as info:
             async with aclosing(dispatcher.stream(request(10), CallSlot())) as events:
                 async for ev in events:
                     seen.append(ev)
-        assert info.value.grpc_code == UNAVAILABLE and "mid-stream" in info.value.message
+        message = info.value.message
+        assert info.value.grpc_code == UNAVAILABLE and "after 2 attempts" in message
+        assert "d0:1: failed: UNAVAILABLE" in message and "d1:1: failed" in message
         return seen
 
     seen = asyncio.run(scenario())
-    assert [ev.token_ids for ev in seen] == [[7]]  # relayed once, never redone elsewhere
-    assert spare.requests == [] and not registry.workers[0].healthy and idle(registry)
+    assert [ev.token_ids for ev in seen] == [[7], [8]]  # each relayed once
+    assert list(dying[1].requests[0].resume_token_ids) == [7]
+    assert dying[2].requests == [] and idle(registry)
+
+
+def test_no_migration_allowed_fails_mid_stream_with_unavailable() -> None:
+    dying, spare = FakeDecode([tokens(7)], error=rpc_error(UNAVAILABLE)), FakeDecode(DONE)
+    dispatcher, registry = setup([], [dying, spare], max_migrations=0)
+    with pytest.raises(UnavailableError) as info:
+        asyncio.run(collect(dispatcher, request(10)))
+    assert "1 tokens sent" in info.value.message and spare.requests == [] and idle(registry)
+
+
+def test_a_stream_that_ends_without_finishing_is_resumed_elsewhere() -> None:
+    cut, spare = FakeDecode([tokens(7)]), FakeDecode(RESUMED)
+    dispatcher, registry = setup([], [cut, spare], FirstHealthy())
+    events = asyncio.run(collect(dispatcher, request(10)))
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]
+    assert list(spare.requests[0].resume_token_ids) == [7] and idle(registry)
+
+
+def test_a_silent_stream_past_the_idle_timeout_is_resumed_elsewhere() -> None:
+    hung, spare = FakeDecode([tokens(7)], hang=True), FakeDecode(RESUMED)
+    dispatcher, registry = setup([], [hung, spare], FirstHealthy(), stream_idle_timeout_s=0.2)
+    events = asyncio.run(collect(dispatcher, request(10)))
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]
+    assert hung.calls[0].cancelled.is_set() and not registry.workers[0].healthy
+    assert idle(registry)
+
+
+def test_a_failed_health_check_moves_a_silent_stream_but_not_a_flowing_one() -> None:
+    hung, spare = FakeDecode([tokens(7)], hang=True), FakeDecode(RESUMED)
+    dispatcher, registry = setup([], [hung, spare], FirstHealthy())
+    worker = registry.workers[0]
+
+    async def scenario() -> list[WorkerTokens]:
+        out = []
+        async with aclosing(dispatcher.stream(request(10), CallSlot())) as events:
+            out.append(await anext(events))
+            worker.note_down(time.monotonic() - 10)  # a check that began before token 7
+            await asyncio.sleep(0.05)
+            assert not hung.calls[0].cancelled.is_set()  # the stream spoke since: alive
+            worker.note_down(time.monotonic())  # a check that got no answer, nor did we
+            out += [ev async for ev in events]
+        return out
+
+    events = asyncio.run(scenario())
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]
+    assert hung.calls[0].cancelled.is_set() and idle(registry)
 
 
 def test_a_request_on_a_removed_replica_finishes_normally() -> None:
@@ -372,3 +445,228 @@ def test_a_request_on_a_removed_replica_finishes_normally() -> None:
     assert events[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert registry.workers == [] and len(decode.requests) == 1
     assert worker.removed and worker.load.requests == worker.load.tokens == 0
+
+
+# ---- hung prefill workers ---------------------------------------------------------------------
+def test_a_prefill_worker_that_hangs_is_left_once_a_health_check_fails() -> None:
+    hung, decode = FakePrefill(HANG), FakeDecode(DONE)
+    dispatcher, registry = setup([hung], [decode])
+    prefill_worker = registry.workers[0]
+
+    async def scenario() -> list[WorkerTokens]:
+        async with aclosing(dispatcher.stream(request(512), CallSlot())) as events:
+            pending = asyncio.create_task(anext(events))
+            await asyncio.sleep(0.05)
+            assert not pending.done() and len(hung.requests) == 1  # stuck in Prefill
+            prefill_worker.note_down(time.monotonic())  # its check got no answer either
+            return [await pending] + [ev async for ev in events]
+
+    events = asyncio.run(scenario())
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]
+    assert not decode.requests[0].HasField("kv")  # prefilled on the decode worker instead
+    assert not prefill_worker.healthy and idle(registry)
+
+
+# ---- admission control --------------------------------------------------------------------------
+def limited(num_decoders: int = 1, **admission: Any) -> tuple[Dispatcher, WorkerRegistry, list]:
+    decoders = [FakeDecode(hang=True) for _ in range(num_decoders)]
+    dispatcher, registry = setup(
+        [], decoders, admission=AdmissionConfig(**{"worker_max_requests": 1, **admission})
+    )
+    return dispatcher, registry, decoders
+
+
+async def start(dispatcher: Dispatcher, n: int = 10) -> tuple[CallSlot, asyncio.Task]:
+    """A request running in the background (its first event awaited by the task)."""
+    slot = CallSlot()
+    events = dispatcher.stream(request(n), slot)
+    task = asyncio.create_task(anext(events))
+    await asyncio.sleep(0.01)
+    task.events = events  # type: ignore[attr-defined]
+    return slot, task
+
+
+async def finish(slot: CallSlot, task: asyncio.Task) -> WorkerTokens:
+    slot.abort()
+    ev = await task
+    await task.events.aclose()  # type: ignore[attr-defined]
+    return ev
+
+
+def test_a_full_pool_queues_requests_and_admits_them_in_order_as_room_frees() -> None:
+    dispatcher, registry, decoders = limited(max_queued_requests=2, queue_timeout_s=30)
+
+    async def scenario() -> None:
+        a = await start(dispatcher)
+        b = await start(dispatcher)
+        c = await start(dispatcher)
+        assert len(decoders[0].requests) == 1 and dispatcher.admission.num_queued == 2
+        assert (await finish(*a)).finish_reason == pb.FINISH_REASON_ABORT
+        await asyncio.sleep(0.01)
+        assert len(decoders[0].requests) == 2 and dispatcher.admission.num_queued == 1
+        await finish(*b)
+        await asyncio.sleep(0.01)
+        assert len(decoders[0].requests) == 3 and dispatcher.admission.num_queued == 0
+        await finish(*c)
+
+    asyncio.run(scenario())
+    assert idle(registry)
+
+
+def test_beyond_the_queue_a_request_gets_429_at_once() -> None:
+    dispatcher, registry, _ = limited(max_queued_requests=1, queue_timeout_s=30)
+
+    async def scenario() -> None:
+        running, queued = await start(dispatcher), await start(dispatcher)
+        with pytest.raises(QueueFullError) as info:
+            await collect(dispatcher, request(10))
+        err = info.value
+        assert (err.http_status, err.grpc_code) == (429, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert err.code == "server_overloaded" and err.retry_after >= 1
+        await finish(*running)
+        await finish(*queued)
+
+    asyncio.run(scenario())
+    assert idle(registry) and dispatcher.admission.num_queued == 0
+
+
+def test_a_queued_request_gets_429_after_the_queue_timeout() -> None:
+    dispatcher, registry, decoders = limited(max_queued_requests=4, queue_timeout_s=0.1)
+
+    async def scenario() -> None:
+        running = await start(dispatcher)
+        with pytest.raises(QueueFullError, match=r"within 0\.1 s"):
+            await collect(dispatcher, request(10))
+        await finish(*running)
+
+    asyncio.run(scenario())
+    assert len(decoders[0].requests) == 1 and idle(registry)
+
+
+def test_requests_go_to_the_decoder_with_room() -> None:
+    dispatcher, registry, decoders = limited(2, max_queued_requests=0)
+
+    async def scenario() -> None:
+        a, b = await start(dispatcher), await start(dispatcher)
+        assert [len(d.requests) for d in decoders] == [1, 1]
+        with pytest.raises(QueueFullError):
+            await collect(dispatcher, request(10))
+        await finish(*a)
+        await finish(*b)
+
+    asyncio.run(scenario())
+    assert idle(registry)
+
+
+def test_the_default_limit_comes_from_the_workers_report() -> None:
+    assert reported_limit(None) is None  # nothing reported: no limit, as before
+    assert reported_limit(pb.WorkerLoad()) is None
+    report = pb.WorkerLoad(max_num_seqs=2, max_waiting_requests=256)
+    assert reported_limit(report) == 2  # by default: what it runs at once
+    assert reported_limit(report, allowance=3) == 5
+    assert reported_limit(pb.WorkerLoad(max_num_seqs=64, max_waiting_requests=4), 16) == 68
+    for allowance in (0, 1):
+        dispatcher, registry = setup(
+            [], [FakeDecode(hang=True)], admission=AdmissionConfig(waiting_allowance=allowance)
+        )
+        worker = registry.workers[0]
+        worker.reported = report
+        limit = 2 + allowance
+
+        async def scenario(dispatcher=dispatcher, worker=worker, limit=limit) -> None:
+            held = [await start(dispatcher) for _ in range(limit)]
+            assert worker.load.requests == limit and dispatcher.admission.num_queued == 0
+            extra = await start(dispatcher)
+            assert worker.load.requests == limit and dispatcher.admission.num_queued == 1
+            for slot, task in [*held, extra]:
+                await finish(slot, task)
+
+        asyncio.run(scenario())
+        assert idle(registry)
+
+
+def test_a_token_bound_queues_large_requests_but_never_starves_an_idle_worker() -> None:
+    dispatcher, registry, decoders = limited(
+        worker_max_requests=10, worker_max_tokens=150, max_queued_requests=0
+    )
+
+    async def scenario() -> None:
+        big = await start(dispatcher, n=400)  # alone on an idle worker: always admitted
+        with pytest.raises(QueueFullError):
+            await collect(dispatcher, request(10))  # 10 more tokens would pass the bound
+        await finish(*big)
+        small = [await start(dispatcher, n=60) for _ in range(2)]  # 63 + 63 <= 150
+        assert len(decoders[0].requests) == 3
+        for slot, task in small:
+            await finish(slot, task)
+
+    asyncio.run(scenario())
+    assert idle(registry)
+
+
+# ---- deadlines and interruptions ----------------------------------------------------------------
+def test_a_deadline_ends_a_silent_stream_with_504() -> None:
+    decode = FakeDecode([tokens(7)], hang=True)
+    dispatcher, registry = setup([], [decode])
+
+    async def scenario() -> list[WorkerTokens]:
+        seen = []
+        with pytest.raises(DeadlineExceededError) as info:
+            stream = dispatcher.stream(request(10), CallSlot(), deadline=Deadline.after(0.2))
+            async with aclosing(stream) as events:
+                async for ev in events:
+                    seen.append(ev)
+        err = info.value
+        assert (err.http_status, err.grpc_code) == (504, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert "after 1 tokens" in err.message
+        return seen
+
+    assert [ev.token_ids for ev in asyncio.run(scenario())] == [[7]]
+    assert decode.calls[0].cancelled.is_set() and registry.workers[0].healthy and idle(registry)
+
+
+def test_a_deadline_ends_a_queued_request_with_504() -> None:
+    dispatcher, registry, _ = limited(max_queued_requests=4, queue_timeout_s=30)
+
+    async def scenario() -> None:
+        running = await start(dispatcher)
+        with pytest.raises(DeadlineExceededError):
+            stream = dispatcher.stream(request(10), CallSlot(), deadline=Deadline.after(0.1))
+            await anext(stream)
+        assert dispatcher.admission.num_queued == 0
+        await finish(*running)
+
+    asyncio.run(scenario())
+    assert idle(registry)
+
+
+def test_an_interrupted_request_raises_the_error_it_was_given() -> None:
+    decode = FakeDecode([tokens(7)], hang=True)
+    dispatcher, registry = setup([], [decode])
+
+    async def scenario() -> None:
+        slot = CallSlot()
+        async with aclosing(dispatcher.stream(request(10), slot)) as events:
+            assert (await anext(events)).token_ids == [7]
+            slot.interrupt(UnavailableError("the router is shutting down"))
+            with pytest.raises(UnavailableError, match="shutting down"):
+                await anext(events)
+
+    asyncio.run(scenario())
+    assert decode.calls[0].cancelled.is_set() and idle(registry)
+
+
+def test_queued_requests_fail_at_once_when_the_router_drains() -> None:
+    dispatcher, registry, _ = limited(max_queued_requests=4, queue_timeout_s=30)
+
+    async def scenario() -> None:
+        running = await start(dispatcher)
+        queued = asyncio.create_task(collect(dispatcher, request(10)))
+        await asyncio.sleep(0.01)
+        assert dispatcher.admission.fail_queued(UnavailableError("draining")) == 1
+        with pytest.raises(UnavailableError, match="draining"):
+            await queued
+        await finish(*running)
+
+    asyncio.run(scenario())
+    assert idle(registry)

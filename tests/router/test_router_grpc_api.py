@@ -13,19 +13,25 @@ import pytest
 
 from splitserve.engine.loader import Checkpoint
 from splitserve.router.app import Router, RouterConfig
+from splitserve.router.auth import Authenticator
 from splitserve.router.errors import OverloadedError, UnavailableError
-from splitserve.router.grpc_api import InferenceServicer
+from splitserve.router.grpc_api import InferenceServicer, add_to_server
 from splitserve.v1 import pb, rpc
 
 Scenario = Callable[[Router, rpc.InferenceStub], Awaitable[None]]
 
 
-def serve(checkpoint: Checkpoint, scenario: Scenario, **config: object) -> Router:
+def serve(
+    checkpoint: Checkpoint,
+    scenario: Scenario,
+    auth: Authenticator | None = None,
+    **config: object,
+) -> Router:
     router = Router(RouterConfig(decode=("127.0.0.1:9",), **config), checkpoint)
 
     async def run() -> None:
         server = grpc.aio.server()
-        rpc.add_InferenceServicer_to_server(InferenceServicer(router), server)
+        add_to_server(InferenceServicer(router, auth), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -92,3 +98,36 @@ def test_overload_is_refused_fast(smollm2_checkpoint: Checkpoint) -> None:
 
     router = serve(smollm2_checkpoint, scenario, max_inflight=1)
     assert router.num_inflight == 0
+
+
+def test_api_keys_on_the_grpc_door(smollm2_checkpoint: Checkpoint) -> None:
+    """Every Inference method needs a key when keys are configured; refusals are counted."""
+    key = "sk-grpc-test"
+
+    async def scenario(router: Router, stub: rpc.InferenceStub) -> None:
+        unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+        for metadata in ([], [("authorization", "Bearer nope")], [("authorization", "")]):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=metadata):
+                    pass
+            assert info.value.code() == unauthenticated
+        for call, request in (
+            (stub.ListModels, pb.ListModelsRequest()),
+            (stub.Abort, pb.AbortRequest()),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(request)
+            assert info.value.code() == unauthenticated
+        for metadata in ([("authorization", f"Bearer {key}")], [("authorization", key)]):
+            request = pb.GenerateRequest(prompt="hi")
+            call = stub.Generate(request, metadata=metadata, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in call:
+                    pass
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # past the door
+            models = await stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
+            assert models.models[0].id == router.model.name
+
+    router = serve(smollm2_checkpoint, scenario, auth=Authenticator([key]))
+    body = router.metrics.render().decode()
+    assert 'api="grpc",status="invalid_api_key"' in body

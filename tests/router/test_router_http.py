@@ -91,6 +91,7 @@ def mesh(
             *("--grpc-port", str(gport), "--http-port", str(hport)),
             *("--colocated", f"127.0.0.1:{dport}", "--prefill", f"127.0.0.1:{pport}"),
             *("--health-interval", "0.5", "--drain-seconds", "5"),
+            *("--internal-port", "0"),  # never the default: other tests may hold it
         ],
         logs,
         gport,
@@ -234,6 +235,78 @@ def test_bad_inputs_get_4xx_and_the_router_keeps_serving(mesh: Mesh) -> None:
     status, body = http_post(mesh, "/v1/completions", b'{"prompt": "Hi", ')
     assert status == 400 and body["error"]["code"] == "invalid_json"
     assert client.completions.create(**ok).choices[0].finish_reason == "length"
+
+
+def post_raw(mesh: Mesh, path: str, data: bytes, content_type: str) -> tuple[int, dict]:
+    async def post() -> tuple[int, dict]:
+        headers = {"Content-Type": content_type}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(mesh.base_url + path, data=data, headers=headers) as r,
+        ):
+            return r.status, await r.json(content_type=None)
+
+    return asyncio.run(post())
+
+
+def test_issue_14s_odd_inputs_get_4xx(mesh: Mesh) -> None:
+    """Each used to reach "internal error in the router"."""
+    json_type = "application/json"
+    chat = '"messages": [{"role": "user", "content": "Hi"}]'
+    cases = [
+        ("/v1/completions", b'{"prompt": "\\ud800"}', json_type, 400),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+            json_type,
+            400,
+        ),
+        ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, json_type, 400),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": ["user"], "content": "Hi"}]}',
+            json_type,
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": {"a": 1}, "content": "Hi"}]}',
+            json_type,
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            b"{" + chat.encode() + b', "response_format": "json"}',
+            json_type,
+            400,
+        ),
+        (
+            "/v1/completions",
+            b'{"prompt": "Hi", "top_k": 1000000000000000000000000000000}',
+            json_type,
+            400,
+        ),
+        ("/v1/completions", b'{"prompt": "Hi", "temperature": NaN}', json_type, 400),
+        ("/v1/completions", b'{"prompt": "Hi", "top_p": Infinity}', json_type, 400),
+        ("/v1/completions", b'{"prompt": "Hi", "timeout": 1' + b"0" * 400 + b"}", json_type, 400),
+        (
+            "/v1/completions",
+            b'{"prompt": "Hi", "stream": true, "stream_options": 3}',
+            json_type,
+            400,
+        ),
+        ("/v1/completions", '{"prompt": "caf\u00e9"}'.encode("utf-16"), json_type, 400),
+        ("/v1/completions", b'{"prompt": "\xff"}', json_type, 400),
+        ("/v1/completions", b'{"prompt": "Hi"}', "application/x-www-form-urlencoded", 415),
+        ("/v1/completions", b'{"prompt": "Hi"}', "text/plain", 415),
+    ]
+    for path, data, content_type, status in cases:
+        got, body = post_raw(mesh, path, data, content_type)
+        assert got == status, (data[:80], got, body)
+        assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
+    ok = b'{"prompt": "Hi", "max_tokens": 2}'
+    assert post_raw(mesh, "/v1/completions", ok, "application/json; charset=utf-8")[0] == 200
+    assert "internal error" not in mesh.router.log_tail(100_000)
 
 
 def test_a_100mb_body_gets_413_without_being_read(mesh: Mesh) -> None:

@@ -148,7 +148,8 @@ def test_the_launcher_makes_every_worker_register_with_its_router() -> None:
     def flag(spec, name: str) -> list[str]:
         return [spec.args[i + 1] for i, a in enumerate(spec.args) if a == name]
 
-    for placement, router in ((LOCAL, "127.0.0.1:50051"), (COMPOSE, "router:50051")):
+    # The router's internal port (the Registry's own listener), never its public one.
+    for placement, router in ((LOCAL, "127.0.0.1:50052"), (COMPOSE, "router:50052")):
         for argv in (["--prefill", "2", "--decode", "2"], ["--colocated", "--decode", "3"]):
             t = Topology.from_args(cmd_up.build_parser().parse_args(argv), placement)
             assert t.workers

@@ -8,12 +8,18 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
 
 from splitserve.engine.loader import Checkpoint
 from splitserve.router.errors import RequestValidationError, RouterError
 from splitserve.router.grpc_api import generate_input
 from splitserve.router.openai_protocol import parse_chat, parse_completion
-from splitserve.router.validation import ModelInfo, RequestValidator, ValidatedRequest
+from splitserve.router.validation import (
+    SAMPLING_WIRE_TYPES,
+    ModelInfo,
+    RequestValidator,
+    ValidatedRequest,
+)
 from splitserve.v1 import pb
 
 CONTEXT = 64
@@ -193,3 +199,126 @@ def test_the_cache_salt_is_derived_from_the_callers_credential(
     alice, bob = salt("Bearer alice"), salt("Bearer bob")
     assert alice and bob and alice != bob and salt("Bearer alice") == alice
     assert salt("Bearer alice", "mine") not in (alice, "mine", salt("Bearer bob", "mine"))
+
+
+# ---- issue 14's odd inputs: each a 4xx, never a 500 -------------------------------------------
+CHAT_HI = [{"role": "user", "content": "hi"}]
+ODD_INPUTS = [
+    # (body, chat, param)
+    ({"prompt": "\ud800"}, False, "prompt"),
+    ({"prompt": "ok \udfff ok"}, False, "prompt"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, True, "messages[0].content"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\ud800"}]}]},
+        True,
+        "messages[0].content",
+    ),
+    ({"prompt": "hi", "stop": ["\ud800"]}, False, "stop"),
+    ({"prompt": "hi", "cache_salt": "\ud800"}, False, "cache_salt"),
+    ({"messages": [{"role": ["user"], "content": "hi"}]}, True, "messages[0].role"),
+    ({"messages": [{"role": {"user": 1}, "content": "hi"}]}, True, "messages[0].role"),
+    ({"messages": CHAT_HI, "response_format": "json"}, True, "response_format"),
+    ({"messages": CHAT_HI, "response_format": {"type": ["text"]}}, True, "response_format"),
+    ({"messages": CHAT_HI, "response_format": {"type": "json_object"}}, True, "response_format"),
+    ({"prompt": "hi", "top_k": 10**30}, False, "top_k"),
+    ({"prompt": "hi", "top_k": 2**31}, False, "top_k"),
+    ({"prompt": "hi", "min_tokens": 2**32}, False, "min_tokens"),
+    ({"prompt": "hi", "max_tokens": 2**32}, False, "max_tokens"),
+    ({"prompt": "hi", "seed": 2**63}, False, "seed"),
+    ({"prompt": "hi", "seed": -(2**63) - 1}, False, "seed"),
+    ({"prompt": "hi", "logprobs": 2**32}, False, "logprobs"),
+    ({"prompt": "hi", "stop_token_ids": [2**32]}, False, "stop_token_ids"),
+    ({"prompt": "hi", "stop_token_ids": [-1]}, False, "stop_token_ids"),
+    ({"prompt": "hi", "temperature": 1e39}, False, "temperature"),  # past float32
+    ({"prompt": "hi", "temperature": 10**400}, False, "temperature"),  # past float64
+    ({"prompt": "hi", "top_p": 1e-50}, False, "top_p"),  # rounds to 0 in float32
+    ({"prompt": "hi", "presence_penalty": float("nan")}, False, "presence_penalty"),
+    ({"prompt": "hi", "frequency_penalty": float("inf")}, False, "frequency_penalty"),
+    ({"prompt": "hi", "stop": ["x"] * 500}, False, "stop"),
+    ({"prompt": "hi", "stop": ["x" * 2000]}, False, "stop"),
+    ({"prompt": "hi", "stop": {"a": 1}}, False, "stop"),
+    ({"prompt": "hi", "stop": 5}, False, "stop"),
+    ({"prompt": "hi", "temperature": "0.5"}, False, "temperature"),
+    ({"prompt": "hi", "top_k": 5.0}, False, "top_k"),
+    ({"prompt": "hi", "top_k": True}, False, "top_k"),
+    ({"prompt": "hi", "ignore_eos": "yes"}, False, "ignore_eos"),
+    ({"prompt": "hi", "stop_token_ids": "12"}, False, "stop_token_ids"),
+    ({"prompt": 3.5}, False, "prompt"),
+    ({"prompt": "hi", "model": ["m"]}, False, "model"),
+    ({"prompt": "hi", "stream": "true"}, False, "stream"),
+    ({"prompt": "hi", "stream": True, "stream_options": [1]}, False, "stream_options"),
+    ({"prompt": "hi", "stream": True, "stream_options": "yes"}, False, "stream_options"),
+    (
+        {"prompt": "hi", "stream": True, "stream_options": {"include_usage": 1}},
+        False,
+        "stream_options",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "chat", "param"), ODD_INPUTS)
+def test_odd_inputs_get_a_400_naming_the_field(
+    validator: RequestValidator, body: dict[str, Any], chat: bool, param: str
+) -> None:
+    with pytest.raises(RequestValidationError) as info:
+        http(validator, body, chat=chat)
+    err = info.value
+    assert (err.http_status, err.grpc_code, err.param) == (
+        400,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        param,
+    )
+    assert len(err.message) < 300  # never a megabyte of the value echoed back
+
+
+def test_every_sampling_field_has_its_wire_type() -> None:
+    """The one table covers exactly the proto's SamplingOptions fields, with matching types."""
+    proto = pb.SamplingOptions.DESCRIPTOR
+    assert set(SAMPLING_WIRE_TYPES) == {f.name for f in proto.fields}
+    kinds = {
+        FieldDescriptor.TYPE_UINT32: "uint32",
+        FieldDescriptor.TYPE_INT32: "int32",
+        FieldDescriptor.TYPE_INT64: "int64",
+        FieldDescriptor.TYPE_FLOAT: "float",
+        FieldDescriptor.TYPE_BOOL: "bool",
+        FieldDescriptor.TYPE_STRING: "string",
+    }
+    for f in proto.fields:
+        kind = kinds[f.type]
+        repeated = getattr(f, "is_repeated", None)
+        if repeated is None:
+            repeated = f.label == FieldDescriptor.LABEL_REPEATED
+        expected = kind + "s" if repeated else kind
+        assert SAMPLING_WIRE_TYPES[f.name] == expected, f.name
+
+
+def test_what_passes_fits_the_wire(validator: RequestValidator) -> None:
+    """Edge values that pass become a SamplingOptions without error, as the worker sees them."""
+    body = {
+        "prompt": "hi",
+        "top_k": 2**31 - 1,
+        "seed": -(2**63),
+        "temperature": 3e38,
+        "top_p": 0.1,
+        "stop_token_ids": [0],
+    }
+    params = http(validator, body).params
+    opts = pb.SamplingOptions(
+        top_k=params.top_k,
+        seed=params.seed,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        stop_token_ids=params.stop_token_ids,
+    )
+    assert opts.top_p == params.top_p  # already float32: no change on the wire
+    assert opts.temperature == params.temperature
+
+
+def test_grpc_floats_nan_and_inf_are_invalid(validator: RequestValidator) -> None:
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty"):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            sampling = pb.SamplingOptions(**{name: value})
+            raw = generate_input(pb.GenerateRequest(prompt="Hi", sampling=sampling))
+            with pytest.raises(RequestValidationError) as info:
+                asyncio.run(validator.validate(raw))
+            assert info.value.grpc_code == grpc.StatusCode.INVALID_ARGUMENT, (name, value)
