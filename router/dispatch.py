@@ -190,28 +190,36 @@ class _WorkerFailed(Exception):
 
 class _Watch:
     """Gives up on a call to a worker that hangs: cancels the call when a health check of the
-    worker fails while the call has got nothing from it since that check began, or when it has
-    got nothing for `idle_timeout_s` (None: no such bound, e.g. a unary call)."""
+    worker fails while the call has got nothing from it since that check began, or, once the
+    call has sent its first message, when it sends nothing for `idle_timeout_s` (None: no such
+    bound, e.g. a unary call).
+
+    The idle bound starts with the first message because the time to it is the prompt's
+    prefill, which under load (a dead prefill worker's prompts all landing here, a resumed
+    request re-prefilling its tokens) can rightly take longer than any gap between two tokens;
+    a worker that hangs before its first message still fails its health checks."""
 
     def __init__(self, call: Any, worker: Worker, idle_timeout_s: float | None) -> None:
         self.call = call
         self.worker = worker
         self.idle_timeout_s = idle_timeout_s
         self.last = time.monotonic()
+        self.started = False  # a first message has come: the idle bound applies
         self.reason: str | None = None
         self.why = ""
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def touch(self) -> None:
         self.last = time.monotonic()
+        self.started = True
 
     def close(self) -> None:
         self._task.cancel()
 
     async def _run(self) -> None:
         while True:
-            timeout = None
-            if self.idle_timeout_s is not None:
+            timeout = self.idle_timeout_s  # not started: look again after that long
+            if self.idle_timeout_s is not None and self.started:
                 timeout = self.last + self.idle_timeout_s - time.monotonic()
                 if timeout <= 0:
                     self._give_up("idle_timeout", f"sent nothing for {self.idle_timeout_s:g} s")

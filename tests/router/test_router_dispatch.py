@@ -64,10 +64,18 @@ class FakeUnary:
 
 
 class FakeStream:
-    """A server stream: scripted responses, then an error or an end; `hang` waits for cancel."""
+    """A server stream: scripted responses, then an error or an end; `hang` waits for cancel;
+    `first_delay_s` before the first response (a long prefill)."""
 
-    def __init__(self, responses: list[pb.DecodeResponse], error: Exception | None, hang: bool):
+    def __init__(
+        self,
+        responses: list[pb.DecodeResponse],
+        error: Exception | None,
+        hang: bool,
+        first_delay_s: float = 0.0,
+    ):
         self.responses, self.error, self.hang = responses, error, hang
+        self.first_delay_s = first_delay_s
         self.cancelled = asyncio.Event()
 
     def cancel(self) -> bool:
@@ -78,6 +86,7 @@ class FakeStream:
         return self._run()
 
     async def _run(self) -> AsyncIterator[pb.DecodeResponse]:
+        await asyncio.sleep(self.first_delay_s)
         for r in self.responses:
             await asyncio.sleep(0)
             if self.cancelled.is_set():
@@ -106,8 +115,14 @@ class FakePrefill:
 
 
 class FakeDecode:
-    def __init__(self, responses=(), error: Exception | None = None, hang: bool = False) -> None:
-        self.script = (list(responses), error, hang)
+    def __init__(
+        self,
+        responses=(),
+        error: Exception | None = None,
+        hang: bool = False,
+        first_delay_s: float = 0.0,
+    ) -> None:
+        self.script = (list(responses), error, hang, first_delay_s)
         self.requests: list[pb.DecodeRequest] = []
         self.calls: list[FakeStream] = []
 
@@ -402,6 +417,17 @@ def test_a_silent_stream_past_the_idle_timeout_is_resumed_elsewhere() -> None:
     assert [ev.token_ids for ev in events] == [[7], [8, 9]]
     assert hung.calls[0].cancelled.is_set() and not registry.workers[0].healthy
     assert idle(registry)
+
+
+def test_a_long_wait_for_the_first_token_is_not_taken_for_a_hang() -> None:
+    """The idle bound counts from the first message: before it the worker is prefilling, which
+    under load may take longer than any gap between tokens (its health checks still pass)."""
+    slow, spare = FakeDecode(DONE, first_delay_s=0.5), FakeDecode(DONE)
+    dispatcher, registry = setup([], [slow, spare], FirstHealthy(), stream_idle_timeout_s=0.2)
+    events = asyncio.run(collect(dispatcher, request(10)))
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]
+    assert spare.requests == [] and len(slow.calls) == 1  # served where it started
+    assert registry.workers[0].healthy and idle(registry)
 
 
 def test_a_failed_health_check_moves_a_silent_stream_but_not_a_flowing_one() -> None:
