@@ -19,8 +19,11 @@ within the scenario's time limit, cancelled by this client); lost (a stream that
 neither a finish reason nor an error); KV blocks still held by requests once the scenario is
 over (each worker's own count, from GetLoad, after a settling wait); and the time to recover:
 from the fault to the moment every service is up and SERVING again, the router sees every
-worker healthy, and a new request completes. `max gap` is the longest pause between two
-tokens of one stream: what a client saw of the failure.
+worker healthy (and for Redis, the kvstore's backend answering), confirmed by a new request
+(not itself timed: under the scenario's load it waits its turn). A stopped process is
+continued, and a killed Redis restarted, HOLD_S (5 s) after the fault; a killed service is
+restarted by the supervision (its model load included). `max gap` is the longest pause
+between two tokens of one stream: what a client saw of the failure.
 
 The security rows each send one request that must be refused: a Register on the router's
 internal port without a client certificate, a kvstore Put without one, a Register with a
@@ -59,6 +62,7 @@ MIGRATION_IDENTICAL_TARGET = 0.95
 OVERLOAD_TTFT_TARGET = 3.0  # admitted p99 TTFT under 4x load / unloaded p99
 OVERLOAD_SHED_TARGET_S = 0.100  # every refused request answered within this
 SEED = 1234
+HOLD_S = 5.0  # after the fault: a stopped process is continued, a killed Redis restarted
 TOPICS = ("rivers", "bread", "owls", "glass", "trains", "salt", "maps", "bees", "kites", "moss")
 
 
@@ -375,25 +379,41 @@ class Fleet:
                 return held + int(routed)
             await asyncio.sleep(0.25)
 
-    async def whole(self) -> bool:
-        """Every service alive and SERVING, every worker healthy to the router, and a new
-        request answered."""
+    async def serving(self, store: bool = False) -> bool:
+        """Every service alive and SERVING, and every worker healthy to the router; with
+        `store`, the kvstore's backend answering too."""
         for child in self.children().values():
             if child.proc.poll() is not None or not child.ready:
                 return False
         status, body = self.health()
         if status != 200 or not all(body.get("workers", {}).values()):
             return False
+        if store:
+            try:
+                stub = self.rpc.KVStoreStub(self._channel("kvstore"))
+                await stub.Stats(self.pb.StatsRequest(), timeout=2)
+            except Exception:  # its backend (Redis) is still down: UNAVAILABLE
+                return False
+        return True
+
+    async def answers(self) -> bool:
         record = StreamRecord("probe")
         probe = greedy_request(self.pb, "probes", 2, salt="probe")
-        await run_stream(self.router, probe, record, 30)
+        await run_stream(self.router, probe, record, 60)
         return record.finish != 0
 
-    async def wait_whole(self, since: float, timeout_s: float = 180.0) -> float | None:
+    async def wait_whole(
+        self, since: float, store: bool = False, timeout_s: float = 180.0
+    ) -> float | None:
+        """Seconds from `since` until the mesh is whole again (`serving`), confirmed by a new
+        request answered; None if not within `timeout_s`. The confirming request is not
+        timed: under the scenario's load it waits its turn like any other."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if await self.whole():
-                return time.monotonic() - since
+            if await self.serving(store):
+                whole_at = time.monotonic() - since
+                if await self.answers():
+                    return whole_at
             await asyncio.sleep(0.1)
         return None
 
@@ -500,16 +520,14 @@ class Suite:
         migrating = fault is not None and not fault.long_streams
         out = Outcome(label, sent=len(reqs), expect_identical=migrating)
         fault_at: float | None = None
-        resume: Callable[[], None] | None = None
         if fault is not None:
             await self._wait_for_moment(fault, records, tasks)
             started = sum(1 for r in records.values() if r.token_ids)
             out.notes.append(f"{started}/{len(records)} streams had tokens at the fault")
             fault_at = time.monotonic()
-            resume = self._inject(fault, out)
+            undo = self._inject(fault, out)
+            recovery = asyncio.create_task(self._recover(fault, fault_at, undo))
         await asyncio.gather(*tasks)
-        if resume is not None:
-            resume()
         out.migrations = int(f.metric("splitserve_router_migrations_total") - migrations0)
         reference = self.reference.get(moment)
         for n, rec in records.items():
@@ -529,11 +547,8 @@ class Suite:
             out.notes.append("errors: " + ", ".join(errors))
         if fault is None:
             self.reference[moment] = {n: r.token_ids for n, r in records.items()}
-        if fault is not None and fault.target == "redis":
-            assert f.redis is not None
-            f.redis.start()  # back on the same port; the kvstore reconnects on its own
         if fault_at is not None:
-            out.recovery_s = await f.wait_whole(fault_at)
+            out.recovery_s = await recovery
             if out.recovery_s is None:
                 out.notes.append("did not recover within 180 s")
         out.leaked_blocks = await f.settle(self.s.settle_s)
@@ -566,21 +581,42 @@ class Suite:
                 return
             await asyncio.sleep(0.02)
 
-    def _inject(self, fault: Fault, out: Outcome) -> Callable[[], None] | None:
-        """Do it; returns what to do once the streams are over (SIGCONT a stopped process)."""
+    async def _recover(
+        self, fault: Fault, fault_at: float, undo: Callable[[], Awaitable[None]]
+    ) -> float | None:
+        """Seconds from the fault until the mesh is whole again; the streams go on meanwhile."""
+        await undo()
+        return await self.f.wait_whole(fault_at, store=fault.target == "redis")
+
+    def _inject(self, fault: Fault, out: Outcome) -> Callable[[], Awaitable[None]]:
+        """Do it; returns what must happen before the mesh can be whole again: a stopped
+        process continued and a killed Redis restarted (HOLD_S later), or a killed service
+        restarted by the supervision."""
         f = self.f
+
+        async def after_hold(then: Callable[[], None]) -> None:
+            await asyncio.sleep(HOLD_S)
+            then()
+
         if fault.target == "redis":
             assert f.redis is not None
             f.redis.kill()
-            return None
+            # On the same port: the kvstore reconnects on its own.
+            return lambda: after_hold(f.redis.start)  # type: ignore[union-attr]
         by_load = fault.target in ("decode", "prefill")
         name = f.busiest(fault.target) if by_load else fault.target
         out.notes.append(f"target {name}")
-        sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
-        f.signal(name, sig[fault.action])
         if fault.action == "stop":
-            return lambda: f.signal(name, signal.SIGCONT)
-        return None
+            f.signal(name, signal.SIGSTOP)
+            return lambda: after_hold(lambda: f.signal(name, signal.SIGCONT))
+        pid = f.children()[name].proc.pid
+        f.signal(name, signal.SIGKILL if fault.action == "kill" else signal.SIGTERM)
+
+        async def restarted() -> None:
+            while f.children()[name].proc.pid == pid:
+                await asyncio.sleep(0.05)
+
+        return restarted
 
 
 # ---- security rows -------------------------------------------------------------------------------
