@@ -62,9 +62,7 @@ def test_every_stream_survives_the_fault_with_the_same_tokens(rows, scenario):
     assert r["recovery_s"] is not None, r  # the mesh was whole again afterwards
 
 
-@pytest.mark.parametrize(
-    "scenario", ["decode SIGKILL mid-stream", "decode SIGSTOP mid-stream"]
-)
+@pytest.mark.parametrize("scenario", ["decode SIGKILL mid-stream", "decode SIGSTOP mid-stream"])
 def test_streams_on_the_failed_decoder_moved(rows, scenario):
     assert row(rows, scenario)["migrations"] >= 1
 
