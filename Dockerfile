@@ -19,13 +19,19 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY cli/ cli/
-COPY engine/ engine/
+COPY launcher/ launcher/
 COPY bench/ bench/
-COPY services/ services/
+COPY planner/ planner/
 COPY router/ router/
 COPY prefill/ prefill/
 COPY decode/ decode/
 COPY kvstore/ kvstore/
+COPY workers/ workers/
+COPY services/ services/
+COPY executors/ executors/
+COPY wire/ wire/
+COPY model/ model/
+COPY engine/ engine/
 # The build generates the gRPC stubs from protos/ (setup.py); the default model
 # (SmolLM2-135M-Instruct GGUF) comes as a package, without its unrelated dependencies.
 # /secrets is where compose mounts the `secrets` volume (certificates, mesh secret, Redis

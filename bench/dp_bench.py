@@ -67,7 +67,7 @@ QUICK = DPBenchSettings(
 
 
 def add_parser(bsub: Any) -> None:
-    from splitserve.engine_args import add_engine_args
+    from splitserve.executors.flags import add_engine_args
 
     p = bsub.add_parser(
         "dp",
@@ -197,7 +197,7 @@ def _probe(cpu: int, seconds: float, out: Any) -> None:
 
     import torch
 
-    from splitserve.engine.cpu_linear import PackedLinear, onednn_available
+    from splitserve.model.cpu_linear import PackedLinear, onednn_available
 
     os.sched_setaffinity(0, {cpu})
     torch.set_num_threads(1)
@@ -263,7 +263,7 @@ def affinity(pid: int) -> list[int]:
 def dp_topology(engine_flags: Sequence[str], replicas: int) -> Any:
     """Router + `replicas` colocated workers, no kvstore, on free ports."""
     from splitserve.bench import mesh_runner as mr
-    from splitserve.topology import Topology
+    from splitserve.launcher.topology import Topology
 
     grpc_port, http_port = mr.free_port(), mr.free_port()
     secrets = mr.secrets_dir()  # secured as `up` is: mutual TLS inside, an API key
@@ -418,27 +418,27 @@ def run_mesh(
 def run(args: argparse.Namespace) -> int:
     import grpc
 
+    from splitserve.bench import BenchError
     from splitserve.bench.mesh_runner import MeshError
-    from splitserve.cli import CLIError
 
     try:
         return _run(args)
     except grpc.aio.AioRpcError as exc:
         hint = f" (services' logs in {args.log_dir})" if args.log_dir else " (rerun with --log-dir)"
-        raise CLIError(
+        raise BenchError(
             f"a request to the mesh failed: {exc.code().name}: {exc.details()}{hint}"
         ) from None
     except MeshError as exc:
         import sys
 
         print(str(exc), file=sys.stderr)
-        raise CLIError(str(exc).splitlines()[0]) from None
+        raise BenchError(str(exc).splitlines()[0]) from None
 
 
 def _run(args: argparse.Namespace) -> int:
     from splitserve.bench.mesh_bench import Phases
-    from splitserve.engine.loader import open_checkpoint
-    from splitserve.topology import engine_argv
+    from splitserve.launcher.topology import engine_argv
+    from splitserve.model.loader import open_checkpoint
 
     settings = settings_from_args(args)
     if args.threads is None:

@@ -31,8 +31,8 @@ from splitserve.bench.workload import (
 if TYPE_CHECKING:
     from splitserve.bench.roofline import DecodeTraffic, Peaks, Roofline
     from splitserve.engine.engine import LLMEngine
-    from splitserve.engine.loader import Checkpoint
     from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.model.loader import Checkpoint
 
 MIB = 1024 * 1024
 FINAL_KEY = "throughput_ratio_vs_hf"
@@ -328,7 +328,7 @@ class Bench:
             engine = self.build_engine(dtype)
         shard = getattr(engine.runner.executor, "shard", None)
         if shard is not None:  # in process: count the weights as the backend stores them
-            from splitserve.engine.cpu_linear import matmul_weight_bytes
+            from splitserve.model.cpu_linear import matmul_weight_bytes
 
             weights = matmul_weight_bytes(shard.model)
         with self.phases(f"{dtype}: engine workload"):
@@ -364,7 +364,7 @@ def parse_dtypes(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from splitserve.engine.loader import default_model_path, open_checkpoint
+    from splitserve.model.loader import default_model_path, open_checkpoint
 
     dtypes = parse_dtypes(args.dtypes)
     if args.threads is not None:

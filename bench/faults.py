@@ -666,7 +666,7 @@ async def security_rows(f: Fleet) -> list[Outcome]:
     await refused("kvstore Put, no client certificate", lambda: plain(kvstore, put), handshake)
 
     # A certificate from the mesh's CA, but a kvstore's: not allowed to join the pools.
-    from splitserve.cmd_certs import CertBundle
+    from splitserve.launcher.certs import CertBundle
     from splitserve.services.security import TLSConfig
 
     assert topo.secrets is not None
@@ -888,7 +888,7 @@ def add_parser(bsub: Any) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from splitserve.cli import CLIError
+    from splitserve.bench import BenchError
 
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
     if args.streams != FaultSettings().streams or not args.quick:
@@ -898,7 +898,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         settings = FaultSettings(model=args.model, log_dir=args.log_dir, **overrides)
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise BenchError(str(e)) from None
     rows = run_suite(settings)
     text = table(rows)
     print(text)

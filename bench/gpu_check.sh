@@ -20,7 +20,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_dev
 PY
 SPLITSERVE_GPU_TESTS=1 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu
 # The CLI on the GPU: --device cuda, end to end, one greedy answer.
-timeout 120 python3 -m splitserve generate --device cuda --max-tokens 16 \
+timeout 120 python3 -m splitserve.cli generate --device cuda --max-tokens 16 \
   "What is the capital of France?"
 timeout 180 python3 - <<'PY'
 """32 requests x 128 greedy tokens: our engine (continuous batching) vs transformers' generate
@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.loader import default_model_path
+from splitserve.model.loader import default_model_path
 from splitserve.engine.sampling_params import SamplingParams
 
 import os

@@ -45,7 +45,7 @@ def add_parser(bsub: Any) -> None:
 def _weights(model: str | None):
     import torch
 
-    from splitserve.engine.loader import open_checkpoint
+    from splitserve.model.loader import open_checkpoint
 
     ckpt = open_checkpoint(model)
     names = {f"model.layers.0.{p}.weight" for parts in LAYER_WEIGHTS.values() for p in parts}
@@ -61,8 +61,8 @@ def _weights(model: str | None):
 def _modules(weight, copies: int, backend: str):
     from torch import nn
 
-    from splitserve.engine.block_linear import to_blocks
-    from splitserve.engine.cpu_linear import PackedLinear
+    from splitserve.model.block_linear import to_blocks
+    from splitserve.model.cpu_linear import PackedLinear
 
     out = []
     for _ in range(copies):
@@ -96,8 +96,8 @@ def run(args: Any) -> int:
     import torch
     from tqdm import tqdm
 
-    from splitserve.engine.block_linear import kernel_usable, load_kernel
-    from splitserve.engine.cpu_linear import onednn_available
+    from splitserve.model.block_linear import kernel_usable, load_kernel
+    from splitserve.model.cpu_linear import onednn_available
 
     torch.set_num_threads(args.threads)
     rows = [1, 16] if args.quick else [int(r) for r in args.rows.split(",")]

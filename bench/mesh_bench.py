@@ -103,7 +103,7 @@ QUICK = MeshBenchSettings(
 
 
 def add_parser(bsub: Any) -> None:
-    from splitserve.engine_args import add_engine_args
+    from splitserve.executors.flags import add_engine_args
 
     p = bsub.add_parser(
         "mesh",
@@ -345,7 +345,7 @@ def run_engine_baseline(
 
     from splitserve.bench.engine_bench import exact_greedy, warm_up_engine
     from splitserve.engine.engine import LLMEngine
-    from splitserve.engine_args import engine_config
+    from splitserve.executors.flags import engine_config
 
     with phases(PHASES[0]):
         engine = LLMEngine.from_config(engine_config(args), checkpoint)
@@ -627,21 +627,21 @@ class Phases:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
+    from splitserve.bench import BenchError
     from splitserve.bench.mesh_runner import MeshError
-    from splitserve.cli import CLIError
 
     try:
         return _run(args)
     except grpc.aio.AioRpcError as exc:
         hint = f" (services' logs in {args.log_dir})" if args.log_dir else " (rerun with --log-dir)"
         message = f"a request to the mesh failed: {exc.code().name}: {exc.details()}{hint}"
-        raise CLIError(message) from None
+        raise BenchError(message) from None
     except MeshError as exc:
         import sys
 
         print(str(exc), file=sys.stderr)
         hint = "" if args.log_dir else "; rerun with --log-dir DIR to keep every service's log"
-        raise CLIError(str(exc).splitlines()[0] + hint) from None
+        raise BenchError(str(exc).splitlines()[0] + hint) from None
 
 
 def _settings(args: argparse.Namespace) -> MeshBenchSettings:
@@ -660,8 +660,8 @@ def _settings(args: argparse.Namespace) -> MeshBenchSettings:
 def _run(args: argparse.Namespace) -> int:
     from splitserve.bench import mesh_runner as mr
     from splitserve.engine.hashing import kv_namespace
-    from splitserve.engine.loader import open_checkpoint
-    from splitserve.topology import engine_argv
+    from splitserve.launcher.topology import engine_argv
+    from splitserve.model.loader import open_checkpoint
 
     settings = _settings(args)
     ckpt = open_checkpoint(args.model)

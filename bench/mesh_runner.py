@@ -1,5 +1,5 @@
 """Meshes for `splitserve bench mesh`: built from `splitserve up`'s own flags and Topology, run
-under the launcher's process supervision (cli/mesh.py), and talked to as a client would.
+under the launcher's process supervision (launcher/supervisor.py), and talked to as a client would.
 
     colocated_topology(engine_flags, ...)   router + 1 colocated worker, kvstore off
     disagg_topology(engine_flags, ...)      kvstore + prefill-0 + prefill-1 + decode-0 and two
@@ -34,9 +34,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 import grpc
 
-from splitserve.mesh import Console, Mesh, StartupError
+from splitserve.launcher.supervisor import Console, Mesh, StartupError
+from splitserve.launcher.topology import ServiceSpec, Topology
 from splitserve.services.security import TLSConfig, open_channel
-from splitserve.topology import ServiceSpec, Topology
 
 if TYPE_CHECKING:
     from splitserve.v1 import pb
@@ -56,7 +56,7 @@ class MeshError(RuntimeError):
 # ---- topologies --------------------------------------------------------------------------------
 def up_args(engine_flags: Sequence[str], *extra: str) -> argparse.Namespace:
     """`splitserve up`'s parsed flags: the mesh gets exactly the engine flags the baseline got."""
-    from splitserve.cmd_up import build_parser
+    from splitserve.launcher.up import build_parser
 
     return build_parser().parse_args([*extra, *engine_flags, "--log-level", "warning"])
 
@@ -68,12 +68,12 @@ def free_port() -> int:
 
 
 def _all_ports_free(topology: Topology) -> bool:
-    from splitserve.cli import CLIError
-    from splitserve.cmd_up import check_ports_free
+    from splitserve.launcher import LaunchError
+    from splitserve.launcher.up import check_ports_free
 
     try:
         check_ports_free(topology)
-    except CLIError:
+    except LaunchError:
         return False
     return True
 
@@ -114,7 +114,7 @@ def secrets_dir() -> str:
 
 def local_topology(args: argparse.Namespace, secrets: str) -> Topology:
     """`up`'s topology for these flags, its secrets in `secrets`."""
-    from splitserve.cmd_up import local_topology as up_topology
+    from splitserve.launcher.up import local_topology as up_topology
 
     return up_topology(args, secrets)
 
@@ -261,7 +261,7 @@ class RunningMesh:
 def running_mesh(topology: Topology, log_dir: str, timeout: float = 300.0) -> Iterator[RunningMesh]:
     """Start every service (dependencies first), yield once all are SERVING, stop them all.
     Writes the topology's secrets first, and removes them at the end."""
-    from splitserve.run_secrets import client_tls, write_secrets
+    from splitserve.launcher.run_secrets import client_tls, write_secrets
 
     os.makedirs(log_dir, exist_ok=True)
     console = QuietConsole(topology.names, log_dir)

@@ -155,7 +155,7 @@ def settings_from_args(args: argparse.Namespace) -> PipelineBenchSettings:
 def compute_balanced_layers(cfg: ModelConfig, stages: int) -> tuple[int, ...]:
     """The pilot's layer counts, from parameters alone: every layer costs its parameters, the
     last stage also the LM head (vocab x hidden), the embedding nothing (a lookup)."""
-    from splitserve.engine.parallel import layer_param_count
+    from splitserve.model.parallel import layer_param_count
 
     per_layer = layer_param_count(cfg)
     left_layers = cfg.num_layers
@@ -418,7 +418,7 @@ def run_bench(settings: PipelineBenchSettings, say=print) -> PipelineBenchResult
     import torch
 
     from splitserve.bench.dp_bench import pin_process
-    from splitserve.engine.loader import open_checkpoint
+    from splitserve.model.loader import open_checkpoint
     from splitserve.services.server import fast_gil_handoff
 
     cfg = open_checkpoint(settings.model).config

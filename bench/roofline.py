@@ -46,7 +46,7 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
 def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of an (n, n) @ (n, n) matmul in `dtype` (2 n^3 FLOPs per call): the faster of
     `torch.mm` and oneDNN with the weight packed (on some CPUs, BLAS is the slower one)."""
-    from splitserve.engine.cpu_linear import onednn_available
+    from splitserve.model.cpu_linear import onednn_available
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(dtype)

@@ -1,3 +1,6 @@
-"""splitserve: disaggregated LLM inference as a gRPC service mesh."""
+"""The `splitserve` command: it parses the command line and calls the package that does the
+work (launcher, executors, bench, planner, or a service's `__main__`); no logic of its own."""
 
-__version__ = "0.1.0"
+from splitserve.cli.main import CLIError, __version__, build_parser, main
+
+__all__ = ["CLIError", "__version__", "build_parser", "main"]

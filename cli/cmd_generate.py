@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splitserve.engine_args import add_engine_args, engine_config
+from splitserve.executors.flags import add_engine_args, engine_config
 
 
 def add_parser(sub) -> None:
@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from splitserve.engine.engine import LLMEngine
-    from splitserve.engine.loader import open_checkpoint
     from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.model.loader import open_checkpoint
 
     params = SamplingParams(
         max_tokens=args.max_tokens,

@@ -1,6 +1,6 @@
 """`splitserve plan`: memory, GPU count, bandwidth ceiling and cost for a model on a GPU type.
 
-Pure arithmetic (engine/planner.py); docs/planning.md explains every formula.
+Pure arithmetic (planner/capacity.py); docs/planning.md explains every formula.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitserve.engine.planner import plan
+    from splitserve.planner.capacity import plan
 
     price = None if args.gpu_hour_usd is None else _number(args.gpu_hour_usd, "--gpu-hour-usd")
     result = plan(

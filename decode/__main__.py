@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from splitserve.decode.service import DecodeServicer
 from splitserve.services.server import ServiceServer, full_service_name
-from splitserve.services.worker import Build, Worker, add_worker_arguments, run_worker
 from splitserve.v1 import rpc
+from splitserve.workers.worker import Build, Worker, add_worker_arguments, run_worker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,15 +32,16 @@ from typing import Any
 import grpc
 
 from splitserve.engine.engine import RequestError
-from splitserve.engine.kv_codec import KVAssembler, KVCodecError, TransferHeader
 from splitserve.engine.outputs import KVExport, RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.services.engine_loop import RequestStream
-from splitserve.services.kv_prefix import PrefixPlan
 from splitserve.services.security import TLSConfig, open_channel
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.services.tracing import extract_context, inject_metadata, tracer
-from splitserve.services.worker import (
+from splitserve.v1 import pb, rpc
+from splitserve.wire.kv_codec import KVAssembler, KVCodecError, TransferHeader
+from splitserve.workers.engine_loop import RequestStream
+from splitserve.workers.kv_prefix import PrefixPlan
+from splitserve.workers.worker import (
     FINISH_REASONS,
     Worker,
     abort_with,
@@ -48,10 +49,9 @@ from splitserve.services.worker import (
     usage,
     worker_load,
 )
-from splitserve.services.worker import (
+from splitserve.workers.worker import (
     sampling_params as to_params,
 )
-from splitserve.v1 import pb, rpc
 
 log = logging.getLogger("splitserve")
 Ctx = grpc.aio.ServicerContext

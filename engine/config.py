@@ -192,3 +192,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive number of seconds; got {value}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint that cannot be used, with a one-line reason fit to show a user."""
+
+    def __init__(self, message: str) -> None:
+        # Reader errors can span lines; callers print this on one.
+        super().__init__(" ".join(str(message).split()))

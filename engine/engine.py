@@ -24,18 +24,18 @@ import torch
 from splitserve.engine.block_manager import BlockManager, PrefixCacheStats
 from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.hashing import BlockHash, block_hashes, kv_namespace
-from splitserve.engine.loader import Checkpoint, open_checkpoint
 from splitserve.engine.outputs import (
     EngineStats,
     KVExport,
     RequestOutput,
     StopChecker,
 )
-from splitserve.engine.runner import ModelRunner, StepInputs
 from splitserve.engine.sampler import Sampler, SamplingRow, make_generator
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledBatch, Scheduler
 from splitserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from splitserve.executors.runner import ModelRunner, StepInputs
+from splitserve.model.loader import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
     from splitserve.engine.tokenizer import Tokenizer

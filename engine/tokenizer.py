@@ -20,7 +20,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from .loader import ModelLoadError
+from .config import ModelLoadError
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -23,7 +23,6 @@ import re
 import sys
 from collections.abc import Sequence
 
-from splitserve.engine.kv_payload import load_mesh_secret
 from splitserve.kvstore.backends import (
     BackendError,
     KVBackend,
@@ -41,6 +40,7 @@ from splitserve.services.server import (
 )
 from splitserve.services.tracing import init_tracing
 from splitserve.v1 import rpc
+from splitserve.wire.kv_payload import load_mesh_secret
 
 log = logging.getLogger("splitserve")
 

@@ -3,7 +3,7 @@
 Both keep one value per key, the block's self-describing payload (metadata and bytes together,
 so a fetch is one lookup), and both distrust what they read back: a value whose embedded key or
 CRC-32 is wrong is a miss and is deleted, never returned. Neither needs the mesh secret: the
-workers verify the blocks' signatures themselves (engine/kv_payload.py).
+workers verify the blocks' signatures themselves (wire/kv_payload.py).
 
 Redis may need a password (`redis://:PASSWORD@host:port/db`, or `password=` from a file) and
 TLS (`rediss://`, with `RedisTLS` naming the CA and, for mutual TLS, a client certificate).
@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from splitserve.engine.kv_payload import is_valid_payload
+from splitserve.wire.kv_payload import is_valid_payload
 
 log = logging.getLogger("splitserve")
 

@@ -22,10 +22,10 @@ from typing import NoReturn, TypeVar
 import grpc
 from opentelemetry.trace import Span
 
-from splitserve.engine.kv_payload import KVPayloadError, verify_payload
 from splitserve.kvstore.backends import BackendError, KVBackend, verify_values
 from splitserve.services.tracing import extract_context, tracer
 from splitserve.v1 import pb, rpc
+from splitserve.wire.kv_payload import KVPayloadError, verify_payload
 
 log = logging.getLogger("splitserve")
 REFUSED_LOG_INTERVAL_S = 10.0  # forged Puts are logged at most this often

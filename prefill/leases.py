@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from splitserve.engine.kv_codec import CHUNK_BYTES, TransferHeader
+from splitserve.wire.kv_codec import CHUNK_BYTES, TransferHeader
 
 
 class LeaseCapacityError(Exception):

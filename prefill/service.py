@@ -22,24 +22,24 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from splitserve.engine.kv_codec import CHUNK_BYTES, split_transfer
 from splitserve.engine.outputs import KVExport, RequestOutput
-from splitserve.engine.runner import kv_block_bytes
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.executors.runner import kv_block_bytes
 from splitserve.prefill.leases import Lease, LeaseCapacityError, LeaseTable, Reservation
-from splitserve.services.kv_prefix import PrefixPlan
 from splitserve.services.tracing import extract_context, tracer
-from splitserve.services.worker import (
+from splitserve.v1 import pb, rpc
+from splitserve.wire.kv_codec import CHUNK_BYTES, split_transfer
+from splitserve.workers.kv_prefix import PrefixPlan
+from splitserve.workers.worker import (
     OverloadedError,
     Worker,
     abort_with,
     token_logprob,
     worker_load,
 )
-from splitserve.services.worker import (
+from splitserve.workers.worker import (
     sampling_params as to_params,
 )
-from splitserve.v1 import pb, rpc
 
 log = logging.getLogger("splitserve")
 Ctx = grpc.aio.ServicerContext

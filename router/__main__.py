@@ -22,7 +22,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from splitserve.engine.loader import ModelLoadError
+from splitserve.model.loader import ModelLoadError
 from splitserve.services.security import PublicTLS, TLSConfig, add_tls_arguments
 from splitserve.services.server import (
     CHANNEL_OPTIONS,

@@ -27,7 +27,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from splitserve.engine.hashing import kv_namespace
-from splitserve.engine.loader import Checkpoint, ModelLoadError, open_checkpoint
+from splitserve.model.loader import Checkpoint, ModelLoadError, open_checkpoint
 from splitserve.services.tracing import inject_metadata, tracer
 
 from .admission import AdmissionConfig, Deadline

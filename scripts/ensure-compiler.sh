@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure a C++ compiler is there for the engine's kernels (engine/csrc, built on first use;
+# Makes sure a C++ compiler is there for the engine's kernels (model/csrc, built on first use;
 # ninja comes from pip). Installs g++ with apt-get when missing and we are root; otherwise says
 # that the engine will fall back to its slower torch paths.
 set -euo pipefail

@@ -1,5 +1,2 @@
-"""Plumbing every splitserve service shares, next to the protos.
-
-gRPC server bootstrap, the async engine loop, KV transfer, the kvstore client, tracing and
-metrics. Services meet over RPC and never import each other; they all import this.
-"""
+"""gRPC plumbing every splitserve service shares: the server bootstrap (health, reflection,
+SIGTERM drain), transport security (mutual TLS on the internal plane) and tracing."""

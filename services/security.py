@@ -14,7 +14,7 @@ serves plaintext, and only on a loopback address: `add_port` refuses anything el
     channel = open_channel("kvstore:50060", tls, options)         # grpc.aio
     channel = open_sync_channel("127.0.0.1:50201", tls, options)  # blocking twin
 
-`splitserve certs` makes the CA and the certificates (cli/cmd_certs.py). A certificate's subject
+`splitserve certs` makes the CA and the certificates (launcher/certs.py). A certificate's subject
 carries the service's name (CN) and its role (OU: router, worker, kvstore, stage, client);
 `peer_identity(context)` reads them back from the caller's certificate, which is how the
 Registry lets only workers join.

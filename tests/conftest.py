@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from splitserve.engine.loader import Checkpoint, ModelLoadError, default_model_path, open_checkpoint
+from splitserve.model.loader import Checkpoint, ModelLoadError, default_model_path, open_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import random
 import socket
 
-from splitserve import cmd_up
-from splitserve.cli import CLIError
-from splitserve.topology import Topology
+from splitserve.launcher import LaunchError, up
+from splitserve.launcher.topology import Topology
 
 
 def free_ports(n: int) -> list[int]:
@@ -29,8 +28,8 @@ def up_args(*extra: str) -> list[str]:
         argv = ["--http-port", str(http), "--grpc-port", str(grpc_port)]
         argv += ["--port-offset", str(offset), *extra]
         try:
-            cmd_up.check_ports_free(Topology.from_args(cmd_up.build_parser().parse_args(argv)))
-        except CLIError:
+            up.check_ports_free(Topology.from_args(up.build_parser().parse_args(argv)))
+        except LaunchError:
             continue
         return argv
     raise AssertionError("no free port range")

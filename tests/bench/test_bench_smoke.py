@@ -216,7 +216,7 @@ def test_cli_registers_bench_engine():
 
 def test_quick_run_end_to_end(hf_tiny, tmp_path, monkeypatch, capsys):
     """`run --quick` on a tiny model saved as an HF folder, loaded by both sides from there."""
-    from splitserve.engine import loader
+    from splitserve.model import loader
 
     folder = tmp_path / "tiny"
     hf_tiny.save_pretrained(folder)

@@ -25,7 +25,7 @@ from splitserve.bench.workload import (
     make_workload,
 )
 from splitserve.cli import build_parser
-from splitserve.services.metrics import WorkerMetrics
+from splitserve.workers.metrics import WorkerMetrics
 
 VOCAB = 49152
 FINAL_LINE = re.compile(r"mesh_throughput_ratio_vs_engine: \d+\.\d\d")
@@ -275,7 +275,7 @@ def test_cli_registers_bench_mesh_and_its_settings():
     )
     s = mb._settings(args)
     assert (s.prompt_scale, s.output_scale, s.repeats) == (1.0, 1.0, 3)
-    from splitserve.topology import engine_argv
+    from splitserve.launcher.topology import engine_argv
 
     argv = engine_argv(args)  # what the workers get
     assert argv[argv.index("--threads") + 1] == "2"

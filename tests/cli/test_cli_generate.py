@@ -11,7 +11,10 @@ import torch
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "splitserve", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "splitserve.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

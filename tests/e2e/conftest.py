@@ -16,8 +16,8 @@ from mesh_fixtures import RunningMesh, start_mesh
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.loader import Checkpoint
 from splitserve.engine.tokenizer import Tokenizer
+from splitserve.model.loader import Checkpoint
 
 MIB = 1024 * 1024
 

@@ -77,7 +77,7 @@ def rank_processes(worker_pid: int) -> list[int]:
                 cmd = f.read()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == worker_pid and b"splitserve.engine.tensor_parallel" in cmd:
+        if ppid == worker_pid and b"splitserve.executors.tensor_parallel" in cmd:
             out.append(int(entry))
     return out
 

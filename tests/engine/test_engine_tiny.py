@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.executors.runner import ModelRunner
 
 BASE = dict(
     vocab_size=300,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitserve.engine.gguf_loader import read_metadata
 from splitserve.engine.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
+from splitserve.model.gguf_loader import read_metadata
 
 TEXTS = [
     "Hello, world!",
@@ -241,7 +241,7 @@ def test_sentencepiece_gguf_without_space_prefix(tmp_path) -> None:
 
 
 def test_gguf_tokenizer_errors() -> None:
-    from splitserve.engine.loader import ModelLoadError
+    from splitserve.model.loader import ModelLoadError
 
     tokens = ["a", "b", "ab"]
     with pytest.raises(ModelLoadError, match="'bert'"):

@@ -8,10 +8,10 @@ import torch
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.parallel import ShardSpec
-from splitserve.engine.runner import plan_num_blocks
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.step_wire import StepWire
+from splitserve.executors.runner import plan_num_blocks
+from splitserve.model.parallel import ShardSpec
+from splitserve.wire.step_wire import StepWire
 
 NEW_TOKENS = 48
 TEXTS = [
@@ -29,10 +29,6 @@ def prompts(smollm2_checkpoint) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def references(hf_reference, prompts):
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "engine"))
     from hf_ref import hf_greedy
 
     model, _ = hf_reference
@@ -62,8 +58,8 @@ def test_bf16_on_cuda_generates(smollm2_path, prompts):
 
 
 def test_nccl_group_of_one_equals_the_plain_shard(smollm2_path, smollm2_checkpoint):
-    from splitserve.engine.shard import ModelShard
-    from splitserve.engine.tensor_parallel import TPExecutor
+    from splitserve.executors.shard import ModelShard
+    from splitserve.executors.tensor_parallel import TPExecutor
 
     cfg = EngineConfig(model=smollm2_path, device="cuda", num_kv_blocks=64)
     mc = smollm2_checkpoint.config

@@ -15,8 +15,8 @@ from kvstore_testing import free_port, make_keys, payload
 
 from splitserve.kvstore.backends import MemoryBackend
 from splitserve.kvstore.service import KVStoreServicer
-from splitserve.services.kvstore_client import KVStoreClient
 from splitserve.v1 import rpc
+from splitserve.workers.kvstore_client import KVStoreClient
 
 
 async def _serve(port: int = 0) -> tuple[grpc.aio.Server, str]:

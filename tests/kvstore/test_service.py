@@ -143,7 +143,7 @@ def test_redis_outage_is_unavailable_and_the_server_keeps_serving(tmp_path: Path
 
 def test_kvstore_never_imports_torch() -> None:
     code = (
-        "import sys, splitserve.kvstore.__main__, splitserve.services.kvstore_client\n"
+        "import sys, splitserve.kvstore.__main__, splitserve.workers.kvstore_client\n"
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -42,20 +42,18 @@ from kvstore_testing import (
     payload,
     unique_prefix,
 )
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "workers"))
 from workers_util import aio_channel, prompt, running, serve_decode, tiny_engine
 
-from splitserve.engine import kv_payload
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.kv_codec import encode_block
-from splitserve.engine.loader import Checkpoint
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvstore.backends import KVBackend, MemoryBackend, RedisBackend
 from splitserve.kvstore.service import KVStoreServicer
-from splitserve.services.kvstore_client import CircuitBreaker, KVStoreClient
+from splitserve.model.loader import Checkpoint
 from splitserve.v1 import pb, rpc
+from splitserve.wire import kv_payload
+from splitserve.wire.kv_codec import encode_block
+from splitserve.workers.kvstore_client import CircuitBreaker, KVStoreClient
 
 SECRET = b"mesh-secret-for-the-store-fault-tests"
 ATTACKER_SECRET = b"a-secret-the-attacker-made-up-itself"
@@ -112,7 +110,7 @@ def test_breaker_ignores_late_failures_while_open_and_frees_an_abandoned_probe()
 
 @pytest.mark.asyncio
 async def test_client_reports_outcomes_and_breaker_state_to_metrics() -> None:
-    from splitserve.services.metrics import WorkerMetrics
+    from splitserve.workers.metrics import WorkerMetrics
 
     metrics = WorkerMetrics("prefill", "p-test")
     dead = f"127.0.0.1:{free_port()}"

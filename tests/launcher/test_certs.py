@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from splitserve import cmd_up
-from splitserve.cmd_certs import role_for
-from splitserve.run_secrets import client_tls, write_secrets
+from splitserve.launcher import up
+from splitserve.launcher.certs import role_for
+from splitserve.launcher.run_secrets import client_tls, write_secrets
 from splitserve.services.security import cert_role
 
 
 def certs(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "splitserve", "certs", *argv],
+        [sys.executable, "-m", "splitserve.cli", "certs", *argv],
         capture_output=True,
         text=True,
         timeout=120,
@@ -121,12 +121,12 @@ def test_the_topologys_names_have_roles(name, role):
 
 
 def up_args(*argv: str) -> argparse.Namespace:
-    return cmd_up.build_parser().parse_args(list(argv))
+    return up.build_parser().parse_args(list(argv))
 
 
 def test_up_writes_every_file_its_services_are_told_to_read(tmp_path):
     args = up_args("--pipeline-stages", "2", "--stage-services")
-    topology = cmd_up.local_topology(args, str(tmp_path / "run"))
+    topology = up.local_topology(args, str(tmp_path / "run"))
     key = write_secrets(topology)
     assert key is not None and key.startswith("sk-ss-") and len(key) > 30
     named = {a for s in topology.services for a in s.args if a.startswith(str(tmp_path))}
@@ -144,7 +144,7 @@ def test_up_writes_every_file_its_services_are_told_to_read(tmp_path):
 
 
 def test_up_opt_outs_write_less(tmp_path):
-    insecure = cmd_up.local_topology(up_args("--insecure", "--no-auth"), str(tmp_path))
+    insecure = up.local_topology(up_args("--insecure", "--no-auth"), str(tmp_path))
     assert write_secrets(insecure) is None
     assert client_tls(insecure) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh-secret"]
@@ -160,7 +160,7 @@ def test_up_opt_outs_write_less(tmp_path):
 )
 def test_up_refuses_a_bad_api_key_in_one_line(argv, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "splitserve", "up", *argv],
+        [sys.executable, "-m", "splitserve.cli", "up", *argv],
         capture_output=True,
         text=True,
         timeout=120,

@@ -21,9 +21,8 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitserve import cmd_up
-from splitserve.services.security import TLSConfig, add_port
-from splitserve.topology import (
+from splitserve.launcher import up
+from splitserve.launcher.topology import (
     COMPOSE,
     COMPOSE_REDIS_URL,
     COMPOSE_SECRETS,
@@ -33,13 +32,14 @@ from splitserve.topology import (
     Topology,
     render_compose_yaml,
 )
+from splitserve.services.security import TLSConfig, add_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
 
 
 def topology(*argv: str, placement=LOCAL, secrets=None) -> Topology:
-    return Topology.from_args(cmd_up.build_parser().parse_args(list(argv)), placement, secrets)
+    return Topology.from_args(up.build_parser().parse_args(list(argv)), placement, secrets)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_committed_file_is_the_default_rendering():
 
 def test_print_compose_prints_it():
     proc = subprocess.run(
-        [sys.executable, "-m", "splitserve", "up", "--print-compose"],
+        [sys.executable, "-m", "splitserve.cli", "up", "--print-compose"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -164,7 +164,7 @@ def test_the_kvstore_and_workers_take_the_flags_compose_gives_them():
         ("splitserve.prefill", ["--mesh-secret-file", "--tls-cert", "--router"]),
         ("splitserve.decode", ["--mesh-secret-file", "--tls-ca"]),
         ("splitserve.router", ["--internal-port", "--tls-cert", "--public-tls-cert"]),
-        ("splitserve.services.stage", ["--tls-cert", "--tls-key", "--tls-ca"]),
+        ("splitserve.executors.pipeline.stage", ["--tls-cert", "--tls-key", "--tls-ca"]),
     ]:
         proc = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
@@ -187,7 +187,7 @@ def test_the_secrets_service_makes_what_every_service_reads(compose, tmp_path):
     assert maker["volumes"] == [f"secrets:{SECRETS_MOUNT}"]  # the only writer
     assert "healthcheck" not in maker and "depends_on" not in maker
     command = [tmp_path.as_posix() if a == SECRETS_MOUNT else a for a in maker["command"]]
-    assert command[:4] == ["python", "-m", "splitserve", "certs"]
+    assert command[:4] == ["python", "-m", "splitserve.cli", "certs"]
     run = [sys.executable, *command[1:]]
     first = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
@@ -236,9 +236,9 @@ def test_no_internal_service_listens_beyond_loopback_without_tls(argv, tmp_path)
 
     meshes = {
         "compose": topology(*argv, placement=COMPOSE),
-        "up": cmd_up.local_topology(cmd_up.build_parser().parse_args(argv), str(tmp_path)),
-        "up --insecure": cmd_up.local_topology(
-            cmd_up.build_parser().parse_args([*argv, "--insecure"]), str(tmp_path)
+        "up": up.local_topology(up.build_parser().parse_args(argv), str(tmp_path)),
+        "up --insecure": up.local_topology(
+            up.build_parser().parse_args([*argv, "--insecure"]), str(tmp_path)
         ),
     }
     for kind, t in meshes.items():
@@ -265,7 +265,7 @@ def test_every_healthcheck_probes_its_own_port_with_its_own_certificate(compose,
 def certs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("certs")
     argv = ["certs", "--out", str(out), "--service", "kvstore", "--service", "router"]
-    proc = subprocess.run([sys.executable, "-m", "splitserve", *argv], capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "splitserve.cli", *argv], capture_output=True)
     assert proc.returncode == 0, proc.stderr
     return out
 

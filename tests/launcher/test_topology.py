@@ -8,12 +8,12 @@ import importlib.util
 
 import pytest
 
-from splitserve import cmd_up
-from splitserve.topology import COMPOSE, LOCAL, PortPlan, Secrets, ServiceSpec, Topology
+from splitserve.launcher import up
+from splitserve.launcher.topology import COMPOSE, LOCAL, PortPlan, Secrets, ServiceSpec, Topology
 
 
 def topology(*argv: str, placement=LOCAL) -> Topology:
-    return Topology.from_args(cmd_up.build_parser().parse_args(list(argv)), placement)
+    return Topology.from_args(up.build_parser().parse_args(list(argv)), placement)
 
 
 def flag(spec: ServiceSpec, name: str) -> list[str]:
@@ -173,7 +173,7 @@ def test_the_services_accept_the_topologys_flags(package, argv):
     if importlib.util.find_spec(f"splitserve.{package}.__main__") is None:
         pytest.skip(f"splitserve.{package}.__main__ isn't in yet")
     module = importlib.import_module(f"splitserve.{package}.__main__")
-    locked = Topology.from_args(cmd_up.build_parser().parse_args(argv), LOCAL, Secrets("/s"))
+    locked = Topology.from_args(up.build_parser().parse_args(argv), LOCAL, Secrets("/s"))
     for t in (topology(*argv), locked, topology(*argv, placement=COMPOSE)):
         for spec in t.services:
             if spec.module == f"splitserve.{package}":
@@ -188,12 +188,12 @@ def test_up_offers_exactly_the_routers_policies():
     parser = argparse.ArgumentParser()
     importlib.import_module("splitserve.router.__main__").add_arguments(parser)
     (policy,) = [a for a in parser._actions if a.dest == "policy"]
-    assert set(cmd_up.POLICIES) == set(policy.choices)
+    assert set(up.POLICIES) == set(policy.choices)
 
 
 def test_up_and_compose_take_the_same_tp_pp_dp_settings():
     """TP and PP are engine flags every worker gets; DP is the replica count."""
-    from splitserve.topology import render_compose
+    from splitserve.launcher.topology import render_compose
 
     argv = ("--prefill", "2", "--decode", "3", "--tensor-parallel-size", "2")
     argv += ("--pipeline-stages", "2", "--micro-batches", "4")
@@ -251,7 +251,7 @@ def test_the_users_own_omp_wait_policy_wins(monkeypatch):
 def test_stage_services_are_their_workers_stages(placement):
     """`--stage-services`: every worker's stages 1..P-1 are services of their own, started
     before it, with its engine flags; the worker is pointed at them, in stage order."""
-    from splitserve.services import stage as stage_main
+    from splitserve.executors.pipeline import stage as stage_main
 
     argv = ("--decode", "2", "--pipeline-stages", "3", "--stage-services", "--threads", "1")
     t = topology(*argv, placement=placement)
@@ -282,12 +282,12 @@ def test_stage_services_are_their_workers_stages(placement):
 
 
 def test_compose_gives_each_stage_its_own_container():
-    from splitserve.topology import render_compose
+    from splitserve.launcher.topology import render_compose
 
     t = topology("--colocated", "--pipeline-stages", "2", "--stage-services", placement=COMPOSE)
     services = render_compose(t)["services"]
     stage = services["colocated-0-stage-1"]
-    assert stage["command"][:3] == ["python", "-m", "splitserve.services.stage"]
+    assert stage["command"][:3] == ["python", "-m", "splitserve.executors.pipeline.stage"]
     assert stage["expose"] == ["50200"] and "ports" not in stage  # internal only
     assert stage["healthcheck"]["test"][4] == "127.0.0.1:50200"
     worker = services["colocated-0"]
@@ -299,7 +299,7 @@ def test_compose_gives_each_stage_its_own_container():
 # ---- secrets --------------------------------------------------------------------------------
 def locked(*argv: str, secrets_dir: str = "/run/x") -> Topology:
     """`up`'s topology as `up` builds it, with its secrets in `secrets_dir`."""
-    return cmd_up.local_topology(cmd_up.build_parser().parse_args(list(argv)), secrets_dir)
+    return up.local_topology(up.build_parser().parse_args(list(argv)), secrets_dir)
 
 
 def test_up_wires_tls_the_mesh_secret_and_the_api_key_by_default():

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from mesh_ports import free_ports, up_args
 
-from splitserve import cli, cmd_up
-from splitserve.topology import Topology
+from splitserve import cli
+from splitserve.launcher import up
+from splitserve.launcher.topology import Topology
 
 FAKE_SERVICE = textwrap.dedent(
     """
@@ -68,14 +69,14 @@ FAKE_SERVICE = textwrap.dedent(
     """
 )
 
-# Runs cmd_up.serve() on a topology of fakes, in its own process so signals are real.
+# Runs splitserve.launcher.up.serve() on a topology of fakes, in its own process (real signals).
 DRIVER = textwrap.dedent(
     """
     import json, sys
-    from splitserve.cli import CLIError
-    from splitserve.cmd_up import serve
-    from splitserve.mesh import RestartPolicy
-    from splitserve.topology import LOCAL, ServiceSpec, Topology
+    from splitserve.launcher import LaunchError
+    from splitserve.launcher.up import serve
+    from splitserve.launcher.supervisor import RestartPolicy
+    from splitserve.launcher.topology import LOCAL, ServiceSpec, Topology
 
     cfg = json.loads(sys.argv[1])
     services = [
@@ -94,7 +95,7 @@ DRIVER = textwrap.dedent(
             log_dir=cfg.get("log_dir"),
             policy=RestartPolicy(backoff_s=(0.2, 0.4), max_restarts=cfg.get("max_restarts", 3)),
         )
-    except CLIError as exc:
+    except LaunchError as exc:
         print(f"splitserve: error: {exc}", file=sys.stderr)
         rc = 2
     sys.exit(rc)
@@ -248,7 +249,7 @@ def test_a_crash_loop_stops_the_rest_and_exits_nonzero(fakes, tmp_path):
 
 
 def test_restart_backoff_doubles_to_its_cap_and_resets_after_a_long_run():
-    from splitserve.mesh import RestartPolicy
+    from splitserve.launcher.supervisor import RestartPolicy
 
     policy = RestartPolicy(backoff_s=(0.5, 10.0), window_s=60.0)
     delays, delay = [], None
@@ -322,7 +323,7 @@ def test_help_lists_up_and_the_services(capsys):
 
 def run_up(*argv: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "splitserve", "up", *argv],
+        [sys.executable, "-m", "splitserve.cli", "up", *argv],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -331,7 +332,7 @@ def run_up(*argv: str, timeout: float) -> subprocess.CompletedProcess:
 
 def test_a_taken_port_fails_in_one_line_before_starting_anything():
     argv = up_args()
-    topology = Topology.from_args(cmd_up.build_parser().parse_args(argv))
+    topology = Topology.from_args(up.build_parser().parse_args(argv))
     port = topology.service("kvstore").ports["grpc"]
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", port))

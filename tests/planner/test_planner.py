@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from splitserve.engine import planner
-from splitserve.engine.planner import (
+from splitserve.planner import capacity as planner
+from splitserve.planner.capacity import (
     BUILTIN_MODELS,
     Architecture,
     count_params,
@@ -364,7 +364,7 @@ def test_gguf_file_matches_the_builtin_smollm2(smollm2_path):
 
 
 def test_planner_module_does_not_import_torch():
-    code = "import sys, splitserve.engine.planner; print('torch' in sys.modules)"
+    code = "import sys, splitserve.planner.capacity; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
     assert "torch" not in planner.__dict__

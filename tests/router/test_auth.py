@@ -31,7 +31,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from router_testing import Service, free_port
 
-from splitserve.engine.loader import Checkpoint
+from splitserve.model.loader import Checkpoint
 from splitserve.router import auth as auth_module
 from splitserve.router.app import Router, RouterConfig
 from splitserve.router.auth import (

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from router_testing import Service, free_port
 
-from splitserve.engine.loader import Checkpoint
+from splitserve.model.loader import Checkpoint
 from splitserve.router.app import Router, RouterConfig
 from splitserve.router.auth import Authenticator
 from splitserve.router.grpc_api import SERVICE_NAME, InferenceServicer, add_to_server

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from splitserve.engine.loader import Checkpoint
+from splitserve.model.loader import Checkpoint
 from splitserve.router.app import Router, RouterConfig
 from splitserve.router.auth import HttpLimits
 from splitserve.router.http_api import HttpApi

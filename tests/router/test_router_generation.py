@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from splitserve.engine.loader import Checkpoint
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tokenizer import Tokenizer
+from splitserve.model.loader import Checkpoint
 from splitserve.router.dispatch import WorkerTokens
 from splitserve.router.generation import GenerationDelta, OutputProcessor
 from splitserve.router.validation import ValidatedRequest

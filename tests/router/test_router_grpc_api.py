@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import pytest
 
-from splitserve.engine.loader import Checkpoint
+from splitserve.model.loader import Checkpoint
 from splitserve.router.app import Router, RouterConfig
 from splitserve.router.auth import Authenticator
 from splitserve.router.errors import OverloadedError, UnavailableError

@@ -21,8 +21,8 @@ from router_testing import Service, free_port
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.loader import Checkpoint
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.model.loader import Checkpoint
 from splitserve.v1 import pb, rpc
 
 pytestmark = pytest.mark.slow

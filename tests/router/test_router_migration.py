@@ -6,15 +6,11 @@ uninterrupted run's, greedy and seeded, and every worker and load counter must e
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import aclosing
 
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "workers"))
 from workers_util import prompt, running, serve_decode, serve_prefill, tiny_engine
 
 from splitserve.engine.hashing import kv_namespace

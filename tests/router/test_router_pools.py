@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitserve.engine.loader import Checkpoint
+from splitserve.model.loader import Checkpoint
 from splitserve.router.app import Router, RouterConfig
 from splitserve.router.registry import COLOCATED, DECODE, PREFILL, WorkerRegistry
 from splitserve.router.registry_api import RegistryServicer

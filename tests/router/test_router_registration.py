@@ -1,4 +1,4 @@
-"""A worker's side of the Registry (services/worker.py, `--router`): it registers once the
+"""A worker's side of the Registry (workers/worker.py, `--router`): it registers once the
 router answers (retrying while it is down, never raising), re-registers so a restarted router
 learns it back, gives up on a refusal, and deregisters on leave() within a short deadline."""
 
@@ -12,8 +12,8 @@ import time
 import grpc
 import pytest
 
-from splitserve.services.worker import RouterRegistration, _check_router_flags
 from splitserve.v1 import pb, rpc
+from splitserve.workers.worker import RouterRegistration, _check_router_flags
 
 
 class FakeRegistry(rpc.RegistryServicer):
@@ -142,8 +142,8 @@ def test_router_flags_are_checked_at_startup() -> None:
 
 
 def test_the_launcher_makes_every_worker_register_with_its_router() -> None:
-    from splitserve import cmd_up
-    from splitserve.topology import COMPOSE, LOCAL, Topology
+    from splitserve.launcher import up
+    from splitserve.launcher.topology import COMPOSE, LOCAL, Topology
 
     def flag(spec, name: str) -> list[str]:
         return [spec.args[i + 1] for i, a in enumerate(spec.args) if a == name]
@@ -151,7 +151,7 @@ def test_the_launcher_makes_every_worker_register_with_its_router() -> None:
     # The router's internal port (the Registry's own listener), never its public one.
     for placement, router in ((LOCAL, "127.0.0.1:50052"), (COMPOSE, "router:50052")):
         for argv in (["--prefill", "2", "--decode", "2"], ["--colocated", "--decode", "3"]):
-            t = Topology.from_args(cmd_up.build_parser().parse_args(argv), placement)
+            t = Topology.from_args(up.build_parser().parse_args(argv), placement)
             assert t.workers
             for w in t.workers:
                 assert flag(w, "--router") == [router], w.name
@@ -159,7 +159,7 @@ def test_the_launcher_makes_every_worker_register_with_its_router() -> None:
                 assert flag(w, "--advertise-address") == [
                     placement.address(w.name, w.ports["grpc"])
                 ]
-    t = Topology.from_args(cmd_up.build_parser().parse_args(["--no-register"]))
+    t = Topology.from_args(up.build_parser().parse_args(["--no-register"]))
     assert all(flag(w, "--router") == [] for w in t.workers)
 
 
@@ -168,7 +168,7 @@ def test_a_router_that_is_late_is_news_and_one_that_stays_away_a_warning(monkeyp
     still unreachable after REGISTER_WARN_AFTER_S gets one WARNING, not one per retry."""
     import logging
 
-    from splitserve.services import worker
+    from splitserve.workers import worker
 
     monkeypatch.setattr(worker, "REGISTER_WARN_AFTER_S", 0.3)
 

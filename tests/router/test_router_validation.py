@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from splitserve.engine.loader import Checkpoint
+from splitserve.model.loader import Checkpoint
 from splitserve.router.errors import RequestValidationError, RouterError
 from splitserve.router.grpc_api import generate_input
 from splitserve.router.openai_protocol import parse_chat, parse_completion

@@ -8,7 +8,7 @@ keeps serving:
   secret: every answer is OK or INVALID_ARGUMENT, exactly as the request's validity predicts,
   nothing is logged as an error, and the server still stores and serves afterwards.
 - KV transfer headers and chunks as a decode worker receives them (decode/service.py's header
-  check and engine/kv_codec.py's KVAssembler), and as a pipeline stage receives them: only
+  check and wire/kv_codec.py's KVAssembler), and as a pipeline stage receives them: only
   TransferError / KVCodecError, and a buffer is only ever allocated at the size the receiver
   itself expects, never at a size the sender declared. Then the same through a real decode
   worker pulling from a prefill server that sends fuzzed chunks: every request is still
@@ -38,14 +38,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "workers"))
 from workers_util import prompt, serve_decode, tiny_engine
 
 from splitserve.decode.service import TransferError, _assembler
-from splitserve.engine import kv_payload
-from splitserve.engine.kv_codec import KVAssembler, KVCodecError, TransferHeader, tensor_bytes
-from splitserve.engine.pipeline_codec import (
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kvstore.backends import MemoryBackend
+from splitserve.kvstore.service import KVStoreServicer, Limits
+from splitserve.services.server import CHANNEL_OPTIONS
+from splitserve.v1 import pb, rpc
+from splitserve.wire import kv_payload
+from splitserve.wire.kv_codec import KVAssembler, KVCodecError, TransferHeader, tensor_bytes
+from splitserve.wire.pipeline_codec import (
     ACTIVATION_DTYPES,
     bytes_wire,
     kv_assembler,
@@ -53,12 +56,7 @@ from splitserve.engine.pipeline_codec import (
     tensor_message,
     wire_bytes,
 )
-from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.step_wire import StepWire
-from splitserve.kvstore.backends import MemoryBackend
-from splitserve.kvstore.service import KVStoreServicer, Limits
-from splitserve.services.server import CHANNEL_OPTIONS
-from splitserve.v1 import pb, rpc
+from splitserve.wire.step_wire import StepWire
 
 T = TypeVar("T")
 FUZZ = settings(
@@ -546,7 +544,7 @@ def stage_address(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory)
     )
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "splitserve.services.stage", *flags.split()],
+            [sys.executable, "-m", "splitserve.executors.pipeline.stage", *flags.split()],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "SPLITSERVE_OTEL_EXPORTER": "none"},
@@ -566,7 +564,7 @@ def stage_address(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory)
 
 def test_stage_forward_fuzz(stage_address: str) -> None:
     """A real last stage: a fuzzed micro-batch gets logits or INVALID_ARGUMENT, never INTERNAL."""
-    from splitserve.engine.pipeline_codec import STAGE_CHANNEL_OPTIONS
+    from splitserve.wire.pipeline_codec import STAGE_CHANNEL_OPTIONS
 
     channel = grpc.insecure_channel(stage_address, options=STAGE_CHANNEL_OPTIONS)
     stub = rpc.StageStub(channel)

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitserve.cmd_certs import CertBundle
+from splitserve.launcher.certs import CertBundle
 from splitserve.services.security import (
     ENV_CA,
     ENV_CERT,

@@ -23,11 +23,11 @@ from workers_util import WorkerProcess, free_port, health_status
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.kv_codec import CHUNK_BYTES, KVAssembler, TransferHeader
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.services.metrics import PREFIX
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.v1 import pb, rpc
+from splitserve.wire.kv_codec import CHUNK_BYTES, KVAssembler, TransferHeader
+from splitserve.workers.metrics import PREFIX
 
 pytestmark = pytest.mark.slow
 

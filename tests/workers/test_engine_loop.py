@@ -12,7 +12,7 @@ from workers_util import prompt, tiny_engine
 from splitserve.engine.engine import CapacityError, LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.services.engine_loop import (
+from splitserve.workers.engine_loop import (
     AsyncEngine,
     DuplicateRequestError,
     EngineClosedError,
@@ -288,7 +288,7 @@ async def test_load_failure_is_raised_and_leaves_no_thread():
 
 @pytest.mark.asyncio
 async def test_a_lost_rank_fails_requests_and_reports_broken_once():
-    from splitserve.engine.tensor_parallel import ShardGroupError
+    from splitserve.executors.tensor_parallel import ShardGroupError
 
     engine = tiny_engine()
     calls: list[BaseException] = []
@@ -314,7 +314,7 @@ async def test_a_lost_rank_fails_requests_and_reports_broken_once():
 @pytest.mark.asyncio
 async def test_a_stage_that_may_answer_again_is_not_reported_broken():
     """An unreachable stage the executor hasn't given up on fails the step, not the worker."""
-    from splitserve.engine.pipeline import StageUnavailableError
+    from splitserve.executors.pipeline.executor import StageUnavailableError
 
     engine = tiny_engine()
     calls: list[BaseException] = []

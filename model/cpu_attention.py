@@ -1,0 +1,50 @@
+"""A C++ paged decode kernel for CPU (model/csrc/paged_decode.cpp), built on first use.
+
+The torch backend gathers every decode's blocks into a batch padded to the longest sequence
+and runs SDPA over it; the kernel instead streams each sequence's own blocks once, in place,
+with no padding. It is compiled with torch's cpp_extension (cached under
+~/.cache/torch_extensions) the first time it is asked for; if the compiler or headers are
+missing the engine logs once and stays on the torch backend, which gives the same results.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from splitserve.model import cpp_ext
+from splitserve.model.attention import AttentionMetadata, torch_paged_attention
+
+_module = None
+
+
+def load_kernel():
+    """The compiled module, or None if it can't be built here."""
+    global _module
+    _module = cpp_ext.build(
+        "splitserve_paged_decode",
+        "paged_decode.cpp",
+        ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+        "C++ attention kernel",
+    )
+    return _module
+
+
+def cpp_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    return _module.paged_decode_attention(
+        q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+    )
+
+
+def select_backend(name: str, device: torch.device):
+    """'torch', 'cpp', or 'auto' (cpp on CPU when it builds, else torch)."""
+    if name not in ("auto", "torch", "cpp"):
+        raise ValueError(f"unknown attention backend {name!r}: use auto, torch or cpp")
+    if name == "torch" or device.type != "cpu":
+        return torch_paged_attention
+    if load_kernel() is None:
+        if name == "cpp":
+            raise RuntimeError("the C++ attention kernel could not be built on this machine")
+        return torch_paged_attention
+    return functools.partial(torch_paged_attention, decode=cpp_decode)

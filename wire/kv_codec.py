@@ -1,0 +1,237 @@
+"""KV tensors as bytes that can cross a process boundary safely: never pickle.
+
+Two uses, one set of rules (a whitelist of dtypes, shapes checked against what the receiver
+expects *before* anything is allocated, a checksum over the bytes, and no inf or nan values:
+KV that holds one would poison every request that later shares its prefix):
+
+- **Block payloads** for the kvstore: one block of every layer, self-describing
+  (magic, version, dtype, shape, the block's key, CRC-32, raw bytes), signed with the mesh
+  secret when the workers have one (an HMAC over the key, header and bytes). A payload whose
+  key, checksum, shape, dtype or signature doesn't match is a miss, never a wrong answer. The
+  format itself lives in `kv_payload`, torch-free, so the kvstore checks values with exactly
+  the same code.
+- **Transfers** from prefill to decode: a header (dtype, shape, byte count, CRC-32) and the raw
+  bytes cut into chunks of at most 4 MiB, reassembled by `KVAssembler`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitserve.wire import kv_payload
+from splitserve.wire.kv_payload import MAGIC, VERSION, KVPayloadError  # noqa: F401 (re-exported)
+
+CHUNK_BYTES = 4 * 1024 * 1024
+MAX_TRANSFER_BYTES = 4 * 1024**3
+
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+# The stored codes are kv_payload's, so torch-free readers (the kvstore) agree with us.
+DTYPE_CODES = {DTYPE_NAMES[name]: code for name, code in kv_payload.DTYPE_CODES.items()}
+DTYPE_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
+
+# One error type for every malformed-KV path, so `except KVCodecError` also catches the
+# payload checks that kv_payload makes.
+KVCodecError = KVPayloadError
+
+
+# numpy has no bfloat16: such tensors go through an integer view of the same width.
+_SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """`t`'s elements in C order. numpy does the copy of a non-contiguous view, on one thread:
+    a torch copy would start an OpenMP team on the calling thread (an asyncio or helper
+    thread), which slows the engine thread's own parallel regions from then on."""
+    t = t.detach().cpu()
+    return t.view(_SAME_WIDTH_INT.get(t.dtype, t.dtype)).numpy().tobytes()
+
+
+def bytes_to_tensor(
+    data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: Sequence[int]
+) -> torch.Tensor:
+    expected = _numel(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise KVCodecError(
+            f"{len(data)} bytes for shape {tuple(shape)} {dtype}: want {expected}", "size"
+        )
+    if expected == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return flat.view(dtype).reshape(tuple(shape))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        if s < 0:
+            raise KVCodecError(f"negative dimension in {tuple(shape)}", "shape")
+        n *= s
+    return n
+
+
+# Where a float's exponent is all ones, the value is inf or nan: (unsigned view, exponent mask).
+_FINITE_STEP = 1 << 18  # words checked at a time
+_EXPONENT = {
+    torch.float32: (np.uint32, 0x7F800000),
+    torch.bfloat16: (np.uint16, 0x7F80),
+    torch.float16: (np.uint16, 0x7C00),
+}
+
+
+def check_finite(data: bytes | bytearray | memoryview, dtype: torch.dtype) -> None:
+    """KVCodecError (reason "nonfinite") if a float in `data` is inf or nan.
+
+    A KV cache never holds one (its pool starts zeroed, and a model that made one has failed);
+    adopted, it would turn every later request that shares the prefix into nan logits. numpy
+    on an integer view: one thread, whatever thread this runs on (see tensor_bytes)."""
+    if dtype not in _EXPONENT:
+        return
+    uint, mask = _EXPONENT[dtype]
+    words = np.frombuffer(data, dtype=uint)
+    exponent = uint(mask)
+    step = _FINITE_STEP
+    scratch = np.empty(min(step, len(words)), dtype=uint)  # cache-sized: no big temporaries
+    for start in range(0, len(words), step):
+        part = words[start : start + step]
+        bits = np.bitwise_and(part, exponent, out=scratch[: len(part)])
+        if (bits == exponent).any():
+            raise KVCodecError("KV holds inf or nan values", "nonfinite")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype_name(name: str) -> torch.dtype:
+    if name not in DTYPE_NAMES:
+        raise KVCodecError(f"KV dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}", "dtype")
+    return DTYPE_NAMES[name]
+
+
+# ---- kvstore block payloads -----------------------------------------------------------------
+def encode_block(key: bytes, block: torch.Tensor, secret: bytes | None = None) -> bytes:
+    """One block's KV (any shape) with its key and checksum, signed when given the secret."""
+    if block.dtype not in DTYPE_CODES:
+        raise KVCodecError(f"unsupported KV dtype {block.dtype}", "dtype")
+    return kv_payload.encode_payload(
+        key, dtype_name(block.dtype), tuple(block.shape), tensor_bytes(block), secret
+    )
+
+
+def decode_block(
+    payload: bytes,
+    key: bytes,
+    dtype: torch.dtype,
+    shape: Sequence[int],
+    secret: bytes | None = None,
+) -> torch.Tensor:
+    """The block, or KVCodecError (its `reason` says which check failed) if the payload isn't
+    exactly what `key` should hold: with `secret`, signed by a holder of that secret too.
+
+    Dtype and shape are compared before any checksum or tag is computed: a block that could
+    never fit this cache costs nothing to refuse."""
+    header = kv_payload.parse_header(payload)
+    if DTYPE_NAMES[header.dtype] != dtype:
+        raise KVCodecError(f"KV payload is {header.dtype}, expected {dtype}", "dtype")
+    if header.shape != tuple(shape):
+        raise KVCodecError(f"KV payload is {header.shape}, expected {tuple(shape)}", "shape")
+    header = kv_payload.verify_payload(payload, key, secret)
+    data = kv_payload.payload_data(payload, header)
+    check_finite(data, dtype)
+    return bytes_to_tensor(data, dtype, shape)
+
+
+# ---- prefill -> decode transfers ------------------------------------------------------------
+@dataclass(frozen=True)
+class TransferHeader:
+    dtype: str
+    shape: tuple[int, ...]
+    num_tokens: int
+    total_bytes: int
+    crc32: int
+
+
+def split_transfer(
+    kv: torch.Tensor, num_tokens: int, chunk_bytes: int = CHUNK_BYTES
+) -> tuple[TransferHeader, Iterator[tuple[int, bytes]]]:
+    """A header and (offset, bytes) chunks of at most `chunk_bytes` each."""
+    data = tensor_bytes(kv)
+    header = TransferHeader(
+        dtype_name(kv.dtype), tuple(kv.shape), num_tokens, len(data), zlib.crc32(data)
+    )
+
+    def chunks() -> Iterator[tuple[int, bytes]]:
+        for off in range(0, len(data), chunk_bytes):
+            yield off, data[off : off + chunk_bytes]
+
+    return header, chunks()
+
+
+class KVAssembler:
+    """Reassembles one transfer; validates the header against what the receiver can accept."""
+
+    def __init__(
+        self,
+        header: TransferHeader,
+        expected_dtype: torch.dtype,
+        cache_shape: Sequence[int],
+        max_bytes: int = MAX_TRANSFER_BYTES,
+    ) -> None:
+        """`cache_shape`: the receiver's pool, (layers, 2, num_blocks, block_size, kvh, hd)."""
+        dtype = parse_dtype_name(header.dtype)
+        if dtype != expected_dtype:
+            raise KVCodecError(
+                f"KV dtype {header.dtype} does not match this worker's "
+                f"{dtype_name(expected_dtype)}",
+                "dtype",
+            )
+        shape, pool = tuple(header.shape), tuple(cache_shape)
+        if (
+            len(shape) != len(pool)
+            or shape[:2] + shape[3:] != pool[:2] + pool[3:]
+            or not 0 < shape[2] <= pool[2]
+        ):
+            raise KVCodecError(f"KV shape {shape} does not fit this worker's cache {pool}", "shape")
+        nbytes = _numel(shape) * dtype.itemsize
+        if nbytes != header.total_bytes or nbytes > max_bytes:
+            raise KVCodecError(
+                f"KV transfer declares {header.total_bytes} bytes; shape needs "
+                f"{nbytes} (limit {max_bytes})",
+                "size",
+            )
+        self.header, self.dtype = header, dtype
+        self._buf = bytearray(nbytes)
+        self._received = 0
+
+    def add(self, offset: int, data: bytes) -> None:
+        if offset != self._received or offset + len(data) > len(self._buf):
+            raise KVCodecError(
+                f"KV chunk at offset {offset} (+{len(data)}) out of order", "truncated"
+            )
+        self._buf[offset : offset + len(data)] = data
+        self._received += len(data)
+
+    def finish(self) -> torch.Tensor:
+        if self._received != len(self._buf):
+            raise KVCodecError(
+                f"KV transfer ended after {self._received} of {len(self._buf)} bytes", "truncated"
+            )
+        if zlib.crc32(self._buf) != self.header.crc32:
+            raise KVCodecError("KV transfer checksum mismatch", "checksum")
+        check_finite(self._buf, self.dtype)
+        return (
+            torch.frombuffer(self._buf, dtype=torch.uint8)
+            .view(self.dtype)
+            .reshape(self.header.shape)
+        )
