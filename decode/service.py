@@ -36,7 +36,7 @@ from splitserve.engine.outputs import KVExport, RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.services.security import TLSConfig, open_channel
 from splitserve.services.server import CHANNEL_OPTIONS
-from splitserve.services.tracing import extract_context, inject_metadata, tracer
+from splitserve.services.tracing import inject_metadata, stream_span
 from splitserve.v1 import pb, rpc
 from splitserve.wire.kv_codec import KVAssembler, KVCodecError, TransferHeader
 from splitserve.workers.engine_loop import RequestStream
@@ -99,7 +99,7 @@ class DecodeServicer(rpc.DecodeServicer):
     async def Generate(
         self, request: pb.DecodeRequest, context: Ctx
     ) -> AsyncIterator[pb.DecodeResponse]:
-        with tracer().start_as_current_span("decode.Generate", context=extract_context(context)):
+        with stream_span("decode.Generate", context):
             error: BaseException | None = None
             try:
                 req = await self._open(request, context)

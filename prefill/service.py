@@ -26,7 +26,7 @@ from splitserve.engine.outputs import KVExport, RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.executors.runner import kv_block_bytes
 from splitserve.prefill.leases import Lease, LeaseCapacityError, LeaseTable, Reservation
-from splitserve.services.tracing import extract_context, tracer
+from splitserve.services.tracing import extract_context, stream_span, tracer
 from splitserve.v1 import pb, rpc
 from splitserve.wire.kv_codec import CHUNK_BYTES, split_transfer
 from splitserve.workers.kv_prefix import PrefixPlan
@@ -117,7 +117,7 @@ class PrefillServicer(rpc.PrefillServicer):
                 grpc.StatusCode.NOT_FOUND,
                 "no such KV lease: expired, released, already pulled, or never issued",
             )
-        with tracer().start_as_current_span("prefill.PullKV", context=extract_context(context)):
+        with stream_span("prefill.PullKV", context):
             try:
                 for i, (offset, data) in enumerate(lease.chunks(self.chunk_bytes)):
                     chunk = pb.KVChunk(offset=offset, data=data)

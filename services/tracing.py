@@ -12,9 +12,12 @@ dropped cheaply), `console`, or `otlp` (endpoint from the standard `OTEL_EXPORTE
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -66,3 +69,31 @@ def extract_context(grpc_context) -> otel_context.Context:
     metadata = grpc_context.invocation_metadata() or ()
     carrier = {k: v for k, v in metadata if isinstance(v, str)}
     return propagate.extract(carrier)
+
+
+@contextlib.contextmanager
+def stream_span(name: str, grpc_context) -> Iterator[trace.Span]:
+    """A span that is current around a streaming handler's body: `start_as_current_span` for an
+    async generator.
+
+    grpc.aio may close a stream's generator from another task than the one that ran it (a
+    server stopping with streams open): OpenTelemetry's own detach then fails in that foreign
+    Context and logs a traceback. Here the span still ends, and the Context is only restored
+    where it was changed.
+    """
+    span = tracer().start_span(name, context=extract_context(grpc_context))
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield span
+    except BaseException as exc:
+        if not isinstance(exc, GeneratorExit | asyncio.CancelledError):
+            span.record_exception(exc)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        span.end()
+        if isinstance(token, contextvars.Token):
+            with contextlib.suppress(ValueError):  # made in another Context: not ours to undo
+                token.var.reset(token)
+        else:
+            otel_context.detach(token)
