@@ -20,17 +20,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import random
 import sys
 import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
-from splitserve.bench.workload import BenchRequest, ThroughputResult, random_prompt, ratio
+from splitserve.bench import report
+from splitserve.bench.cpus import (
+    CpuMeter,
+    affinity,
+    cores_for,
+    pin_process,
+    process_cpu_seconds,
+    wait_for_quiet,
+)
+from splitserve.bench.report import format_table, pct
+from splitserve.bench.workload import (
+    BenchRequest,
+    ThroughputResult,
+    count_same,
+    random_prompt,
+    ratio,
+)
+
+if TYPE_CHECKING:
+    from splitserve.bench.mesh_runner import RunningMesh
+    from splitserve.bench.phases import Phases
 
 FINAL_KEY = "dp_scaling_ratio"
 TARGET = 1.6
@@ -238,67 +258,14 @@ def core_scaling(cpus: Sequence[int], seconds: float = 3.0) -> float:
     return sum(rates(cpus)) / alone
 
 
-# ---- pinning ---------------------------------------------------------------------------------
-def cores_for(replicas: int, available: Sequence[int]) -> list[int]:
-    """Replica i's core: the i-th usable CPU (wrapping when there are fewer CPUs than replicas)."""
-    cpus = sorted(available)
-    if not cpus:
-        raise ValueError("no CPU to pin to")
-    return [cpus[i % len(cpus)] for i in range(replicas)]
-
-
-def pin_process(pid: int, cpus: set[int]) -> None:
-    """Every thread of `pid` (sched_setaffinity on a pid moves only its main thread); threads
-    started later inherit their creator's mask, which is pinned by then too."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-            os.sched_setaffinity(int(tid), cpus)
-
-
-def affinity(pid: int) -> list[int]:
-    return sorted(os.sched_getaffinity(pid))
-
-
 # ---- one mesh --------------------------------------------------------------------------------
-def dp_topology(engine_flags: Sequence[str], replicas: int) -> Any:
-    """Router + `replicas` colocated workers, no kvstore, on free ports."""
-    from splitserve.bench import mesh_runner as mr
-    from splitserve.launcher.topology import Topology
-
-    grpc_port, http_port = mr.free_port(), mr.free_port()
-    secrets = mr.secrets_dir()  # secured as `up` is: mutual TLS inside, an API key
-
-    def build(offset: int) -> Topology:
-        args = mr.up_args(
-            engine_flags,
-            *("--colocated", "--decode", str(replicas), "--port-offset", str(offset)),
-            *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
-        )
-        return mr.without_kvstore(mr.local_topology(args, secrets))
-
-    return mr._place(build)
-
-
 async def _warm_up(mesh: Any, replicas: int, settings: DPBenchSettings, vocab: int) -> None:
     """A few short requests at once: the router sees every replica, each loads its kernels."""
-    from splitserve.bench.mesh_bench import _channel
-    from splitserve.bench.mesh_runner import generate_request, stream_generate, wait_until_served
-    from splitserve.v1 import rpc
+    from splitserve.bench.mesh_runner import warm_up
 
     rng = random.Random(f"warmup-{replicas}")
-    reqs = [
-        generate_request(
-            f"warmup-{replicas}-{i}",
-            random_prompt(rng, settings.prompt_tokens, vocab),
-            settings.warmup_output_tokens,
-            cache_salt="warmup",
-        )
-        for i in range(2 * replicas)
-    ]
-    async with _channel(mesh, "router") as channel:
-        stub = rpc.InferenceStub(channel)
-        await wait_until_served(stub, reqs[0])
-        await asyncio.gather(*(stream_generate(stub, r) for r in reqs[1:]))
+    prompts = [random_prompt(rng, settings.prompt_tokens, vocab) for _ in range(2 * replicas)]
+    await warm_up(mesh, "router", prompts, settings.warmup_output_tokens, f"dp{replicas}")
 
 
 def requests_served(mesh: Any, workers: Sequence[str]) -> dict[str, float]:
@@ -307,32 +274,8 @@ def requests_served(mesh: Any, workers: Sequence[str]) -> dict[str, float]:
     return {w: sample(scrape_metrics(mesh.metrics_url(w)), STARTED_METRIC) for w in workers}
 
 
-def wait_for_quiet(
-    pids: Any, timeout_s: float, threshold: float, window_s: float = 1.0
-) -> tuple[float, float]:
-    """Until other processes (not this one, not `pids()`) take under `threshold` of the
-    machine for two windows in a row, or `timeout_s` passes: (seconds waited, last share)."""
-    import time
-
-    from splitserve.bench.mesh_runner import CpuMeter
-
-    start = time.perf_counter()
-    calm, share = 0, 0.0
-    while calm < 2:
-        meter = CpuMeter(pids)
-        meter.start()
-        time.sleep(window_s)
-        share = meter.stop().others_fraction
-        calm = calm + 1 if share < threshold else 0
-        if time.perf_counter() - start >= timeout_s:
-            break
-    return time.perf_counter() - start, share
-
-
 def cpu_seconds(mesh: Any) -> dict[str, float]:
     """CPU time so far of every mesh service and of this process (the client)."""
-    from splitserve.bench.mesh_runner import process_cpu_seconds
-
     out = {name: process_cpu_seconds(c.proc.pid) for name, c in mesh.mesh.children.items()}
     out["client"] = process_cpu_seconds(os.getpid())
     return out
@@ -345,98 +288,82 @@ def run_mesh(
     settings: DPBenchSettings,
     vocab: int,
     log_dir: str,
-    phases: Any,
+    phases: Phases,
 ) -> tuple[MeshRun, dict[str, list[int]]]:
+    """Start DP=`replicas`, pin and warm it up, run the workload `repeats` times, stop it."""
     from splitserve.bench import mesh_runner as mr
-    from splitserve.bench.mesh_bench import run_mesh_workload
 
-    start_phase, work_phase = f"DP={replicas}: start + warm-up", f"DP={replicas}: workload"
-    with ExitStack() as stack:
-        with phases(start_phase):
-            topology = dp_topology(flags, replicas)
-            path = os.path.join(log_dir, f"dp{replicas}")
-            mesh = stack.enter_context(mr.running_mesh(topology, path, settings.startup_timeout_s))
-            workers = [w.name for w in topology.workers]
-            cores: dict[str, list[int]] = {}
-            if settings.pin:
-                chosen = cores_for(replicas, os.sched_getaffinity(0))
-                for name, cpu in zip(workers, chosen, strict=True):
-                    pin_process(mesh.mesh.children[name].proc.pid, {cpu})
-            for name in workers:
-                cores[name] = affinity(mesh.mesh.children[name].proc.pid)
-            phases.pids = mesh.pids
-            asyncio.run(_warm_up(mesh, replicas, settings, vocab))
-        with phases(work_phase):
-            before = requests_served(mesh, workers)
-            cpu_before = cpu_seconds(mesh)
-            runs: list[ThroughputResult] = []
-            others: list[float | None] = []
-            waits: list[float] = []
-            tokens: dict[str, list[int]] = {}
-            for k in range(settings.repeats):
-                if settings.quiet_wait_s > 0:
-                    waited, share = wait_for_quiet(
-                        mesh.pids, settings.quiet_wait_s, settings.quiet_threshold
-                    )
-                    waits.append(round(waited, 1))
-                    if share >= settings.quiet_threshold:
-                        print(
-                            f"bench dp: others still use {100 * share:.0f}% of the machine "
-                            f"after {waited:.0f} s; running anyway (see others' CPU per run)",
-                            file=sys.stderr,
-                        )
-                meter = mr.CpuMeter(mesh.pids)
-                meter.start()
-                # A tag (and so a cache salt) per run: no run finds another's prompts cached.
-                done, got = asyncio.run(
-                    run_mesh_workload(mesh, "router", requests, f"dp{replicas}-run{k}")
+    topology = mr.colocated_topology(flags, replicas)
+    workers = [w.name for w in topology.workers]
+    cores: dict[str, list[int]] = {}
+
+    def pin_and_warm_up(mesh: RunningMesh) -> None:
+        pids = [mesh.mesh.children[name].proc.pid for name in workers]
+        if settings.pin:
+            for pid, cpu in zip(pids, cores_for(replicas, os.sched_getaffinity(0)), strict=True):
+                pin_process(pid, {cpu})
+        cores.update({name: affinity(pid) for name, pid in zip(workers, pids, strict=True)})
+        asyncio.run(_warm_up(mesh, replicas, settings, vocab))
+
+    start, work, stop = (f"DP={replicas}: {p}" for p in ("start + warm-up", "workload", "stop"))
+    path, timeout = os.path.join(log_dir, f"dp{replicas}"), settings.startup_timeout_s
+    with (
+        mr.mesh_in_phases(phases, start, stop, topology, path, timeout, pin_and_warm_up) as mesh,
+        phases(work),
+    ):
+        before, cpu_before = requests_served(mesh, workers), cpu_seconds(mesh)
+        result, tokens = _repeat_workload(mesh, replicas, requests, settings)
+        cpu_after, after = cpu_seconds(mesh), requests_served(mesh, workers)
+        mesh.check_alive()
+    share = phases.cpu.get(work)
+    result.requests_per_replica = {w: round(after[w] - before[w]) for w in workers}
+    result.cores = cores
+    result.startup_s = mesh.started_s
+    result.others_cpu = share.others_fraction if share is not None else None
+    result.cpu_s = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after}
+    return result, tokens
+
+
+def _repeat_workload(
+    mesh: RunningMesh, replicas: int, requests: list[BenchRequest], settings: DPBenchSettings
+) -> tuple[MeshRun, dict[str, list[int]]]:
+    """`repeats` runs, each once the machine is quiet (if asked) and under its own cache salt
+    (no run finds another's prompts cached); tokens are the first run's."""
+    from splitserve.bench.mesh_runner import run_workload
+
+    result = MeshRun(replicas, [])
+    tokens: dict[str, list[int]] = {}
+    for k in range(settings.repeats):
+        if settings.quiet_wait_s > 0:
+            waited, share = wait_for_quiet(
+                mesh.pids, settings.quiet_wait_s, settings.quiet_threshold
+            )
+            result.quiet_waits_s.append(round(waited, 1))
+            if share >= settings.quiet_threshold:
+                print(
+                    f"bench dp: others still use {100 * share:.0f}% of the machine "
+                    f"after {waited:.0f} s; running anyway (see others' CPU per run)",
+                    file=sys.stderr,
                 )
-                others.append(meter.stop().others_fraction)
-                runs += done
-                tokens = tokens or got
-            cpu_after = cpu_seconds(mesh)
-            after = requests_served(mesh, workers)
-            mesh.check_alive()
-        share = phases.cpu.get(work_phase)
-        result = MeshRun(
-            replicas,
-            runs,
-            {w: round(after[w] - before[w]) for w in workers},
-            cores,
-            mesh.started_s,
-            share.others_fraction if share is not None else None,
-            {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after},
-            others,
-            waits,
-        )
-        phases.begin(f"DP={replicas}: stop")
-    phases.done(f"DP={replicas}: stop")
+        meter = CpuMeter(mesh.pids)
+        meter.start()
+        done, got = asyncio.run(run_workload(mesh, "router", requests, f"dp{replicas}-run{k}"))
+        result.others_cpu_per_run.append(meter.stop().others_fraction)
+        result.runs += done
+        tokens = tokens or got
     return result, tokens
 
 
 # ---- the run ---------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    import grpc
+    from splitserve.bench.mesh_runner import bench_errors
 
-    from splitserve.bench import BenchError
-    from splitserve.bench.mesh_runner import MeshError
-
-    try:
+    with bench_errors(args.log_dir):
         return _run(args)
-    except grpc.aio.AioRpcError as exc:
-        hint = f" (services' logs in {args.log_dir})" if args.log_dir else " (rerun with --log-dir)"
-        raise BenchError(
-            f"a request to the mesh failed: {exc.code().name}: {exc.details()}{hint}"
-        ) from None
-    except MeshError as exc:
-        import sys
-
-        print(str(exc), file=sys.stderr)
-        raise BenchError(str(exc).splitlines()[0]) from None
 
 
 def _run(args: argparse.Namespace) -> int:
-    from splitserve.bench.mesh_bench import Phases
+    from splitserve.bench.phases import Phases
     from splitserve.launcher.topology import engine_argv
     from splitserve.model.loader import open_checkpoint
 
@@ -448,10 +375,7 @@ def _run(args: argparse.Namespace) -> int:
     requests = workload(settings, vocab)
     flags = engine_argv(args)
     bench = DPBenchResult(ckpt.config.name, settings, flags)
-    from tqdm import tqdm
-
-    phases = Phases(3 * len(REPLICAS), enabled=False)  # its progress bar says "bench mesh"
-    phases.bar = tqdm(total=3 * len(REPLICAS), desc="bench dp", unit="phase", leave=False)
+    phases = Phases(3 * len(REPLICAS), "bench dp")
     tokens: dict[int, dict[str, list[int]]] = {}
     probe_cpus = cores_for(max(REPLICAS), os.sched_getaffinity(0))
     with ExitStack() as stack:
@@ -466,39 +390,23 @@ def _run(args: argparse.Namespace) -> int:
         if settings.probe_s > 0:
             bench.core_scaling.append(core_scaling(probe_cpus, settings.probe_s))
     phases.close()
-    bench.same_tokens = sum(1 for rid, t in tokens[1].items() if tokens[2].get(rid) == t)
+    bench.same_tokens = count_same(tokens[2], tokens[1])
     bench.loadavg = phases.loadavg
-    print("\n".join(report_lines(bench)))
-    if args.json:
-        write_json(args.json, bench, phases)
-    if args.plot:
-        write_plot(args.plot, bench)
-    print(final_line(bench))
+    doc, plot = partial(json_doc, bench, phases), partial(write_plot, bench=bench)
+    report.finish(args, report_lines(bench), final_line(bench), doc, plot)
     return 0
 
 
 # ---- report ----------------------------------------------------------------------------------
 def final_line(bench: DPBenchResult) -> str:
-    return f"{FINAL_KEY}: {bench.scaling:.2f}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return report.final_line(FINAL_KEY, bench.scaling)
 
 
 def report_lines(bench: DPBenchResult) -> list[str]:
-    from splitserve.bench.engine_bench import format_table, machine_info
-
-    s, m = bench.settings, machine_info()
-    load = ""
-    if bench.loadavg:
-        load = (
-            f"; 1-min load average at phase starts {min(bench.loadavg.values()):.1f}-"
-            f"{max(bench.loadavg.values()):.1f}"
-        )
+    s, m = bench.settings, report.machine_info()
     lines = [
         f"DP benchmark: {bench.model}; every worker: {' '.join(bench.engine_flags)}",
-        f"machine: {m['cpu']}, {m['logical_cpus']} CPUs{load}",
+        f"machine: {m['cpu']}, {m['logical_cpus']} CPUs{report.load_note(bench.loadavg)}",
         f"workload: {s.requests} concurrent requests, {s.prompt_tokens}-token random prompts, "
         f"{s.output_tokens} output tokens each (greedy, EOS ignored); best of {s.repeats} "
         f"run(s) per mesh; workers {'pinned one per core' if s.pin else 'not pinned'}"
@@ -516,7 +424,7 @@ def report_lines(bench: DPBenchResult) -> list[str]:
         rows.append([
             f"{n} colocated replica{'s' if n > 1 else ''}", f"{r.tokens_per_s:.1f}",
             f"{r.best.seconds:.1f}", ", ".join(f"{x.seconds:.1f}" for x in r.runs),
-            ", ".join(_pct(x) for x in r.others_cpu_per_run) or "-",
+            ", ".join(pct(x) for x in r.others_cpu_per_run) or "-",
             f"{ratio(r.tokens_per_s, one.tokens_per_s):.2f}" if one else "-",
             " / ".join(str(v) for v in r.requests_per_replica.values()),
             " / ".join(",".join(map(str, c)) for c in r.cores.values()),
@@ -566,7 +474,6 @@ def result_json(bench: DPBenchResult) -> dict[str, Any]:
     return {
         "model": bench.model,
         "engine_flags": bench.engine_flags,
-        "settings": asdict(bench.settings),
         "meshes": meshes,
         "same_tokens": bench.same_tokens,
         "core_scaling": bench.core_scaling,
@@ -578,49 +485,36 @@ def result_json(bench: DPBenchResult) -> dict[str, Any]:
     }
 
 
-def write_json(path: str, bench: DPBenchResult, phases: Any) -> None:
-    import json
-
-    from splitserve.bench.engine_bench import machine_info
-
-    doc = {
-        "machine": machine_info(),
-        **phases.to_json(),
-        **result_json(bench),
-    }
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
+def json_doc(bench: DPBenchResult, phases: Phases) -> dict[str, Any]:
+    return report.json_document(bench.settings, **phases.to_json(), **result_json(bench))
 
 
 def write_plot(path: str, bench: DPBenchResult) -> None:
     """(a) tok/s for 1 and 2 replicas against linear scaling and the target; (b) how the
     router spread the requests over the replicas."""
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    ax_a, ax_b = fig.subplots(1, 2)
-    ns = sorted(bench.meshes)
-    tps = [bench.meshes[n].tokens_per_s for n in ns]
-    labels = [f"{n} replica{'s' if n > 1 else ''}" for n in ns]
-    ax_a.bar(labels, tps, color=["tab:gray", "tab:blue"][: len(ns)])
-    base = bench.meshes[1].tokens_per_s if 1 in bench.meshes else 0.0
-    for x, t in enumerate(tps):
-        ax_a.annotate(f"{ratio(t, base):.2f}x", (x, t), ha="center", va="bottom")
-    if base:
-        ax_a.axhline(2 * base, color="tab:green", ls="--", lw=1, label="linear (2x)")
-        ax_a.axhline(TARGET * base, color="tab:red", ls=":", lw=1, label=f"target ({TARGET}x)")
-        ax_a.legend(loc="upper left")
-    ax_a.set_ylim(0, 1.25 * max([*tps, 2 * base]))
-    ax_a.set_ylabel("output tokens/s")
-    s = bench.settings
-    ax_a.set_title(f"(a) throughput, {s.requests} concurrent requests")
-    for n in ns:
-        per = bench.meshes[n].requests_per_replica
-        ax_b.bar(
-            [f"DP={n}\n{w}" for w in per], list(per.values()),
-            color="tab:blue" if n > 1 else "tab:gray",
-        )  # fmt: skip
-    ax_b.set_ylabel("requests served (all runs)")
-    ax_b.set_title("(b) requests per replica (router: prefix_aware)")
-    fig.savefig(path, dpi=120)
+    def draw(fig: Any) -> None:
+        ax_a, ax_b = fig.subplots(1, 2)
+        ns = sorted(bench.meshes)
+        tps = [bench.meshes[n].tokens_per_s for n in ns]
+        labels = [f"{n} replica{'s' if n > 1 else ''}" for n in ns]
+        ax_a.bar(labels, tps, color=["tab:gray", "tab:blue"][: len(ns)])
+        base = bench.meshes[1].tokens_per_s if 1 in bench.meshes else 0.0
+        report.label_bars(ax_a, ((x, t, report.times(ratio(t, base))) for x, t in enumerate(tps)))
+        if base:
+            ax_a.axhline(2 * base, color="tab:green", ls="--", lw=1, label="linear (2x)")
+            ax_a.axhline(TARGET * base, color="tab:red", ls=":", lw=1, label=f"target ({TARGET}x)")
+            ax_a.legend(loc="upper left")
+        ax_a.set_ylim(0, 1.25 * max([*tps, 2 * base]))
+        ax_a.set_ylabel("output tokens/s")
+        ax_a.set_title(f"(a) throughput, {bench.settings.requests} concurrent requests")
+        for n in ns:
+            per = bench.meshes[n].requests_per_replica
+            ax_b.bar(
+                [f"DP={n}\n{w}" for w in per], list(per.values()),
+                color="tab:blue" if n > 1 else "tab:gray",
+            )  # fmt: skip
+        ax_b.set_ylabel("requests served (all runs)")
+        ax_b.set_title("(b) requests per replica (router: prefix_aware)")
+
+    report.save_plot(path, (10, 4.2), draw)

@@ -13,16 +13,19 @@ import argparse
 import math
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from splitserve.bench import report
+from splitserve.bench.phases import Phases
+from splitserve.bench.report import format_table, mib, pct
 from splitserve.bench.workload import (
     BenchRequest,
     DecodeResult,
     ThroughputResult,
     WorkloadSpec,
+    check_generated,
     make_workload,
     random_prompt,
     ratio,
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
     from splitserve.engine.sampling_params import SamplingParams
     from splitserve.model.loader import Checkpoint
 
-MIB = 1024 * 1024
+MIB = report.MIB
 FINAL_KEY = "throughput_ratio_vs_hf"
 
 
@@ -127,7 +130,7 @@ class DtypeResult:
 
 
 def final_line(results: list[DtypeResult]) -> str:
-    return f"{FINAL_KEY}: {min(r.throughput_ratio for r in results):.2f}"
+    return report.final_line(FINAL_KEY, min(r.throughput_ratio for r in results))
 
 
 # ---- our engine ----------------------------------------------------------------------------
@@ -195,9 +198,7 @@ def run_engine_workload(
         engine.add_request(r.request_id, r.prompt_token_ids, exact_greedy(r.output_len))
     run = drive(engine, weight_bytes, kv_bytes_per_token)
     seconds = time.perf_counter() - start
-    expected = sum(r.output_len for r in requests)
-    if run.generated_tokens != expected:
-        raise RuntimeError(f"engine generated {run.generated_tokens} tokens, not {expected}")
+    check_generated("engine", run.generated_tokens, requests)
     return ThroughputResult(run.generated_tokens, seconds), run.traffic
 
 
@@ -232,27 +233,6 @@ def kv_report(engine: LLMEngine, requests: list[BenchRequest]) -> KVReport:
 
 
 # ---- the run -------------------------------------------------------------------------------
-class Phases:
-    """A progress bar over the benchmark's phases; remembers how long each took."""
-
-    def __init__(self, total: int) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc="bench engine", unit="phase", leave=False)
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        self.bar.set_postfix_str(name)
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = time.perf_counter() - start
-        self.bar.update()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 @dataclass
 class Bench:
     """Everything the per-dtype phases share."""
@@ -297,7 +277,7 @@ class Bench:
 
     def build_engine(self, dtype: str) -> LLMEngine:
         from splitserve.engine.config import EngineConfig
-        from splitserve.engine.engine import LLMEngine
+        from splitserve.executors.build import create_engine
 
         s = self.settings
         longest_single = s.single_prompt_len + s.single_decode_tokens + 1
@@ -311,7 +291,7 @@ class Bench:
                 self.requests, s.block_size, s.kv_fraction, longest_single
             ),
         )
-        engine = LLMEngine.from_config(cfg, self.checkpoint)
+        engine = create_engine(cfg, self.checkpoint)
         warm_up_engine(engine, self.checkpoint.config.vocab_size)
         return engine
 
@@ -381,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
         ckpt,
         make_workload(settings.workload, vocab),
         random_prompt(random.Random(args.seed + 1), settings.single_prompt_len, vocab),
-        Phases(2 + 6 * len(dtypes)),
+        Phases(2 + 6 * len(dtypes), "bench engine"),
         args.threads,
     )
     bench.measure_peaks(dtypes, "start")
@@ -389,61 +369,12 @@ def run(args: argparse.Namespace) -> int:
         bench.run_dtype(dtype, path)
     bench.measure_peaks(dtypes, "end")
     bench.phases.close()
-    print("\n".join(report_lines(bench)))
-    if args.json:
-        write_json(args.json, bench)
-    if args.plot:
-        write_plot(args.plot, bench.results)
-    print(final_line(bench.results))
+    doc, plot = partial(json_doc, bench), partial(write_plot, results=bench.results)
+    report.finish(args, report_lines(bench), final_line(bench.results), doc, plot)
     return 0
 
 
 # ---- report --------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    import os
-    import platform
-
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
-            )
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Columns padded to fit; the first left-aligned, the rest right-aligned."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in [header, *rows]
-    ]
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def _mib(n: int) -> str:
-    return f"{n / MIB:,.0f} MiB"
-
-
 def throughput_table(results: list[DtypeResult], s: BenchSettings) -> list[str]:
     work = f"{s.workload.num_requests} requests (HF: batches of {s.hf_batch_size})"
     single = f"1 request decode ({s.single_prompt_len} prompt, {s.single_decode_tokens} new)"
@@ -477,9 +408,9 @@ def roofline_table(results: list[DtypeResult], peaks: Peaks) -> list[str]:
         line, single, bw = r.roofline, r.single_traffic, peaks.copy_bandwidth
         rows.append([
             r.dtype, f"{line.achieved_flops / 1e9:.2f}",
-            _pct(line.flops_fraction(peaks.matmul_flops[r.dtype])),
-            f"{line.decode.bytes_per_s / 1e9:.2f}", _pct(line.bandwidth_fraction(bw)),
-            f"{single.bytes_per_s / 1e9:.2f}", _pct(ratio(single.bytes_per_s, bw)),
+            pct(line.flops_fraction(peaks.matmul_flops[r.dtype])),
+            f"{line.decode.bytes_per_s / 1e9:.2f}", pct(line.bandwidth_fraction(bw)),
+            f"{single.bytes_per_s / 1e9:.2f}", pct(ratio(single.bytes_per_s, bw)),
         ])  # fmt: skip
     return format_table(header.split("|"), rows)
 
@@ -488,10 +419,10 @@ def kv_table(results: list[DtypeResult]) -> list[str]:
     header = "ours|KV pool|weights|pool/workload tokens|peak slot use|peak block use|" \
         "preemptions|steps|prefix hits"  # fmt: skip
     rows = [
-        [r.dtype, _mib(r.kv.pool_bytes), _mib(r.kv.weight_bytes),
+        [r.dtype, mib(r.kv.pool_bytes), mib(r.kv.weight_bytes),
          f"{r.kv.num_blocks * r.kv.block_size / r.kv.workload_tokens:.2f}",
          f"{r.kv.peak_slot_usage:.2f}", f"{r.kv.peak_block_usage:.2f}",
-         str(r.kv.num_preemptions), str(r.kv.num_steps), _pct(r.kv.prefix_hit_rate)]
+         str(r.kv.num_preemptions), str(r.kv.num_steps), pct(r.kv.prefix_hit_rate)]
         for r in results
     ]  # fmt: skip
     return format_table(header.split("|"), rows)
@@ -499,7 +430,7 @@ def kv_table(results: list[DtypeResult]) -> list[str]:
 
 def report_lines(bench: Bench) -> list[str]:
     assert bench.peaks is not None
-    w, m, results = bench.settings.workload, machine_info(), bench.results
+    w, m, results = bench.settings.workload, report.machine_info(), bench.results
     peaks = ", ".join(
         f"matmul {d} {f / 1e9:.1f} GFLOP/s" for d, f in bench.peaks.matmul_flops.items()
     )
@@ -541,43 +472,39 @@ def result_json(r: DtypeResult, peaks: Peaks) -> dict[str, Any]:
     return out
 
 
-def write_json(path: str, bench: Bench) -> None:
-    import json
-
+def json_doc(bench: Bench) -> dict[str, Any]:
     assert bench.peaks is not None
-    doc = {
-        "settings": asdict(bench.settings),
-        "machine": machine_info(),
-        "peaks": asdict(bench.peaks),
-        "phase_seconds": bench.phases.seconds,
-        "results": [result_json(r, bench.peaks) for r in bench.results],
-        FINAL_KEY: min(r.throughput_ratio for r in bench.results),
-    }
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
+    return report.json_document(
+        bench.settings,
+        peaks=asdict(bench.peaks),
+        phase_seconds=bench.phases.seconds,
+        results=[result_json(r, bench.peaks) for r in bench.results],
+        **{FINAL_KEY: min(r.throughput_ratio for r in bench.results)},
+    )
 
 
 def write_plot(path: str, results: list[DtypeResult]) -> None:
     """Two panels of ours-vs-HF bars per dtype: workload throughput, single-request decode."""
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    panels = [
-        ("workload throughput", [(r.ours.tokens_per_s, r.hf.tokens_per_s) for r in results]),
-        (
-            "single-request decode",
-            [(r.ours_decode.tokens_per_s, r.hf_decode.tokens_per_s) for r in results],
-        ),
-    ]
-    for ax, (title, pairs) in zip(fig.subplots(1, 2), panels, strict=True):
-        xs = range(len(results))
-        ax.bar([x - 0.2 for x in xs], [p[0] for p in pairs], 0.4, label="splitserve")
-        ax.bar([x + 0.2 for x in xs], [p[1] for p in pairs], 0.4, label="HF transformers")
-        for x, (ours, hf) in zip(xs, pairs, strict=True):
-            ax.annotate(f"{ratio(ours, hf):.2f}x", (x - 0.2, ours), ha="center", va="bottom")
-        ax.set_xticks(list(xs), [r.dtype for r in results])
-        ax.set_title(title)
-        ax.set_ylabel("generated tokens/s")
-        ax.legend()
-    fig.savefig(path, dpi=120)
+    def draw(fig: Any) -> None:
+        panels = [
+            ("workload throughput", [(r.ours.tokens_per_s, r.hf.tokens_per_s) for r in results]),
+            (
+                "single-request decode",
+                [(r.ours_decode.tokens_per_s, r.hf_decode.tokens_per_s) for r in results],
+            ),
+        ]
+        for ax, (title, pairs) in zip(fig.subplots(1, 2), panels, strict=True):
+            xs = range(len(results))
+            ax.bar([x - 0.2 for x in xs], [p[0] for p in pairs], 0.4, label="splitserve")
+            ax.bar([x + 0.2 for x in xs], [p[1] for p in pairs], 0.4, label="HF transformers")
+            labels = [report.times(ratio(ours, hf)) for ours, hf in pairs]
+            report.label_bars(
+                ax, zip([x - 0.2 for x in xs], [p[0] for p in pairs], labels, strict=True)
+            )
+            ax.set_xticks(list(xs), [r.dtype for r in results])
+            ax.set_title(title)
+            ax.set_ylabel("generated tokens/s")
+            ax.legend()
+
+    report.save_plot(path, (10, 4), draw)

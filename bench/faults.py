@@ -52,10 +52,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
+import urllib.error
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from splitserve.bench.report import final_line, percentile, write_json
 
 FINAL_KEY = "faults_ok"
 MIGRATION_IDENTICAL_TARGET = 0.95
@@ -230,12 +232,6 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _with_flags(spec: Any, extra: Sequence[str]) -> Any:
     return dataclasses.replace(spec, args=[*spec.args, *extra])
 
@@ -243,9 +239,9 @@ def _with_flags(spec: Any, extra: Sequence[str]) -> Any:
 def _topology(
     settings: FaultSettings, up_flags: Sequence[str], router_flags: Sequence[str], secrets: str
 ) -> Any:
-    from splitserve.bench.mesh_runner import _place, local_topology, up_args
+    from splitserve.bench.mesh_runner import free_port, local_topology, place, up_args
 
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     engine = ["--kv-cache-mib", str(settings.kv_cache_mib), "--threads", "1"]
     if settings.model:
         engine += ["--model", settings.model]
@@ -267,7 +263,7 @@ def _topology(
             services.append(spec)
         return dataclasses.replace(base, services=services)
 
-    return _place(build)
+    return place(build)
 
 
 class Fleet:
@@ -313,10 +309,11 @@ class Fleet:
         return kind(self._channels[name])
 
     def health(self) -> tuple[int, dict[str, Any]]:
+        from splitserve.bench.mesh_runner import http_get
+
         port = self.m.topology.router.ports["http"]
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
-            with opener.open(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            with http_get(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
@@ -324,15 +321,11 @@ class Fleet:
             return 0, {}
 
     def _router_metrics(self) -> dict[tuple[str, tuple], float]:
-        from splitserve.bench.mesh_runner import parse_metrics
+        from splitserve.bench.mesh_runner import scrape_metrics
 
-        port = self.m.topology.router.ports["http"]
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
-        if self.m.api_key:
-            req.add_header("Authorization", f"Bearer {self.m.api_key}")
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(req, timeout=5) as r:
-            return parse_metrics(r.read().decode())
+        url = f"http://127.0.0.1:{self.m.topology.router.ports['http']}/metrics"
+        auth = {"Authorization": f"Bearer {self.m.api_key}"} if self.m.api_key else {}
+        return scrape_metrics(url, 5, auth)
 
     def metric(self, name: str, **labels: str) -> float:
         from splitserve.bench.mesh_runner import sample
@@ -426,10 +419,10 @@ def fleet(
     router_flags: Sequence[str] = (),
     with_redis: bool = False,
 ) -> Iterator[Fleet]:
-    from splitserve.bench.mesh_runner import running_mesh, secrets_dir
+    from splitserve.bench.mesh_runner import free_port, running_mesh, secrets_dir
 
     os.makedirs(log_dir, exist_ok=True)
-    redis = RedisServer(_free_port(), log_dir) if with_redis else None
+    redis = RedisServer(free_port(), log_dir) if with_redis else None
     flags = list(up_flags)
     if redis is not None:
         redis.start()
@@ -713,8 +706,7 @@ async def _sse_ttft(session: Any, url: str, body: dict[str, Any], headers: dict[
 
 
 def p99(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else 0.0
+    return percentile(values, 0.99)
 
 
 async def overload_rows(settings: FaultSettings, f: Fleet, capacity: int) -> list[Outcome]:
@@ -906,8 +898,7 @@ def run_cli(args: argparse.Namespace) -> int:
         with open(args.markdown, "w") as fh:
             fh.write(text + "\n")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump([dataclasses.asdict(r) for r in rows], fh, indent=1)
+        write_json(args.json, [dataclasses.asdict(r) for r in rows])
     ok = all_ok(rows)
-    print(f"{FINAL_KEY}: {'true' if ok else 'false'}")
+    print(final_line(FINAL_KEY, ok))
     return 0 if ok else 1

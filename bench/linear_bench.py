@@ -10,9 +10,10 @@ run; every backend's output is compared with `nn.Linear`'s on the same input.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
+
+from splitserve.bench.report import final_line, finish, times
 
 FINAL_KEY = "linear_blocks_vs_onednn_at_16_rows"
 LAYER_WEIGHTS = {
@@ -131,11 +132,9 @@ def run(args: Any) -> int:
                     errors[b] = max(errors.get(b, 0.0), err)
                     bar.update()
             del mods
-    _report(ckpt.path, layers, rows, results, errors, args.threads, kernel_usable())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "seconds": results, "max_abs_err": errors}, f, indent=1)
-    print(f"{FINAL_KEY}: {_ratio(results, 16 if 16 in rows else rows[-1]):.2f}")
+    lines = _report(ckpt.path, layers, rows, results, errors, args.threads, kernel_usable())
+    final = final_line(FINAL_KEY, _ratio(results, 16 if 16 in rows else rows[-1]))
+    finish(args, lines, final, lambda: {"rows": rows, "seconds": results, "max_abs_err": errors})
     return 0
 
 
@@ -143,18 +142,16 @@ def _ratio(results, m: int) -> float:
     return results["onednn"][str(m)] / results["blocks"][str(m)]
 
 
-def _report(path, layers, rows, results, errors, threads, avx512) -> None:
+def _report(path, layers, rows, results, errors, threads, avx512) -> list[str]:
     import os
 
-    print(
+    lines = [
         f"one pass of {os.path.basename(path)}'s matmuls ({layers} x QKV, O, gate/up, down + "
-        f"LM head), {threads} thread(s); AVX-512 kernel: {'yes' if avx512 else 'no'}"
-    )
-    print(f"{'rows':>5}  {'blocks ms':>10}  {'onednn ms':>10}  {'torch ms':>9}  blocks vs onednn")
+        f"LM head), {threads} thread(s); AVX-512 kernel: {'yes' if avx512 else 'no'}",
+        f"{'rows':>5}  {'blocks ms':>10}  {'onednn ms':>10}  {'torch ms':>9}  blocks vs onednn",
+    ]
     for m in rows:
         b, o, t = (results[k][str(m)] * 1e3 for k in ("blocks", "onednn", "torch"))
-        print(f"{m:>5}  {b:>10.1f}  {o:>10.1f}  {t:>9.1f}  {_ratio(results, m):.2f}x")
-    print(
-        "largest |difference| from nn.Linear: "
-        + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
-    )
+        lines.append(f"{m:>5}  {b:>10.1f}  {o:>10.1f}  {t:>9.1f}  {times(_ratio(results, m))}")
+    errs = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+    return [*lines, f"largest |difference| from nn.Linear: {errs}"]

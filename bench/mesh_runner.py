@@ -1,11 +1,14 @@
-"""Meshes for `splitserve bench mesh`: built from `splitserve up`'s own flags and Topology, run
-under the launcher's process supervision (launcher/supervisor.py), and talked to as a client would.
+"""Meshes for the benchmarks that start one (mesh, dp, faults): built from `splitserve up`'s own
+flags and Topology, run under the launcher's process supervision (launcher/supervisor.py), and
+talked to as a client would.
 
-    colocated_topology(engine_flags, ...)   router + 1 colocated worker, kvstore off
-    disagg_topology(engine_flags, ...)      kvstore + prefill-0 + prefill-1 + decode-0 and two
+    colocated_topology(engine_flags, replicas)  router + N colocated workers, kvstore off
+    disagg_topology(engine_flags)           kvstore + prefill-0 + prefill-1 + decode-0 and two
                                             routers: `router` (prefill-1, decode-0) and
                                             `router-cold` (prefill-0, decode-0)
-    with running_mesh(topology, log_dir) as mesh:
+    with bench_errors(log_dir), running_mesh(topology, log_dir) as mesh:
+        await warm_up(mesh, "router", prompts, num_tokens, tag)
+        runs, tokens = await run_workload(mesh, "router", requests, tag, repeats)
         await stream_generate(stub, request)    # first-token and last-token times at the client
         scrape_metrics(mesh.metrics_url("decode-0"))
 
@@ -22,23 +25,26 @@ import asyncio
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any
 
 import grpc
 
+from splitserve.bench.workload import BenchRequest, ThroughputResult, check_generated
 from splitserve.launcher.supervisor import Console, Mesh, StartupError
 from splitserve.launcher.topology import ServiceSpec, Topology
 from splitserve.services.security import TLSConfig, open_channel
 
 if TYPE_CHECKING:
+    from splitserve.bench.phases import Phases
     from splitserve.v1 import pb
 
 HOST = "127.0.0.1"
@@ -78,7 +84,7 @@ def _all_ports_free(topology: Topology) -> bool:
     return True
 
 
-def _place(build: Callable[[int], Topology], tries: int = 50) -> Topology:
+def place(build: Callable[[int], Topology], tries: int = 50) -> Topology:
     """The first port offset at which every port the topology plans is free right now."""
     for k in range(tries):
         topology = build(FIRST_PORT_OFFSET + k * PORT_OFFSET_STEP)
@@ -133,20 +139,21 @@ def without_kvstore(topology: Topology) -> Topology:
     return replace(topology, services=services)
 
 
-def colocated_topology(engine_flags: Sequence[str]) -> Topology:
-    """Router + one colocated worker: one engine process does all the work (no kvstore)."""
+def colocated_topology(engine_flags: Sequence[str], replicas: int = 1) -> Topology:
+    """Router + `replicas` colocated workers, no kvstore: with one, a single engine process
+    does all the work; with more, the router spreads requests over data-parallel replicas."""
     grpc_port, http_port = free_port(), free_port()
     secrets = secrets_dir()
 
     def build(offset: int) -> Topology:
         args = up_args(
             engine_flags,
-            *("--colocated", "--decode", "1", "--port-offset", str(offset)),
+            *("--colocated", "--decode", str(replicas), "--port-offset", str(offset)),
             *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
         )
         return without_kvstore(local_topology(args, secrets))
 
-    return _place(build)
+    return place(build)
 
 
 def _route_only(router: ServiceSpec, drop: ServiceSpec, topology: Topology) -> ServiceSpec:
@@ -202,7 +209,7 @@ def disagg_topology(engine_flags: Sequence[str]) -> Topology:
         )
         return split_routers(local_topology(args, secrets), *ports[2:])
 
-    return _place(build)
+    return place(build)
 
 
 # ---- running one ------------------------------------------------------------------------------
@@ -283,6 +290,29 @@ def running_mesh(topology: Topology, log_dir: str, timeout: float = 300.0) -> It
         console.close()
         if topology.secrets is not None:
             shutil.rmtree(topology.secrets.dir, ignore_errors=True)
+
+
+@contextmanager
+def mesh_in_phases(
+    phases: Phases,
+    start: str,
+    stop: str,
+    topology: Topology,
+    log_dir: str,
+    timeout: float,
+    ready: Callable[[RunningMesh], object],
+) -> Iterator[RunningMesh]:
+    """`running_mesh` as two of a benchmark's phases: `start` covers launching it and `ready`
+    (its warm-up), `stop` its shutdown once the block is done. Meanwhile its processes' CPU
+    time counts as the benchmark's own."""
+    with ExitStack() as stack:
+        with phases(start):
+            mesh = stack.enter_context(running_mesh(topology, log_dir, timeout))
+            phases.pids = mesh.pids
+            ready(mesh)
+        yield mesh
+        phases.begin(stop)
+    phases.done(stop)
 
 
 # ---- the client side --------------------------------------------------------------------------
@@ -384,6 +414,81 @@ async def wait_until_served(
             await asyncio.sleep(0.5)
 
 
+async def warm_up(
+    mesh: RunningMesh,
+    router: str,
+    prompts: Sequence[Sequence[int]],
+    num_tokens: int,
+    tag: str,
+    disaggregate: bool | None = None,
+) -> None:
+    """The first request retried until the router sees its workers, the others at once: every
+    worker (each data-parallel replica, given enough prompts) has loaded its kernels."""
+    from splitserve.v1 import rpc
+
+    reqs = [
+        generate_request(f"warmup-{tag}-{i}", prompt, num_tokens, cache_salt=f"warmup-{tag}",
+                         disaggregate=disaggregate)
+        for i, prompt in enumerate(prompts)
+    ]  # fmt: skip
+    async with mesh.channel(router) as channel:
+        stub = rpc.InferenceStub(channel)
+        await wait_until_served(stub, reqs[0])
+        await asyncio.gather(*(stream_generate(stub, r) for r in reqs[1:]))
+
+
+async def run_workload(
+    mesh: RunningMesh,
+    router: str,
+    requests: Sequence[BenchRequest],
+    tag: str,
+    repeats: int = 1,
+    disaggregate: bool | None = None,
+) -> tuple[list[ThroughputResult], dict[str, list[int]]]:
+    """Every request at once, each its own Generate stream, timed from the first send to the
+    last token; `repeats` times, each under its own cache salt (a repeat must not find the
+    previous run's prompts in the worker's prefix cache). Tokens are the first run's."""
+    from splitserve.v1 import rpc
+
+    runs: list[ThroughputResult] = []
+    tokens: dict[str, list[int]] = {}
+    async with mesh.channel(router) as channel:
+        stub = rpc.InferenceStub(channel)
+        for k in range(repeats):
+            reqs = [
+                generate_request(f"{tag}-{k}-{r.request_id}", r.prompt_token_ids, r.output_len,
+                                 cache_salt=f"{tag}-{k}", disaggregate=disaggregate)
+                for r in requests
+            ]  # fmt: skip
+            start = time.perf_counter()
+            results = await asyncio.gather(*(stream_generate(stub, q) for q in reqs))
+            generated = sum(len(r.token_ids) for r in results)
+            check_generated(f"the mesh ({tag})", generated, requests)
+            runs.append(ThroughputResult(generated, max(r.done for r in results) - start))
+            tokens = tokens or {
+                r.request_id: res.token_ids for r, res in zip(requests, results, strict=True)
+            }
+    return runs, tokens
+
+
+@contextmanager
+def bench_errors(log_dir: str | None) -> Iterator[None]:
+    """A failed request or a mesh that would not start, as the one-line BenchError the CLI
+    prints (a startup failure's log tails go to stderr first)."""
+    from splitserve.bench import BenchError
+
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        hint = f" (services' logs in {log_dir})" if log_dir else " (rerun with --log-dir)"
+        message = f"a request to the mesh failed: {exc.code().name}: {exc.details()}{hint}"
+        raise BenchError(message) from None
+    except MeshError as exc:
+        print(str(exc), file=sys.stderr)
+        hint = "" if log_dir else "; rerun with --log-dir DIR to keep every service's log"
+        raise BenchError(str(exc).splitlines()[0] + hint) from None
+
+
 # ---- kvstore and metrics ----------------------------------------------------------------------
 async def store_match(stub, keys: Sequence[bytes]) -> int:
     """How many leading keys of a hash chain the kvstore holds."""
@@ -415,9 +520,17 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
     }
 
 
-def scrape_metrics(url: str, timeout: float = 10.0) -> dict[tuple[str, tuple], float]:
+def http_get(url: str, timeout: float = 10.0, headers: dict[str, str] | None = None) -> Any:
+    """GET `url` (a response to use as a context manager), never through a proxy: the mesh is
+    on loopback."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=timeout) as resp:
+    return opener.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout)
+
+
+def scrape_metrics(
+    url: str, timeout: float = 10.0, headers: dict[str, str] | None = None
+) -> dict[tuple[str, tuple], float]:
+    with http_get(url, timeout, headers) as resp:
         return parse_metrics(resp.read().decode())
 
 
@@ -425,78 +538,3 @@ def sample(samples: dict[tuple[str, tuple], float], name: str, **labels: str) ->
     """The sum of `name`'s samples whose labels include `labels` (0 if none)."""
     want = set(labels.items())
     return sum(v for (n, lbl), v in samples.items() if n == name and want <= set(lbl))
-
-
-# ---- who used the CPUs ------------------------------------------------------------------------
-def _clock_ticks() -> int:
-    return os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU time the whole machine spent busy since boot, stolen time included (Linux)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / _clock_ticks()
-
-
-def process_cpu_seconds(pid: int, with_reaped_children: bool = False) -> float:
-    """utime + stime of a process (all its threads), 0 if it is gone; optionally plus what its
-    children that it already waited for used."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return 0.0
-    fields = text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime + (cutime + cstime if with_reaped_children else 0)) / _clock_ticks()
-
-
-@dataclass
-class CpuShare:
-    """Where the machine's CPU time went over an interval."""
-
-    wall_s: float
-    ours_s: float  # this process + the mesh processes (and children they reaped)
-    others_s: float  # every other process on the machine, and time stolen by the hypervisor
-    cpus: int
-
-    @property
-    def others_fraction(self) -> float:
-        """Of the machine's capacity over the interval (wall x CPUs)."""
-        capacity = self.wall_s * self.cpus
-        return self.others_s / capacity if capacity > 0 else 0.0
-
-
-class CpuMeter:
-    """CPU time used by us (this process + `pids()`) vs everyone else, between start and stop.
-
-    A mesh started mid-interval counts from zero; one stopped mid-interval is counted through
-    this process's reaped-children time, so neither shows up as someone else's."""
-
-    def __init__(self, pids: Callable[[], list[int]] = list) -> None:
-        self.pids = pids  # the mesh processes running now
-        self._start: tuple[float, float, dict[int, float]] | None = None
-
-    def _ours(self) -> dict[int, float]:
-        me = os.getpid()
-        out = {me: process_cpu_seconds(me, with_reaped_children=True)}
-        out.update({p: process_cpu_seconds(p) for p in self.pids() if p != me})
-        return out
-
-    def start(self) -> None:
-        self._start = (time.perf_counter(), machine_busy_seconds(), self._ours())
-
-    def stop(self) -> CpuShare:
-        assert self._start is not None, "stop() before start()"
-        t0, busy0, ours0 = self._start
-        ours1 = self._ours()
-        me = os.getpid()
-        # A child alive at the start and reaped since moved into our own reaped-children time.
-        ours = sum(v - ours0.get(p, 0.0) for p, v in ours1.items() if p == me or p in ours0)
-        ours += sum(v for p, v in ours1.items() if p not in ours0)  # started since
-        ours -= sum(v for p, v in ours0.items() if p not in ours1 and p != me)  # reaped since
-        wall = time.perf_counter() - t0
-        others = max(0.0, machine_busy_seconds() - busy0 - ours)
-        return CpuShare(wall, ours, others, os.cpu_count() or 1)

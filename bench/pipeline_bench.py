@@ -28,8 +28,12 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from splitserve.bench import report
+from splitserve.bench.cpus import CpuMeter, pin_process
+from splitserve.bench.report import finish, format_table, json_document, save_plot
 from splitserve.bench.workload import random_prompt
 
 if TYPE_CHECKING:
@@ -285,7 +289,7 @@ class PipelineBenchResult:
 # ---- measuring -------------------------------------------------------------------------------
 def build_engine(settings: PipelineBenchSettings, stages: int, layers: tuple[int, ...] | None):
     from splitserve.engine.config import EngineConfig
-    from splitserve.engine.engine import LLMEngine
+    from splitserve.executors.build import create_engine
 
     cfg = EngineConfig(
         model=settings.model,
@@ -297,7 +301,7 @@ def build_engine(settings: PipelineBenchSettings, stages: int, layers: tuple[int
         pipeline_stages=stages,
         pipeline_layers=layers,
     )
-    return LLMEngine.from_config(cfg)
+    return create_engine(cfg)
 
 
 def calls_per_step(engine: LLMEngine) -> int:
@@ -326,10 +330,9 @@ def decode_window(engine: LLMEngine, settings: PipelineBenchSettings, tag: str, 
 
 
 def measure(engine: LLMEngine, settings: PipelineBenchSettings, m: int, schedule: str, rng) -> Run:
-    from splitserve.bench.mesh_runner import CpuMeter
-
     ex = engine.runner.executor
     ex.micro_batches, ex.schedule = m, schedule
+    engine.reschedule()
     p = len(ex.ranges)
     ids = decode_window(engine, settings, f"p{p}m{m}{schedule}", rng)
     meter = CpuMeter(lambda: ex.stage_pids)
@@ -339,17 +342,20 @@ def measure(engine: LLMEngine, settings: PipelineBenchSettings, m: int, schedule
     for _ in range(settings.steps * calls_per_step(engine)):
         engine.step()
     wall = time.perf_counter() - t0
+    decode_tokens = engine.stats.num_batched_tokens - tokens0
     after = ex.stage_stats()
     share = meter.stop()
     for rid in ids:
         engine.abort_request(rid)
+    while engine.has_unfinished_requests():  # collect the aborted steps still in flight
+        engine.step()
     return Run(
         stages=p,
         micro_batches=m,
         layers=list(ex.ranges),
         wall_s=wall,
         steps=settings.steps,
-        decode_tokens=engine.stats.num_batched_tokens - tokens0,
+        decode_tokens=decode_tokens,
         busy=[(b.busy_s - a.busy_s) / wall for a, b in zip(before, after, strict=True)],
         cpu=[(b.cpu_s - a.cpu_s) / wall for a, b in zip(before, after, strict=True)],
         others_cpu=share.others_fraction,
@@ -377,8 +383,6 @@ def measure_baseline(settings: PipelineBenchSettings, rng) -> float:
 
 def pin_stages(pids: list[int]) -> list[list[int]]:
     """Stage k (this process for k = 0) on the k-th allowed CPU, modulo their number."""
-    from splitserve.bench.dp_bench import pin_process
-
     cpus = sorted(os.sched_getaffinity(0))
     out = []
     for k, pid in enumerate([os.getpid(), *pids]):
@@ -391,8 +395,6 @@ def pin_stages(pids: list[int]) -> list[list[int]]:
 def pilot_layers(settings: PipelineBenchSettings, cfg, p: int, rng, result, say) -> tuple[int, ...]:
     """Measure P stages split by parameters at the largest M, then split by what a layer and
     the head cost there (`measured_costs`)."""
-    from splitserve.bench.dp_bench import pin_process
-
     m, mask = max(settings.micro_batches), os.sched_getaffinity(0)
     engine = build_engine(settings, p, compute_balanced_layers(cfg, p))
     try:
@@ -417,7 +419,6 @@ def pilot_layers(settings: PipelineBenchSettings, cfg, p: int, rng, result, say)
 def run_bench(settings: PipelineBenchSettings, say=print) -> PipelineBenchResult:
     import torch
 
-    from splitserve.bench.dp_bench import pin_process
     from splitserve.model.loader import open_checkpoint
     from splitserve.services.server import fast_gil_handoff
 
@@ -468,8 +469,6 @@ def run_bench(settings: PipelineBenchSettings, say=print) -> PipelineBenchResult
 
 # ---- reporting -------------------------------------------------------------------------------
 def report_lines(result: PipelineBenchResult) -> list[str]:
-    from splitserve.bench.engine_bench import format_table
-
     s = result.settings
     pinned = "pinned, stage k on CPU k mod #CPUs" if s.pin else "not pinned"
     lines = [
@@ -521,11 +520,7 @@ def report_lines(result: PipelineBenchResult) -> list[str]:
 
 
 def result_json(result: PipelineBenchResult) -> dict[str, Any]:
-    from splitserve.bench.engine_bench import machine_info
-
     return {
-        "settings": asdict(result.settings),
-        "machine": machine_info(),
         "model": result.model,
         "cores": {str(p): c for p, c in result.cores.items()},
         "loadavg_1m": result.loadavg,
@@ -560,55 +555,54 @@ def result_json(result: PipelineBenchResult) -> dict[str, Any]:
 def write_plot(path: str, result: PipelineBenchResult) -> None:
     """A panel per (schedule, P): each stage's busy (filled) and CPU (hollow) fraction against
     M, with the schedule's ideal and the 15% band under it."""
-    from matplotlib.figure import Figure
-
     ps = sorted({r.stages for r in result.runs})
     schedules = result.settings.schedules
-    fig = Figure(figsize=(6 * len(ps), 4.5 * len(schedules)), layout="constrained")
-    axes = fig.subplots(len(schedules), len(ps), squeeze=False)
-    for row, schedule in zip(axes, schedules, strict=True):
-        for ax, p in zip(row, ps, strict=True):
-            runs = sorted(
-                (r for r in result.runs if r.stages == p and r.schedule == schedule),
-                key=lambda r: r.micro_batches,
-            )
-            ms = [r.micro_batches for r in runs]
-            grid = [m / 8 for m in range(8, 8 * max(ms) + 1)]
-            best = [ideal(m, p, schedule) for m in grid]
-            label = "min(1, M/P)" if schedule == "overlap" else "M/(M+P-1)"
-            ax.plot(grid, best, "k--", label=f"ideal {label}")
-            if schedule == "overlap":
-                step_best = [ideal(m, p) for m in grid]
-                ax.plot(grid, step_best, "k:", label="step's ideal M/(M+P-1)")
-            ax.fill_between(grid, [TARGET * b for b in best], best, color="0.9", label="within 15%")
-            for k in range(p):
-                (line,) = ax.plot(ms, [r.busy[k] for r in runs], "o-", label=f"stage {k} busy")
-                ax.plot(ms, [r.cpu[k] for r in runs], "o", mfc="none", color=line.get_color())
-            layers = ",".join(map(str, runs[0].counts))
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ms, [str(m) for m in ms])
-            ax.set_ylim(0, 1.05)
-            ax.set_xlabel("micro-batches M")
-            ax.set_ylabel("fraction of wall time (hollow: CPU time)")
-            ax.set_title(f"{schedule} schedule, P={p} stages, layers {layers}")
-            ax.legend(fontsize=8, loc="lower right")
-    fig.savefig(path, dpi=120)
+
+    def draw(fig: Any) -> None:
+        axes = fig.subplots(len(schedules), len(ps), squeeze=False)
+        for row, schedule in zip(axes, schedules, strict=True):
+            for ax, p in zip(row, ps, strict=True):
+                _plot_panel(ax, result, schedule, p)
+
+    save_plot(path, (6 * len(ps), 4.5 * len(schedules)), draw)
+
+
+def _plot_panel(ax: Any, result: PipelineBenchResult, schedule: str, p: int) -> None:
+    runs = sorted(
+        (r for r in result.runs if r.stages == p and r.schedule == schedule),
+        key=lambda r: r.micro_batches,
+    )
+    ms = [r.micro_batches for r in runs]
+    grid = [m / 8 for m in range(8, 8 * max(ms) + 1)]
+    best = [ideal(m, p, schedule) for m in grid]
+    label = "min(1, M/P)" if schedule == "overlap" else "M/(M+P-1)"
+    ax.plot(grid, best, "k--", label=f"ideal {label}")
+    if schedule == "overlap":
+        step_best = [ideal(m, p) for m in grid]
+        ax.plot(grid, step_best, "k:", label="step's ideal M/(M+P-1)")
+    ax.fill_between(grid, [TARGET * b for b in best], best, color="0.9", label="within 15%")
+    for k in range(p):
+        (line,) = ax.plot(ms, [r.busy[k] for r in runs], "o-", label=f"stage {k} busy")
+        ax.plot(ms, [r.cpu[k] for r in runs], "o", mfc="none", color=line.get_color())
+    layers = ",".join(map(str, runs[0].counts))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("micro-batches M")
+    ax.set_ylabel("fraction of wall time (hollow: CPU time)")
+    ax.set_title(f"{schedule} schedule, P={p} stages, layers {layers}")
+    ax.legend(fontsize=8, loc="lower right")
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     settings = settings_from_args(args)
     result = run_bench(settings)
-    for line in report_lines(result):
-        print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result_json(result), f, indent=2)
-            f.write("\n")
-    if args.plot:
-        write_plot(args.plot, result)
-    for schedule in settings.schedules[1:]:
-        print(f"{schedule} schedule: {FINAL_KEY} {result.final_ratio(schedule):.2f}")
-    print(f"{FINAL_KEY}: {result.final_ratio():.2f}")
+    other_schedules = [
+        f"{schedule} schedule: {FINAL_KEY} {result.final_ratio(schedule):.2f}"
+        for schedule in settings.schedules[1:]
+    ]
+    lines = [*report_lines(result), *other_schedules]
+    final = report.final_line(FINAL_KEY, result.final_ratio())
+    doc = partial(json_document, settings, **result_json(result))
+    finish(args, lines, final, doc, partial(write_plot, result=result))
     return 0

@@ -8,6 +8,7 @@ Prompt ids are random but avoid the low ids where tokenizers keep their special 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 MIN_TOKEN_ID = 100  # ids below this are special tokens (bos, eos, chat markers) in most vocabs
@@ -76,6 +77,18 @@ def batches(requests: list[BenchRequest], size: int) -> list[list[BenchRequest]]
     if size < 1:
         raise ValueError("batch size must be >= 1")
     return [requests[i : i + size] for i in range(0, len(requests), size)]
+
+
+def check_generated(who: str, generated: int, requests: Sequence[BenchRequest]) -> None:
+    """Every request gave exactly its output length (EOS is ignored): else the run is wrong."""
+    expected = sum(r.output_len for r in requests)
+    if generated != expected:
+        raise RuntimeError(f"{who} generated {generated} tokens, not {expected}")
+
+
+def count_same(ours: dict[str, list[int]], reference: dict[str, list[int]]) -> int:
+    """Requests (by id) whose tokens equal the reference run's: greedy runs must agree."""
+    return sum(1 for rid, toks in reference.items() if ours.get(rid) == toks)
 
 
 @dataclass

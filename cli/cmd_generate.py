@@ -34,8 +34,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from splitserve.engine.engine import LLMEngine
     from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.executors.build import create_engine
     from splitserve.model.loader import open_checkpoint
 
     params = SamplingParams(
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
         ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
-    engine = LLMEngine.from_config(cfg, ckpt)
+    engine = create_engine(cfg, ckpt)
     start = time.perf_counter()
     engine.add_request("cli", ids, params)
     first = None

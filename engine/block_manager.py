@@ -93,19 +93,26 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache --------------------------------------------------------------------
-    def find_cached_prefix(self, hashes: Sequence[BlockHash], num_tokens: int) -> list[int]:
-        """Blocks holding the longest cached prefix of a `num_tokens`-token sequence.
-
-        At least one token is always left to compute, since the step that computes it is the
-        one that yields the next token's logits.
-        """
+    def cached_prefix_blocks(self, hashes: Sequence[BlockHash]) -> list[int]:
+        """Blocks holding the longest cached prefix of the chain `hashes`. Read-only: it counts
+        nothing in `stats` (a peek, not an admission's query)."""
         hit: list[int] = []
         if self.enable_prefix_caching:
-            for h in hashes[: (num_tokens - 1) // self.block_size]:
+            for h in hashes:
                 block_id = self._cached.get(h)
                 if block_id is None:
                     break
                 hit.append(block_id)
+        return hit
+
+    def find_cached_prefix(self, hashes: Sequence[BlockHash], num_tokens: int) -> list[int]:
+        """Blocks holding the longest cached prefix of a `num_tokens`-token sequence; the query
+        and its hits are counted in `stats`.
+
+        At least one token is always left to compute, since the step that computes it is the
+        one that yields the next token's logits.
+        """
+        hit = self.cached_prefix_blocks(hashes[: (num_tokens - 1) // self.block_size])
         self.stats.queried_tokens += num_tokens
         self.stats.hit_tokens += len(hit) * self.block_size
         return hit

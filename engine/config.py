@@ -39,8 +39,10 @@ class RopeScaling:
     original_max_position_embeddings: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    """A model's architecture. Keyword-only: a dozen ints in a row are too easy to misorder."""
+
     architecture: str
     vocab_size: int
     hidden_size: int

@@ -2,26 +2,29 @@
 
 This is the whole runtime in one process, and the API the prefill and decode services call:
 
-    engine = LLMEngine.from_config(EngineConfig())
+    engine = create_engine(EngineConfig())  # splitserve.executors.build: loads, picks a runner
     engine.add_request("r1", prompt_token_ids, SamplingParams(max_tokens=32, temperature=0))
     while engine.has_unfinished_requests():
         for out in engine.step():
             ...  # out.new_token_ids, out.text, out.finished
 
 Every path that ends a request (finish, stop, abort, error) returns its KV blocks.
+
+The engine is handed its `Runner` (engine/runner.py) and never builds one, and how its steps
+overlap on the runner is a `StepSchedule` (engine/step_schedule.py) picked once from it: `step`
+is the same code for one step at a time and for the pipeline's groups in flight.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from splitserve.engine.block_manager import BlockManager, PrefixCacheStats
+from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.hashing import BlockHash, block_hashes, kv_namespace
 from splitserve.engine.outputs import (
@@ -30,12 +33,12 @@ from splitserve.engine.outputs import (
     RequestOutput,
     StopChecker,
 )
+from splitserve.engine.runner import PreparedStep, Runner
 from splitserve.engine.sampler import Sampler, SamplingRow, make_generator
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledBatch, Scheduler
 from splitserve.engine.sequence import FinishReason, Sequence, SequenceStatus
-from splitserve.executors.runner import ModelRunner, StepInputs
-from splitserve.model.loader import Checkpoint, open_checkpoint
+from splitserve.engine.step_schedule import step_schedule
 
 if TYPE_CHECKING:
     from splitserve.engine.tokenizer import Tokenizer
@@ -69,14 +72,12 @@ class _BlockHolder:
 class LLMEngine:
     config: EngineConfig
     model_config: ModelConfig
-    runner: ModelRunner
+    runner: Runner[Any]
     tokenizer: Tokenizer | None = None
     model_id: str = "model"
     _requests: dict[str, _Request] = field(default_factory=dict)
     # Requests holding blocks for KV that is still in flight (reserve_prefilled).
     _reserved: dict[str, _Request] = field(default_factory=dict)
-    # Steps submitted and not collected (the pipeline's overlap schedule), oldest first.
-    _inflight: deque[tuple[ScheduledBatch, StepInputs]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -88,26 +89,25 @@ class LLMEngine:
         )
         self.namespace = kv_namespace(self.model_id, cfg.dtype, cfg.block_size)
         self.scheduler = Scheduler(
-            self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.namespace
+            self.block_manager,
+            cfg.max_num_seqs,
+            cfg.max_num_batched_tokens,
+            self.namespace,
+            on_preempt=self._count_preemption,
         )
+        self.schedule = step_schedule(self.runner, self.scheduler)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
         self.eos_token_ids = tuple(eos)
         self.sampler = Sampler(cfg.seed, self.eos_token_ids)
         self.stats = EngineStats(num_blocks=self.runner.num_blocks, block_size=cfg.block_size)
 
-    # ---- construction --------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, config: EngineConfig, checkpoint: Checkpoint | None = None) -> LLMEngine:
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        ckpt = checkpoint or open_checkpoint(config.model)
-        runner = ModelRunner(ckpt.config, config, ckpt.refs(), ckpt.num_tensors)
-        return cls(config, ckpt.config, runner, ckpt.tokenizer, model_id=ckpt.config.name)
-
-    @classmethod
-    def random(cls, model_config: ModelConfig, config: EngineConfig) -> LLMEngine:
-        """Random weights (seeded by `config.seed`): for tests of the engine's mechanics."""
-        return cls(config, model_config, ModelRunner(model_config, config, None))
+    def reschedule(self) -> None:
+        """Pick the step schedule again from the runner, after its overlap changed (the
+        pipeline bench sets micro-batches and schedule between runs). Only with no step in
+        flight."""
+        if self.schedule.num_in_flight:
+            raise RuntimeError("reschedule with steps in flight")
+        self.schedule = step_schedule(self.runner, self.scheduler)
 
     def close(self) -> None:
         """Stop the processes the runner started (TP ranks, pipeline stages); idempotent."""
@@ -162,13 +162,13 @@ class LLMEngine:
         seq.finish_reason = FinishReason.ABORT
         # With a step in flight, the stages may still be writing its KV: its blocks go when
         # that step is back (`_release_aborted`).
-        if id(seq) not in self._busy_ids():
+        if not seq.in_flight:
             self.scheduler.finish(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
         """Requests to serve, or steps in flight still to collect."""
-        return bool(self._requests or self._inflight)
+        return bool(self._requests or self.schedule.num_in_flight)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -250,7 +250,7 @@ class LLMEngine:
 
     def num_cached_prefix_blocks(self, hashes: Seq[BlockHash]) -> int:
         """How many leading blocks of `hashes` are in the local prefix cache (no stats)."""
-        return len(self._peek_cached_prefix(hashes))
+        return len(self.block_manager.cached_prefix_blocks(hashes))
 
     def cache_prefix_blocks(self, hashes: Seq[BlockHash], data: torch.Tensor) -> int:
         """Adopt KV fetched from elsewhere as cached, unowned blocks so add_request hits them.
@@ -265,7 +265,7 @@ class LLMEngine:
         bm = self.block_manager
         if not self.config.enable_prefix_caching or n <= 0 or start < 0:
             return 0
-        held = self._peek_cached_prefix(hashes[:start])
+        held = bm.cached_prefix_blocks(hashes[:start])
         if len(held) < start:
             return 0
         # A placeholder owner pins the cached prefix (so allocating can't evict it) and takes
@@ -281,49 +281,29 @@ class LLMEngine:
             bm.free(holder)
         return n
 
-    def _peek_cached_prefix(self, hashes: Seq[BlockHash]) -> list[int]:
-        bm = self.block_manager
-        real, bm.stats = bm.stats, PrefixCacheStats()  # a peek is not a query
-        try:
-            return bm.find_cached_prefix(hashes, len(hashes) * self.block_size + 1)
-        finally:
-            bm.stats = real
-
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run and sample one step; the outputs of the sequences it sampled.
 
-        Under the pipeline's `overlap` schedule a step is one group's: the running sequences
-        form up to `runner.overlap_groups` disjoint groups whose steps are in flight at once,
-        so the stages never wait for a whole batch to be sampled. Each call first submits a
-        step for every group that has none in flight, then collects the oldest.
+        Under the pipeline's overlap schedule a step is one group's, with the other groups'
+        steps still in flight (engine/step_schedule.py). If running fails, the steps in flight
+        are lost: their sequences stay where they were, to be recomputed or aborted, and the
+        aborted ones go now.
         """
-        groups = self.runner.overlap_groups
-        if groups == 0 and not self._inflight:
-            batch = self.scheduler.schedule()
-            self.stats.num_preemptions += len(batch.preempted)
-            if not batch.seqs:
-                return []
-            inputs = self.runner.prepare(batch.seqs, batch.num_new_tokens)
-            return self._finish_step(batch, inputs, self.runner.execute(inputs))
         try:
-            while len(self._inflight) < groups and self._submit_group(groups):
-                pass
-            if not self._inflight:
-                return []
-            batch, inputs = self._inflight[0]  # dropped with the rest if collecting fails
-            logits = self.runner.collect()
-            self._inflight.popleft()
+            ran = self.schedule.next()
         except BaseException:
-            self._drop_inflight()
+            for batch in self.schedule.drop():
+                self._release_aborted(batch)
             raise
-        outputs = self._finish_step(batch, inputs, logits)
-        self._release_aborted(batch)
+        if ran is None:
+            return []
+        outputs = self._finish_step(ran.batch, ran.inputs, ran.logits)
+        self._release_aborted(ran.batch)
         return outputs
 
-    def _busy_ids(self) -> set[int]:
-        """`id()`s of the sequences with a step in flight."""
-        return {id(s) for batch, _ in self._inflight for s in batch.seqs}
+    def _count_preemption(self, seq: Sequence) -> None:
+        self.stats.num_preemptions += 1
 
     def _release_aborted(self, batch: ScheduledBatch) -> None:
         """Free the blocks of the batch's sequences aborted while its step was in flight."""
@@ -331,30 +311,8 @@ class LLMEngine:
             if seq.finish_reason is FinishReason.ABORT:
                 self.scheduler.finish(seq)
 
-    def _submit_group(self, groups: int) -> bool:
-        """Schedule the sequences with no step in flight, as many as an even split of them
-        over the groups not in flight gives."""
-        busy = self._busy_ids()
-        idle = self.scheduler.num_seqs - len(busy)
-        share = max(1, -(-idle // (groups - len(self._inflight))))
-        batch = self.scheduler.schedule(busy=busy, max_seqs=share)
-        self.stats.num_preemptions += len(batch.preempted)
-        if not batch.seqs:
-            return False
-        inputs = self.runner.prepare(batch.seqs, batch.num_new_tokens)
-        self.runner.submit(inputs)
-        self._inflight.append((batch, inputs))
-        return True
-
-    def _drop_inflight(self) -> None:
-        """The steps in flight are lost (the pipeline failed): their sequences stay where they
-        were, to be recomputed or aborted; the aborted ones go now."""
-        for batch, _ in self._inflight:
-            self._release_aborted(batch)
-        self._inflight.clear()
-
     def _finish_step(
-        self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor
+        self, batch: ScheduledBatch, inputs: PreparedStep, logits: torch.Tensor
     ) -> list[RequestOutput]:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n

@@ -6,15 +6,16 @@ after them only while the budget, the batch-size cap and the KV pool allow. When
 sequence can't get a block, the newest running sequence is preempted: its blocks are returned
 and it goes back to the front of the queue to be recomputed later. The pool never overflows.
 
-Under the pipeline's overlap schedule the engine schedules one group at a time: it passes the
-sequences whose previous step is still in flight (never scheduled nor preempted now) and a
-cap on the group's size.
+Under the pipeline's overlap schedule (engine/step_schedule.py) the engine schedules one
+group at a time, with a cap on the group's size: sequences whose previous step is still in
+flight (`Sequence.in_flight`) are neither scheduled nor preempted. `on_preempt` hears of every
+preemption as it happens (the engine counts them).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from splitserve.engine.block_manager import BlockManager
@@ -45,6 +46,7 @@ class Scheduler:
     admission_watermark: float = 0.01
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
+    on_preempt: Callable[[Sequence], None] | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -52,15 +54,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(
-        self, busy: AbstractSet[int] = frozenset(), max_seqs: int | None = None
-    ) -> ScheduledBatch:
-        """The next batch. `busy`: ids (`id()`) of running sequences whose previous step is
-        still in flight (a pipeline running several groups at once); they are neither
-        scheduled nor preempted. `max_seqs`: at most this many sequences in the batch."""
+    def schedule(self, max_seqs: int | None = None) -> ScheduledBatch:
+        """The next batch, of the sequences not in flight. `max_seqs`: at most this many
+        sequences in the batch (default: `max_num_seqs`)."""
         batch = ScheduledBatch()
         cap = self.max_num_seqs if max_seqs is None else max_seqs
-        budget = self._schedule_running(batch, self.max_num_batched_tokens, busy, cap)
+        budget = self._schedule_running(batch, self.max_num_batched_tokens, cap)
         if not batch.preempted:
             self._schedule_waiting(batch, budget, cap)
         return batch
@@ -78,19 +77,17 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
 
-    def _schedule_running(
-        self, batch: ScheduledBatch, budget: int, busy: AbstractSet[int], cap: int
-    ) -> int:
+    def _schedule_running(self, batch: ScheduledBatch, budget: int, cap: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0 and len(batch) < cap:
             seq = self.running[i]
-            if id(seq) in busy:
+            if seq.in_flight:
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, n):
                 # the newest that isn't in flight: `seq` itself at the latest
-                victim = next(s for s in reversed(self.running) if id(s) not in busy)
+                victim = next(s for s in reversed(self.running) if not s.in_flight)
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
@@ -136,3 +133,5 @@ class Scheduler:
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
+        if self.on_preempt is not None:
+            self.on_preempt(seq)

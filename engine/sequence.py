@@ -52,6 +52,9 @@ class Sequence:
     num_cached_prompt_tokens: int = 0  # prefix-cache hit on first admission
     num_preemptions: int = 0
     _hashes: list[BlockHash] = field(default_factory=list)
+    # A step computing it was submitted and is not collected yet (the pipeline's overlap
+    # schedule): it is neither scheduled nor preempted, and its blocks stay until it is back.
+    in_flight: bool = False
 
     # what the engine has already reported to the caller
     num_reported_tokens: int = 0

@@ -6,6 +6,9 @@ allocation, and nothing grows per request. Where the model runs is an `Executor`
 (executors/tensor_parallel.py) or a pipeline of stage processes (executors/pipeline/). The
 runner only schedules onto it: it sends a `StepWire` and gets logits back, and it moves KV in
 the full model's layout, whatever the shards hold.
+
+`ModelRunner` is the engine core's `Runner` (splitserve.engine.runner); `build.py` hands one to
+an `LLMEngine`.
 """
 
 from __future__ import annotations
@@ -124,6 +127,9 @@ class StepInputs:
 
 
 class ModelRunner:
+    """The engine's `Runner`: steps as `StepInputs` over whichever `Executor` the config asks
+    for, and the KV pool's handoff."""
+
     def __init__(
         self,
         model_cfg: ModelConfig,

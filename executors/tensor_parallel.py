@@ -295,7 +295,7 @@ class TPExecutor:
         self._broken: str | None = None
         self._children: list[subprocess.Popen] = []
         self._group: _Group | None = None
-        # This process's torch threads are its owner's (LLMEngine.from_config sets them).
+        # This process's torch threads are its owner's (executors.build.create_engine sets them).
         if device.type == "cuda":
             torch.cuda.set_device(device)
         rank0_cfg = dataclasses.replace(engine_cfg, device=str(device))

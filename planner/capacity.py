@@ -1,10 +1,11 @@
 """Capacity planning: will a model fit, on how many GPUs, how fast at best, at what cost.
 
-Pure arithmetic on an architecture (layers, heads, widths, vocabulary) and a GPU's datasheet
-numbers, following the sizing argument of "Distributed LLM Inference: Scaling Beyond One GPU"
-(docs/planning.md walks through it): weights are parameters x bytes per parameter, the KV cache
-is ``2 x layers x kv_heads x head_dim x bytes`` per token, and a decode step that must stream
-every weight from HBM can run at most ``bandwidth / weight bytes`` times a second.
+Pure arithmetic on an architecture (planner/architecture.py) and the cited numbers in
+planner/data.py (GPU datasheets, prices, bytes per value, the article's rules of thumb),
+following the sizing argument docs/planning.md walks through: weights are parameters x bytes
+per parameter, the KV cache is ``2 x layers x kv_heads x head_dim x bytes`` per token, and a
+decode step that must stream every weight from HBM can run at most ``bandwidth / weight bytes``
+times a second.
 
 Units: GB and TB are decimal (10^9, 10^12 bytes), as GPU datasheets and the article use them.
 No torch at import time: only reading a GGUF file or a config.json pulls the engine in.
@@ -12,270 +13,24 @@ No torch at import time: only reading a GGUF file or a config.json pulls the eng
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from splitserve.planner import data
+from splitserve.planner.architecture import Architecture, count_params
+from splitserve.planner.data import BUILTIN_MODELS, DTYPE_BYTES, GPU, KV_DTYPES, Cited
+from splitserve.planner.inputs import get_gpu, parse_count, parse_dtype, resolve_model
 
 GB = 1e9
 GIB = 2**30
 TB = 1e12
 
-WEIGHT_DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
-KV_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
-
-# "Real-world single-GPU throughput on large models lands 60-70 % below that ceiling" (the
-# article), i.e. 30-40 % of it.
-REALISTIC_FRACTION = (0.30, 0.40)
-
-MAX_TP = 8  # GPUs in one node: tensor parallelism stays inside it; beyond that, pipeline stages
-TP_DEGREES = (1, 2, 4, 8)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """The numbers of a decoder-only Llama-family model that decide its size."""
-
-    name: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    attention_bias: bool = False  # Qwen2: biases on q, k and v
-    max_position_embeddings: int | None = None
-    nominal: str = ""  # the size the model is known by, for the report
-
-    @classmethod
-    def from_model_config(cls, cfg: Any, name: str | None = None) -> Architecture:
-        """From an `engine.config.ModelConfig` (read by attribute, so no import of it here)."""
-        return cls(
-            name=name or cfg.name,
-            num_layers=cfg.num_layers,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim,
-            vocab_size=cfg.vocab_size,
-            tie_word_embeddings=cfg.tie_word_embeddings,
-            attention_bias=cfg.attention_bias,
-            max_position_embeddings=cfg.max_position_embeddings,
-        )
-
-    def same_shape(self, other: Architecture) -> bool:
-        keys = ("name", "nominal", "max_position_embeddings")
-        mine = {k: v for k, v in asdict(self).items() if k not in keys}
-        return mine == {k: v for k, v in asdict(other).items() if k not in keys}
-
-
-# From each model's public config.json on the Hugging Face Hub.
-BUILTIN_MODELS: dict[str, Architecture] = {
-    a.name: a
-    for a in (
-        # meta-llama/Meta-Llama-3-8B
-        Architecture("llama-3-8b", 32, 4096, 14336, 32, 8, 128, 128256, False, False, 8192, "8B"),
-        # meta-llama/Meta-Llama-3-70B
-        Architecture("llama-3-70b", 80, 8192, 28672, 64, 8, 128, 128256, False, False, 8192, "70B"),
-        # meta-llama/Llama-3.1-405B (the only 405B; 128K context)
-        Architecture(
-            "llama-3-405b", 126, 16384, 53248, 128, 8, 128, 128256, False, False, 131072, "405B"
-        ),
-        # meta-llama/Llama-2-70b-hf
-        Architecture("llama-2-70b", 80, 8192, 28672, 64, 8, 128, 32000, False, False, 4096, "70B"),
-        # meta-llama/Llama-2-7b-hf (no GQA: 32 KV heads)
-        Architecture("llama-2-7b", 32, 4096, 11008, 32, 32, 128, 32000, False, False, 4096, "7B"),
-        # mistralai/Mistral-7B-v0.1
-        Architecture("mistral-7b", 32, 4096, 14336, 32, 8, 128, 32000, False, False, 32768, "7B"),
-        # Qwen/Qwen2-72B
-        Architecture("qwen2-72b", 80, 8192, 29568, 64, 8, 128, 152064, False, True, 32768, "72B"),
-        # HuggingFaceTB/SmolLM2-135M(-Instruct): the default model
-        Architecture("smollm2-135m", 30, 576, 1536, 9, 3, 64, 49152, True, False, 8192, "135M"),
-    )
-}
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    description: str
-    memory_gb: float  # HBM/GDDR capacity, decimal GB as marketed
-    bandwidth_tbs: float  # memory bandwidth, TB/s
-    bf16_tflops: float  # dense (no sparsity) bf16 tensor-core peak
-    interconnect: str  # GPU-to-GPU link inside a node
-    fast_interconnect: bool  # NVLink-class (TP-friendly) rather than PCIe only
-    usd_per_hour: float  # typical cloud price per GPU-hour
-    price_source: str
-
-
-# Memory, bandwidth and dense bf16 TFLOP/s: NVIDIA / AMD datasheets (the article quotes the
-# H100's 3.35 TB/s and the memory sizes). Prices: the article where it gives one, else assumed.
-GPUS: dict[str, GPU] = {
-    g.name: g
-    for g in (
-        GPU(
-            "h100", "NVIDIA H100 SXM5 80 GB", 80, 3.35, 989, "NVLink 4 (900 GB/s)", True, 9.00,
-            "article: $8-10 on-demand, midpoint",
-        ),
-        GPU(
-            "h200", "NVIDIA H200 SXM 141 GB", 141, 4.8, 989, "NVLink 4 (900 GB/s)", True, 10.00,
-            "assumption: a little above the H100 (not in the article)",
-        ),
-        GPU(
-            "a100-80g", "NVIDIA A100 SXM 80 GB", 80, 2.039, 312, "NVLink 3 (600 GB/s)", True, 3.50,
-            "article: $3-4 on-demand, midpoint; $2-3 spot",
-        ),
-        GPU(
-            "a100-40g", "NVIDIA A100 SXM 40 GB", 40, 1.555, 312, "NVLink 3 (600 GB/s)", True, 3.00,
-            "assumption: a little below the A100 80 GB (not in the article)",
-        ),
-        GPU(
-            "l4", "NVIDIA L4 24 GB", 24, 0.300, 121, "PCIe 4 only", False, 0.80,
-            "article: ~$0.80 spot",
-        ),
-        GPU(
-            "l40s", "NVIDIA L40S 48 GB", 48, 0.864, 362, "PCIe 4 only", False, 1.60,
-            "assumption: the article gives no L40S price",
-        ),
-        GPU(
-            "mi300x", "AMD Instinct MI300X 192 GB", 192, 5.3, 1307, "Infinity Fabric (896 GB/s)",
-            True, 9.00, "assumption: 'competitive with H100' (article), so the H100 midpoint",
-        ),
-    )
-}  # fmt: skip
-
-
-# --- inputs -----------------------------------------------------------------------------------
-
-
-def parse_count(value: str | int, what: str) -> int:
-    """A positive integer, also written with a K suffix (``4k`` = 4096)."""
-    if isinstance(value, int):
-        n = value
-    else:
-        text = str(value).strip().lower().replace("_", "")
-        scale = 1024 if text.endswith("k") else 1
-        try:
-            n = int(text[:-1] if scale > 1 else text) * scale
-        except ValueError:
-            raise ValueError(f"{what} must be a positive integer, got {value!r}") from None
-    if n < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return n
-
-
-def get_gpu(name: str) -> GPU:
-    gpu = GPUS.get(name.strip().lower())
-    if gpu is None:
-        raise ValueError(f"unknown GPU {name!r}; choose one of {', '.join(GPUS)}")
-    return gpu
-
-
-def _dtype(name: str, table: dict[str, float], what: str) -> str:
-    key = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(
-        name.strip().lower(), name.strip().lower()
-    )
-    if key not in table:
-        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(table)}")
-    return key
-
-
-def resolve_model(spec: str) -> Architecture:
-    """A built-in name, a config.json file, a Hugging Face folder or a GGUF file."""
-    key = spec.strip().lower()
-    if key in BUILTIN_MODELS:
-        return BUILTIN_MODELS[key]
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        config_json = os.path.join(path, "config.json")
-        if not os.path.isfile(config_json):
-            raise ValueError(f"{path} is a folder without config.json, not a model folder")
-        # The config alone: planning needs no weights (and they may not be downloaded yet).
-        name = os.path.basename(os.path.normpath(path))
-        return _from_hf_dict(_read_json(config_json), name, config_json)
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head == b"GGUF":
-            from splitserve.model.loader import open_checkpoint  # torch, only now
-
-            # Reads the metadata only; `.tensors()` (the weights) is never called.
-            return Architecture.from_model_config(open_checkpoint(path).config)
-        name = os.path.basename(os.path.dirname(os.path.abspath(path))) or "model"
-        return _from_hf_dict(_read_json(path), name, path)
-    if os.sep in spec or spec.endswith((".json", ".gguf")) or spec.startswith("~"):
-        raise ValueError(f"no such model file or folder: {path}")
-    raise ValueError(
-        f"unknown model {spec!r}; built-in names: {', '.join(BUILTIN_MODELS)}; "
-        "or pass a config.json, a GGUF file or a Hugging Face folder"
-    )
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable config.json ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
-def _from_hf_dict(cfg: dict[str, Any], name: str, path: str) -> Architecture:
-    from splitserve.engine.config import ModelConfig  # torch, only now
-
-    try:
-        model_config = ModelConfig.from_hf(cfg, name=name)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: unsupported or incomplete config ({e!s})") from e
-    return Architecture.from_model_config(model_config)
-
-
-# --- the arithmetic ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    """Parameters by where they live; `layer` is one transformer block."""
-
-    embeddings: int  # vocab x hidden
-    lm_head: int  # vocab x hidden, 0 when tied to the embeddings
-    attention_per_layer: int  # q, k, v, o (+ q/k/v biases)
-    mlp_per_layer: int  # gate, up, down
-    norms_per_layer: int  # two RMSNorm weights
-    final_norm: int
-    num_layers: int
-
-    @property
-    def per_layer(self) -> int:
-        return self.attention_per_layer + self.mlp_per_layer + self.norms_per_layer
-
-    @property
-    def total(self) -> int:
-        return self.embeddings + self.lm_head + self.num_layers * self.per_layer + self.final_norm
-
-
-def count_params(a: Architecture) -> ParamCount:
-    q_width = a.num_heads * a.head_dim
-    kv_width = a.num_kv_heads * a.head_dim
-    attention = a.hidden_size * q_width + 2 * a.hidden_size * kv_width + q_width * a.hidden_size
-    if a.attention_bias:
-        attention += q_width + 2 * kv_width
-    embeddings = a.vocab_size * a.hidden_size
-    return ParamCount(
-        embeddings=embeddings,
-        lm_head=0 if a.tie_word_embeddings else embeddings,
-        attention_per_layer=attention,
-        mlp_per_layer=3 * a.hidden_size * a.intermediate_size,
-        norms_per_layer=2 * a.hidden_size,
-        final_norm=a.hidden_size,
-        num_layers=a.num_layers,
-    )
+WEIGHT_DTYPE_BYTES = {name: float(c.mid) for name, c in DTYPE_BYTES.items()}
+KV_DTYPE_BYTES = {name: int(DTYPE_BYTES[name].mid) for name in KV_DTYPES}
+# Tensor parallelism stays inside a node of MAX_TP GPUs; beyond that, pipeline stages.
+TP_DEGREES = tuple(2**i for i in range(int(math.log2(data.MAX_TP.mid)) + 1))
+KV_READS_NOTE_BELOW = 0.75  # a note when full-context KV reads cut the ceiling below this share
 
 
 def kv_bytes_per_token(a: Architecture, kv_dtype: str = "fp16") -> int:
@@ -383,7 +138,7 @@ class Plan:
     kv_dtype: str
     headroom: float
     usd_per_gpu_hour: float
-    price_source: str
+    price_source: str  # the key of the cited price, or "--gpu-hour-usd"
     architecture: dict[str, Any]
     params: dict[str, int]
     weight_bytes: float
@@ -396,6 +151,7 @@ class Plan:
     single_gpu_passes_per_s: float  # bandwidth / all weight bytes: the article's "about 23"
     layout: Layout | None
     notes: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # the keys of every cited number used
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -415,8 +171,8 @@ def plan(
     g = get_gpu(gpu)
     context = parse_count(context, "context")
     batch = parse_count(batch, "batch")
-    kv_dtype = _dtype(kv_dtype, KV_DTYPE_BYTES, "KV dtype")
-    weight_dtype = _dtype(weight_dtype, WEIGHT_DTYPE_BYTES, "weight dtype")
+    kv_dtype = parse_dtype(kv_dtype, KV_DTYPE_BYTES, "KV dtype")
+    weight_dtype = parse_dtype(weight_dtype, WEIGHT_DTYPE_BYTES, "weight dtype")
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom must be a fraction in [0, 1), got {headroom}")
     price = g.usd_per_hour if usd_per_gpu_hour is None else float(usd_per_gpu_hour)
@@ -427,43 +183,10 @@ def plan(
     p = count_params(arch)
     weight_bytes = p.total * WEIGHT_DTYPE_BYTES[weight_dtype]
     kv_tok = kv_bytes_per_token(arch, kv_dtype)
-    tokens = context * batch
-    kv_bytes = kv_tok * tokens
-    total = weight_bytes + kv_bytes
+    kv_bytes = kv_tok * context * batch
     usable = g.memory_gb * (1 - headroom)
     layout = smallest_layout(arch, g, weight_dtype, kv_dtype, context, batch, usable, price)
-
-    notes = []
-    if arch.max_position_embeddings and context > arch.max_position_embeddings:
-        notes.append(
-            f"context {context} is beyond the model's {arch.max_position_embeddings} positions"
-        )
-    if layout is None:
-        notes.append(
-            f"does not fit even on TP={max(valid_tp_degrees(arch))} x PP={arch.num_layers}: "
-            "shrink the batch or context, or quantize"
-        )
-    elif layout.passes_per_s_bandwidth_with_kv < 0.75 * layout.passes_per_s_bandwidth:
-        kv_tokens = layout.passes_per_s_bandwidth_with_kv * batch
-        notes.append(
-            f"at {batch} x {context:,} tokens the KV reads rival the weights: a full-context step "
-            f"is bounded at {kv_tokens:,.0f} tokens/s "
-            f"(${usd_m(layout.usd_per_hour, kv_tokens):.3g}/M at that rate), well under the "
-            "weights-only ceiling"
-        )
-    if layout is not None and layout.tp > 1 and not g.fast_interconnect:
-        notes.append(
-            f"{g.name} has no NVLink-class link ({g.interconnect}): TP={layout.tp} over PCIe "
-            "pays an AllReduce per layer that can halve throughput (the article: 1,800 -> 900 "
-            "tokens/s for TP=4 A100); the ceiling above ignores it"
-        )
-    if weight_dtype == "int4":
-        notes.append(
-            "int4 counts 0.5 B/param; real AWQ/GPTQ files add group scales and often keep the "
-            "embeddings and lm_head in fp16, a few % more"
-        )
-    notes.extend(_article_notes(arch, g, weight_dtype, kv_dtype, context, batch, kv_bytes))
-    return Plan(
+    result = Plan(
         model=arch.name,
         nominal=arch.nominal,
         gpu=g.name,
@@ -474,7 +197,7 @@ def plan(
         kv_dtype=kv_dtype,
         headroom=headroom,
         usd_per_gpu_hour=price,
-        price_source=g.price_source if usd_per_gpu_hour is None else "--gpu-hour-usd",
+        price_source=g.price.key if usd_per_gpu_hour is None else "--gpu-hour-usd",
         architecture=asdict(arch),
         params={
             "total": p.total,
@@ -487,14 +210,22 @@ def plan(
         weight_bytes=weight_bytes,
         kv_bytes_per_token=kv_tok,
         kv_bytes=float(kv_bytes),
-        total_bytes=total,
+        total_bytes=weight_bytes + kv_bytes,
         gpu_memory_gb=g.memory_gb,
         usable_gb_per_gpu=usable,
-        fits_one_gpu=total <= usable * GB,
+        fits_one_gpu=weight_bytes + kv_bytes <= usable * GB,
         single_gpu_passes_per_s=g.bandwidth_tbs * TB / weight_bytes,
         layout=layout,
-        notes=notes,
     )
+    result.notes = plan_notes(result, arch, g)
+    result.sources = sorted(
+        {g.key, f"dtype.{weight_dtype}", f"dtype.{kv_dtype}", data.MAX_TP.key}
+        | ({result.price_source} - {"--gpu-hour-usd"})
+        | ({arch.key} - {""})
+        | ({data.REALISTIC_FRACTION.key} if layout else set())
+        | {key for note in result.notes for key in _keys(note)}
+    )
+    return result
 
 
 def smallest_layout(
@@ -556,7 +287,7 @@ def _rate_layout(
     tokens = passes * batch
     gpus = tp * pp
     usd_hour = gpus * usd_per_gpu_hour
-    lo, hi = REALISTIC_FRACTION
+    lo, hi = data.REALISTIC_FRACTION.value
     fullest = max(stages, key=lambda s: s.bytes_per_gpu)
     return Layout(
         tp=tp,
@@ -584,29 +315,84 @@ def usd_m(usd_per_hour: float, tokens_per_s: float) -> float:
     return usd_per_hour / (tokens_per_s * 3600) * 1e6
 
 
-def _article_notes(
-    a: Architecture,
-    g: GPU,
-    weight_dtype: str,
-    kv_dtype: str,
-    context: int,
-    batch: int,
-    kv_bytes: float,
-) -> list[str]:
-    """Where this plan recomputes one of the article's Llama-3-70B figures, say how it compares."""
-    if not a.same_shape(BUILTIN_MODELS["llama-3-70b"]):
-        return []
+def plan_notes(r: Plan, a: Architecture, g: GPU) -> list[str]:
+    """What the headline numbers leave out, and how they compare with the article's figures.
+    Each cited number is printed with its key, in brackets at the end."""
     notes = []
-    if weight_dtype in ("fp16", "bf16") and g.name == "h100":
+    if a.max_position_embeddings and r.context > a.max_position_embeddings:
         notes.append(
-            "article: 'about 23 forward passes per second' for ~140 GB on 3.35 TB/s; "
-            "70e9 x 2 B = 140 GB gives 23.9 and the exact 70.55e9 params 23.7: "
-            "both are 23-and-a-bit, the article rounds down"
+            f"context {r.context} is beyond the model's {a.max_position_embeddings} positions"
         )
-    if kv_dtype in ("fp16", "bf16") and context == 4096 and batch == 32:
+    lay = r.layout
+    if lay is None:
         notes.append(
-            f"article: KV '30-40 GB' at 4K x 32; the arithmetic gives {kv_bytes / GB:.2f} GB "
-            f"= {kv_bytes / GIB:.2f} GiB: the top of the range only if its GB are GiB, "
-            "7% above it in decimal GB"
+            f"does not fit even on TP={max(valid_tp_degrees(a))} x PP={a.num_layers}: "
+            "shrink the batch or context, or quantize"
+        )
+    elif lay.passes_per_s_bandwidth_with_kv < KV_READS_NOTE_BELOW * lay.passes_per_s_bandwidth:
+        kv_tokens = lay.passes_per_s_bandwidth_with_kv * r.batch
+        notes.append(
+            f"at {r.batch} x {r.context:,} tokens the KV reads rival the weights: a full-context "
+            f"step is bounded at {kv_tokens:,.0f} tokens/s "
+            f"(${usd_m(lay.usd_per_hour, kv_tokens):.3g}/M at that rate), well under the "
+            "weights-only ceiling"
+        )
+    if lay is not None and lay.tp > 1 and not g.fast_interconnect:
+        notes.append(
+            f"TP={lay.tp} over {g.interconnect}: the ceiling leaves out an AllReduce per layer; "
+            f"cited {data.TP_OVER_PCIE} over PCIe [{data.TP_OVER_PCIE.key}]"
+        )
+    notes += _quantization_notes(r)
+    return notes + _article_checks(r, a, g)
+
+
+def _quantization_notes(r: Plan) -> list[str]:
+    notes = []
+    if r.weight_dtype == "int4":
+        fp16_total = r.params["total"] * WEIGHT_DTYPE_BYTES["fp16"] + r.kv_bytes
+        less = 1 - r.total_bytes / fp16_total
+        notes.append(
+            f"int4 weights at {WEIGHT_DTYPE_BYTES['int4']:g} B/param (no group scales, no fp16 "
+            f"embeddings or lm_head): weights + KV {r.total_bytes / GB:,.2f} GB, {less:.0%} less "
+            f"than with fp16 weights; cited {data.AWQ_INT4_SAVING} "
+            f"[{DTYPE_BYTES['int4'].key}, {data.AWQ_INT4_SAVING.key}]"
+        )
+    if KV_DTYPE_BYTES[r.kv_dtype] == 1:
+        fp16_kv = r.kv_bytes * KV_DTYPE_BYTES["fp16"]
+        notes.append(
+            f"KV in {r.kv_dtype}: {r.kv_bytes / GB:,.2f} GB, {fp16_kv / r.kv_bytes:g}x as many "
+            f"sequences per GB as fp16 ({fp16_kv / GB:,.2f} GB); cited {data.KV_8BIT_SEQUENCES} "
+            f"[{data.KV_8BIT_SEQUENCES.key}]"
         )
     return notes
+
+
+def _article_checks(r: Plan, a: Architecture, g: GPU) -> list[str]:
+    """Where this plan recomputes one of the article's figures: both numbers, side by side."""
+
+    def check(what: str, computed: str, cited: Cited) -> str:
+        return f"{what}: {computed} computed, {cited} cited [{cited.key}]"
+
+    fp16 = ("fp16", "bf16")
+    notes = []
+    if a.same_shape(BUILTIN_MODELS["llama-3-70b"]):
+        if r.weight_dtype in fp16:
+            weights = f"{r.weight_bytes / GB:,.2f} GB"
+            notes.append(check("70B weights", weights, data.WEIGHTS_70B_FP16))
+            if g.name == "h100":
+                rate = f"{r.single_gpu_passes_per_s:.1f} forward passes/s"
+                notes.append(check("one-H100 rate", rate, data.CEILING_70B_H100))
+        if r.kv_dtype in fp16 and (r.context, r.batch) == (4096, 32):
+            kv = f"{r.kv_bytes / GB:.2f} GB ({r.kv_bytes / GIB:.2f} GiB)"
+            notes.append(check("KV cache at 4K x 32", kv, data.KV_70B_4K_32))
+    if a.same_shape(BUILTIN_MODELS["llama-3-405b"]) and r.weight_dtype in fp16:
+        weights = f"{r.weight_bytes / GB:,.2f} GB"
+        notes.append(check("405B weights", weights, data.WEIGHTS_405B_FP16))
+    return notes
+
+
+def _keys(note: str) -> list[str]:
+    """The keys a note cites: the bracketed list at its end."""
+    if not note.endswith("]"):
+        return []
+    return note[note.rindex("[") + 1 : -1].split(", ")

@@ -1,7 +1,19 @@
-"""Session-wide fixtures: the real SmolLM2 checkpoint and its transformers reference.
+"""Session-wide fixtures: the real SmolLM2 checkpoint and its transformers reference; and how
+the suite is cut up for pytest-xdist.
 
 Loading the reference takes ~17 s, so each is built once per test session and shared; tests
 must treat them as read-only.
+
+scripts/test.sh runs the suite on several xdist workers with `--dist loadgroup`: a group of
+tests runs on one worker, an ungrouped test wherever there is room. A session fixture is built
+once per worker, a module fixture once per worker that runs tests of that module, so
+`pytest_collection_modifyitems` groups the tests that share something expensive:
+- the modules using a session fixture in SHARED_SESSION_FIXTURES (a mesh of real services,
+  the transformers model), one group per fixture, so it is built once in the whole run;
+- the tests of a module with a module-scoped fixture (its own mesh, its engines), one group per
+  module.
+Everything else is spread test by test. Groups go out in collection order; RUN_FIRST moves the
+longest ones to the front so that they don't end the run alone.
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ import os
 from typing import Any
 
 import pytest
+from models import CHECKPOINT_TINY_HF
 
 from splitserve.model.loader import Checkpoint, ModelLoadError, default_model_path, open_checkpoint
 
@@ -42,21 +55,6 @@ def hf_reference(smollm2_path: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-TINY_MODEL = {  # a small random Llama over SmolLM2's real tokenizer (vocab 49152)
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 160,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "tie_word_embeddings": False,
-    # Wider weights than the default 0.02 spread the logits out, so greedy choices are never
-    # near-ties that summation order (TP all-reduces) could flip.
-    "initializer_range": 0.2,
-}
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A Hugging Face folder (config.json, model.safetensors, tokenizer files) holding a tiny
@@ -67,7 +65,7 @@ def tiny_model_dir(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) 
     folder, name = os.path.split(smollm2_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.for_model(
-        **TINY_MODEL,
+        **CHECKPOINT_TINY_HF,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -78,3 +76,38 @@ def tiny_model_dir(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ---- pytest-xdist groups --------------------------------------------------------------------
+SHARED_SESSION_FIXTURES = ("disagg_mesh", "hf_reference")
+RUN_FIRST = ("disagg_mesh",)
+_WIDE_SCOPES = ("module", "class", "package")
+
+
+def _module_groups(items: list[pytest.Item]) -> dict[str, str]:
+    """module -> its group, for the modules whose tests must stay together."""
+    shared: dict[str, str] = {}
+    wide: set[str] = set()
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        marked = item.get_closest_marker("xdist_group")
+        if marked is not None:  # a module that reaches a fixture by name says so itself
+            shared[module] = marked.args[0]
+        for fixture in SHARED_SESSION_FIXTURES:
+            if fixture in item.fixturenames and module not in shared:  # type: ignore[attr-defined]
+                shared[module] = fixture
+        defs = item._fixtureinfo.name2fixturedefs.values()  # type: ignore[attr-defined]
+        if any(d[-1].scope in _WIDE_SCOPES for d in defs):
+            wide.add(module)
+    return {**{m: m for m in wide}, **shared}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    groups = _module_groups(items)
+    for item in items:
+        group = groups.get(item.nodeid.split("::", 1)[0])
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    first = {group: i for i, group in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: first.get(groups.get(item.nodeid.split("::", 1)[0]), len(first)))

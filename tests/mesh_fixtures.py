@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 import openai
 import torch
-from mesh_ports import up_args
+from ports import up_args
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.engine.engine import LLMEngine
@@ -231,15 +231,6 @@ class RunningMesh:
             self.console.close()
             if self.redis_prefix:
                 delete_redis_keys(self.redis_prefix)
-
-
-def child_pids(pid: int) -> list[int]:
-    """The process's children (e.g. a worker's pipeline stages), from every thread."""
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(p) for p in f.read().split()]
-    return out
 
 
 def start_mesh(

@@ -1,22 +1,20 @@
-"""Real service processes for the router's integration tests: free ports, start, wait for
-grpc.health.v1 SERVING, stop with SIGTERM (and report the exit status)."""
+"""For the router's tests: real service processes (start, wait for grpc.health.v1 SERVING,
+stop with SIGTERM and report the exit status), and a Router's servicer on an in-process server."""
 
 from __future__ import annotations
 
-import socket
+import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from splitserve.router.app import Router
 
 
 class Service:
@@ -61,3 +59,28 @@ class Service:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def serve_router(
+    router: Router,
+    add_servicer: Callable[[grpc.aio.Server], None],
+    stub_type: Callable[[grpc.aio.Channel], Any],
+    scenario: Callable[[Router, Any], Awaitable[None]],
+) -> Router:
+    """Runs `scenario(router, stub)` against one of the router's servicers on a real grpc.aio
+    server on a free port in this process; then stops the server and closes the router."""
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        add_servicer(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await scenario(router, stub_type(channel))
+        finally:
+            await server.stop(None)
+            await router.close()
+
+    asyncio.run(run())
+    return router

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,9 +14,12 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from models import TINY
+from ports import free_port
 
-from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
+from splitserve.executors.build import create_random_engine
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.v1 import rpc
 from splitserve.workers.engine_loop import AsyncEngine
@@ -25,36 +27,15 @@ from splitserve.workers.kv_prefix import PrefixTier
 from splitserve.workers.metrics import WorkerMetrics
 from splitserve.workers.worker import Worker
 
-TINY = ModelConfig.from_hf(
-    dict(
-        model_type="llama",
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=2,
-    ),
-    name="tiny",
-)
-
 
 def tiny_engine(num_blocks: int = 32, **overrides) -> LLMEngine:
     """Random weights seeded by the config: two of these with the same seed are the same model."""
     cfg = {"num_kv_blocks": num_blocks, "block_size": 4, "max_num_batched_tokens": 32, **overrides}
-    return LLMEngine.random(TINY, EngineConfig(**cfg))
+    return create_random_engine(TINY, EngineConfig(**cfg))
 
 
 def prompt(n: int, offset: int = 0) -> list[int]:
     return [(i * 7 + offset) % 120 + 3 for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

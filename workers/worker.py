@@ -22,9 +22,10 @@ from typing import NoReturn, Protocol
 
 import grpc
 
-from splitserve.engine.engine import CapacityError, LLMEngine, RequestError
+from splitserve.engine.engine import CapacityError, RequestError
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from splitserve.executors.build import create_engine
 from splitserve.executors.flags import add_engine_args, engine_config
 from splitserve.executors.pipeline.executor import StageUnavailableError
 from splitserve.executors.tensor_parallel import ShardGroupError
@@ -249,7 +250,7 @@ async def serve_worker(
 
     cfg = engine_config(args)
     engine = await AsyncEngine.load(
-        lambda: LLMEngine.from_config(cfg),
+        lambda: create_engine(cfg),
         args.max_waiting_requests,
         args.max_queued_tokens,
         metrics,

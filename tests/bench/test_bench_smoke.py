@@ -15,11 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from models import tiny_hf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from splitserve.bench import engine_bench as eb
 from splitserve.bench import hf_baseline as hf
 from splitserve.bench import roofline as rl
+from splitserve.bench.report import write_json
 from splitserve.bench.workload import (
     MIN_TOKEN_ID,
     DecodeResult,
@@ -31,18 +33,13 @@ from splitserve.bench.workload import (
 )
 from splitserve.cli import build_parser
 from splitserve.engine.config import EngineConfig, ModelConfig
-from splitserve.engine.engine import LLMEngine
+from splitserve.executors.build import create_random_engine
 
-HF_TINY = dict(
-    model_type="llama",
+HF_TINY = tiny_hf(
     vocab_size=512,
     hidden_size=64,
     intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     max_position_embeddings=512,
-    eos_token_id=2,
     bos_token_id=1,
     pad_token_id=0,
     tie_word_embeddings=True,
@@ -96,7 +93,7 @@ def test_kv_pool_is_a_fraction_of_the_workload_but_fits_the_longest_request():
 
 # ---- arithmetic ----------------------------------------------------------------------------
 def test_matmul_params_match_the_model():
-    engine = LLMEngine.random(TINY, EngineConfig(num_kv_blocks=8, linear_backend="torch"))
+    engine = create_random_engine(TINY, EngineConfig(num_kv_blocks=8, linear_backend="torch"))
     layers = engine.runner.executor.shard.model.layers
     layer_weights = sum(p.numel() for p in layers.parameters() if p.dim() == 2)
     assert rl.body_matmul_params(TINY) == layer_weights
@@ -143,7 +140,7 @@ def test_peak_measurements_run_small():
 def test_engine_runs_the_workload_in_a_full_pool():
     requests = make_workload(SMALL_SPEC, TINY.vocab_size)
     blocks = eb.kv_pool_blocks(requests, 4, 0.6)
-    engine = LLMEngine.random(TINY, EngineConfig(num_kv_blocks=blocks, block_size=4))
+    engine = create_random_engine(TINY, EngineConfig(num_kv_blocks=blocks, block_size=4))
     eb.warm_up_engine(engine, TINY.vocab_size)
     assert engine.stats.num_steps == 0 and engine.block_manager.num_cached_blocks == 0
     result, traffic = eb.run_engine_workload(engine, requests, 1000, 10)
@@ -199,7 +196,7 @@ def test_report_ends_with_the_lower_ratio(tmp_path):
     )
     lines = eb.report_lines(bench)
     assert "kv_utilization_peak: 0.95" in lines and "preemptions: 4" in lines
-    eb.write_json(str(tmp_path / "r.json"), bench)
+    write_json(str(tmp_path / "r.json"), eb.json_doc(bench))
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["throughput_ratio_vs_hf"] == 1.5 and doc["results"][0]["throughput_ratio"] == 3.0
     eb.write_plot(str(tmp_path / "r.png"), results)

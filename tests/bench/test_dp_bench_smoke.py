@@ -7,50 +7,15 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
-import time
 
 import pytest
 
 from splitserve.bench import dp_bench as dp
+from splitserve.bench.cpus import cores_for
 from splitserve.bench.workload import MIN_TOKEN_ID, ThroughputResult
 from splitserve.cli import build_parser, main
 
 FINAL_LINE = re.compile(r"dp_scaling_ratio: \d+\.\d\d")
-
-
-def test_cores_are_one_per_replica_and_wrap_when_short():
-    assert dp.cores_for(2, {3, 1}) == [1, 3]
-    assert dp.cores_for(1, {0, 1}) == [0]
-    assert dp.cores_for(3, [0, 1]) == [0, 1, 0]
-    with pytest.raises(ValueError):
-        dp.cores_for(1, [])
-
-
-THREADS = (  # a process with three threads besides its main one
-    "import threading, time\n"
-    "for _ in range(3):\n"
-    "    threading.Thread(target=time.sleep, args=(30,)).start()\n"
-    "time.sleep(30)\n"
-)
-
-
-def test_pinning_moves_every_thread():
-    proc = subprocess.Popen([sys.executable, "-c", THREADS])
-    try:
-        cpu = max(os.sched_getaffinity(0))  # not the first: the default mask would pass too
-        for _ in range(200):  # until its threads exist
-            if len(os.listdir(f"/proc/{proc.pid}/task")) >= 4:
-                break
-            time.sleep(0.05)
-        dp.pin_process(proc.pid, {cpu})
-        tids = os.listdir(f"/proc/{proc.pid}/task")
-        assert len(tids) >= 4
-        assert all(os.sched_getaffinity(int(t)) == {cpu} for t in tids)
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_settings_and_workload():
@@ -71,21 +36,9 @@ def test_settings_and_workload():
             dp.settings_from_args(build_parser().parse_args(["bench", "dp", *bad]))
 
 
-def test_waiting_for_quiet_is_bounded():
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # someone else
-    try:
-        waited, share = dp.wait_for_quiet(list, timeout_s=0.5, threshold=0.0, window_s=0.2)
-        assert 0.4 <= waited < 3.0 and share > 0  # never quiet by that bar: gives up in time
-    finally:
-        busy.kill()
-        busy.wait()
-    waited, _ = dp.wait_for_quiet(list, timeout_s=5.0, threshold=1.01, window_s=0.1)
-    assert waited < 1.0  # always quiet by that bar: two windows
-
-
 def test_core_scaling_measures_the_machine():
     # Ratios of timings on a shared machine: only their being real measurements is asserted.
-    cpus = dp.cores_for(2, os.sched_getaffinity(0))
+    cpus = cores_for(2, os.sched_getaffinity(0))
     for on in (cpus[:1], cpus):
         assert 0 < dp.core_scaling(on, seconds=0.3) < math.inf
     args = build_parser().parse_args(["bench", "dp", "--no-probe"])
@@ -137,7 +90,7 @@ def test_quick_run_writes_json_plot_and_final_line(tmp_path, capsys):
     two = doc["meshes"][1]
     if len(os.sched_getaffinity(0)) >= 2:  # one core each
         assert sorted(c for cores in two["cores"].values() for c in cores) == sorted(
-            dp.cores_for(2, os.sched_getaffinity(0))
+            cores_for(2, os.sched_getaffinity(0))
         )
     assert doc["same_tokens"] == doc["requests"] == q.requests  # greedy: DP changes nothing
     assert doc["dp_scaling_ratio"] == pytest.approx(

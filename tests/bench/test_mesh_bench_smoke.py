@@ -9,7 +9,6 @@ line, the JSON and the plot, from a made-up result.
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -17,11 +16,15 @@ from prometheus_client import generate_latest
 
 from splitserve.bench import mesh_bench as mb
 from splitserve.bench import mesh_runner as mr
+from splitserve.bench import mesh_ttft as mt
+from splitserve.bench import report
+from splitserve.bench.phases import Phases
 from splitserve.bench.workload import (
     MIN_TOKEN_ID,
     BenchRequest,
     ThroughputResult,
     WorkloadSpec,
+    count_same,
     make_workload,
 )
 from splitserve.cli import build_parser
@@ -61,12 +64,12 @@ def test_full_workload_is_the_engine_workload_scaled_and_deterministic():
 
 def test_shared_prefix_prompts():
     s = mb.FULL
-    p = mb.shared_prefix_prompts(s, VOCAB, seed=0, nonce="abc")
+    p = mt.shared_prefix_prompts(s, VOCAB, seed=0, nonce="abc")
     assert len(p.system) == s.system_prompt_tokens
     assert all(MIN_TOKEN_ID <= t < VOCAB for t in p.system)
-    assert set(p.prompts) == set(mb.TTFT_CASES)
+    assert set(p.prompts) == set(mt.TTFT_CASES)
     suffixes = set()
-    for case in mb.TTFT_CASES:
+    for case in mt.TTFT_CASES:
         assert len(p.prompts[case]) == s.ttft_requests
         for prompt in p.prompts[case]:
             assert prompt[: len(p.system)] == p.system
@@ -74,7 +77,7 @@ def test_shared_prefix_prompts():
             suffixes.add(prompt[len(p.system) :])
     assert len(suffixes) == 3 * s.ttft_requests  # every request's suffix is its own
     assert len(set(p.salts)) == s.ttft_requests
-    other = mb.shared_prefix_prompts(s, VOCAB, seed=0, nonce="xyz")
+    other = mt.shared_prefix_prompts(s, VOCAB, seed=0, nonce="xyz")
     assert other.prompts == p.prompts and not set(other.salts) & set(p.salts)
 
 
@@ -82,26 +85,22 @@ def test_chain_keys_share_the_prefix_under_one_salt_only():
     from splitserve.engine.hashing import kv_namespace
 
     s = mb.QUICK
-    p = mb.shared_prefix_prompts(s, VOCAB, seed=0, nonce="n")
-    keys = mb.ChainKeys.of(p, kv_namespace("m", "float32", 16), 16)
+    p = mt.shared_prefix_prompts(s, VOCAB, seed=0, nonce="n")
+    keys = mt.ChainKeys.of(p, kv_namespace("m", "float32", 16), 16)
     n = s.system_prompt_tokens // 16
     assert [len(k) for k in keys.prefix] == [n] * s.ttft_requests
-    for case in mb.TTFT_CASES:
+    for case in mt.TTFT_CASES:
         for i, chain in enumerate(keys.prompts[case]):
             assert chain[:n] == keys.prefix[i]  # same salt: the prefix blocks are shared
     assert keys.prefix[0][0] != keys.prefix[1][0]  # another salt: nothing is
 
 
 # ---- arithmetic ----------------------------------------------------------------------------
-def test_latency_stats_and_reduction():
-    st = mb.LatencyStats.of([0.4, 0.1, 0.3, 0.2])
-    assert (st.n, st.min, st.max) == (4, 0.1, 0.4)
-    assert st.mean == pytest.approx(0.25) and st.median == pytest.approx(0.25)
-    assert mb.LatencyStats.of([]).n == 0
-    assert mb.reduction(0.3, 1.0) == pytest.approx(0.7)
-    assert mb.reduction(1.0, 1.0) == 0.0
-    assert mb.reduction(2.0, 1.0) == pytest.approx(-1.0)  # slower: a negative reduction
-    assert mb.reduction(1.0, 0.0) == 0.0
+def test_reduction():
+    assert mt.reduction(0.3, 1.0) == pytest.approx(0.7)
+    assert mt.reduction(1.0, 1.0) == 0.0
+    assert mt.reduction(2.0, 1.0) == pytest.approx(-1.0)  # slower: a negative reduction
+    assert mt.reduction(1.0, 0.0) == 0.0
 
 
 def test_best_of_keeps_the_fastest_run_and_every_time():
@@ -113,8 +112,8 @@ def test_best_of_keeps_the_fastest_run_and_every_time():
 
 def test_count_same_tokens():
     engine = {"a": [1, 2], "b": [3], "c": [4]}
-    assert mb.count_same({"a": [1, 2], "b": [9], "c": [4]}, engine) == 2
-    assert mb.count_same({}, engine) == 0
+    assert count_same({"a": [1, 2], "b": [9], "c": [4]}, engine) == 2
+    assert count_same({}, engine) == 0
 
 
 def test_transfer_rate_from_the_decode_workers_metrics():
@@ -125,11 +124,11 @@ def test_transfer_rate_from_the_decode_workers_metrics():
     m.kv_transfer_seconds.observe(0.25)
     m.kv_transfer_seconds.observe(0.25)
     after = mr.parse_metrics(generate_latest(m.registry).decode())
-    t = mb.transfer_delta(before, after)
+    t = mt.transfer_delta(before, after)
     assert (t.transfers, t.bytes, t.seconds) == (2, 50e6, 0.5)
     assert t.mb_per_s == pytest.approx(100.0)
     assert t.mean_seconds == 0.25 and t.mean_mb == 25.0
-    assert mb.TransferStats().mb_per_s == 0.0 and mb.TransferStats().mean_seconds == 0.0
+    assert mt.TransferStats().mb_per_s == 0.0 and mt.TransferStats().mean_seconds == 0.0
 
 
 def test_sample_sums_over_labels_it_was_not_asked_about():
@@ -141,19 +140,6 @@ def test_sample_sums_over_labels_it_was_not_asked_about():
     assert mr.sample(samples, "x_total") == 7.0
     assert mr.sample(samples, "x_total", direction="received") == 5.0
     assert mr.sample(samples, "missing") == 0.0
-
-
-def test_cpu_accounting():
-    share = mr.CpuShare(wall_s=2.0, ours_s=1.0, others_s=1.0, cpus=2)
-    assert share.others_fraction == 0.25
-    assert mr.CpuShare(0.0, 0.0, 0.0, 2).others_fraction == 0.0
-    assert mr.process_cpu_seconds(os.getpid()) > 0
-    assert mr.process_cpu_seconds(2**22 + 1) == 0.0  # above pid_max: never a process
-    meter = mr.CpuMeter()
-    meter.start()
-    sum(i * i for i in range(200_000))
-    got = meter.stop()
-    assert got.ours_s >= 0 and got.others_s >= 0 and got.wall_s > 0
 
 
 # ---- topologies (built, never started) -------------------------------------------------------
@@ -208,13 +194,13 @@ def made_up_result() -> mb.MeshBenchResult:
     bench.engine = mb.ThroughputRun("engine", ThroughputResult(20, 2.0), [2.0])
     bench.colocated = mb.ThroughputRun("colocated", ThroughputResult(20, 2.5), [2.5], 4)
     bench.disagg = mb.ThroughputRun("disagg", ThroughputResult(20, 4.0), [4.0], 3)
-    transfer = mb.TransferStats(2, 50e6, 0.5)
+    transfer = mt.TransferStats(2, 50e6, 0.5)
     for case, ttft in (("cold", 2.0), ("warm_store", 0.5), ("warm_local", 0.4)):
-        bench.ttft[case] = mb.TTFTCase(
+        bench.ttft[case] = mt.TTFTCase(
             case, [ttft, ttft], [264, 264], [0 if case == "cold" else 256] * 2, [0, 0],
             0 if case != "warm_store" else 32, transfer,
         )  # fmt: skip
-    bench.workload_transfer = mb.TransferStats(4, 8e6, 0.2)
+    bench.workload_transfer = mt.TransferStats(4, 8e6, 0.2)
     return bench
 
 
@@ -247,11 +233,11 @@ def test_report_tables():
 
 def test_json_and_plot(tmp_path):
     bench = made_up_result()
-    phases = mb.Phases(1, enabled=False)
+    phases = Phases(1, "bench mesh", enabled=False)
     with phases("one"):
         pass
     path = tmp_path / "out.json"
-    mb.write_json(str(path), bench, phases)
+    report.write_json(str(path), mb.json_doc(bench, phases))
     doc = json.loads(path.read_text())
     assert doc["mesh_throughput_ratio_vs_engine"] == pytest.approx(0.8)
     assert doc["throughput"]["colocated"]["same_tokens_as_engine"] == 4

@@ -13,12 +13,11 @@ import os
 import re
 
 import pytest
+from models import SMOLLM2
 
 from splitserve.bench import pipeline_bench as pb
 from splitserve.cli import build_parser
-from splitserve.engine.config import ModelConfig
 
-SMOLLM2 = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, 2048, 1e-5, 1e4, None, True)
 FINAL_LINE = re.compile(rf"^{pb.FINAL_KEY}: \d+\.\d\d$", re.MULTILINE)
 
 

@@ -6,9 +6,9 @@ import asyncio
 
 import grpc
 import pytest
+from ports import free_port
 from workers_util import (
     aio_channel,
-    free_port,
     prompt,
     running,
     serve_decode,
@@ -42,6 +42,14 @@ async def read_all(call) -> list[pb.DecodeResponse]:
     while (r := await call.read()) is not grpc.aio.EOF:
         out.append(r)
     return out
+
+
+async def start_long(stub: rpc.DecodeStub, request_id: str) -> grpc.aio.UnaryStreamCall:
+    """A 100-token stream of P, its first response already read: a request that stays live."""
+    long = pb.SamplingOptions(max_tokens=100, temperature=0, ignore_eos=True)
+    call = stub.Generate(pb.DecodeRequest(request_id=request_id, prompt_token_ids=P, sampling=long))
+    await call.read()
+    return call
 
 
 def tokens(responses: list[pb.DecodeResponse]) -> list[int]:
@@ -171,14 +179,12 @@ async def test_no_blocks_for_the_kv_is_resource_exhausted():
 
 @pytest.mark.asyncio
 async def test_client_cancel_and_abort_return_blocks():
-    long = pb.SamplingOptions(max_tokens=100, temperature=0, ignore_eos=True)
     async with (
         running(serve_decode(tiny_engine())) as dec,
         aio_channel(dec.address) as channel,
     ):
         stub = rpc.DecodeStub(channel)
-        call = stub.Generate(pb.DecodeRequest(request_id="c", prompt_token_ids=P, sampling=long))
-        await call.read()
+        call = await start_long(stub, "c")
         call.cancel()
         for _ in range(100):  # the server sees the cancellation asynchronously
             if dec.worker.engine.num_live_requests == 0:
@@ -187,8 +193,7 @@ async def test_client_cancel_and_abort_return_blocks():
         await dec.worker.engine.call(lambda e: None)  # the abort it queued has run
         assert_idle(dec)
 
-        call = stub.Generate(pb.DecodeRequest(request_id="a", prompt_token_ids=P, sampling=long))
-        await call.read()
+        call = await start_long(stub, "a")
         assert (await stub.Abort(pb.AbortRequest(request_id="a"), timeout=5)).found
         rest = await read_all(call)
         assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
@@ -234,14 +239,12 @@ async def test_bad_requests_are_invalid_argument_and_the_worker_keeps_serving(re
 
 @pytest.mark.asyncio
 async def test_duplicate_live_request_id_is_already_exists():
-    long = pb.SamplingOptions(max_tokens=100, temperature=0, ignore_eos=True)
     async with (
         running(serve_decode(tiny_engine())) as dec,
         aio_channel(dec.address) as channel,
     ):
         stub = rpc.DecodeStub(channel)
-        call = stub.Generate(pb.DecodeRequest(request_id="same", prompt_token_ids=P, sampling=long))
-        await call.read()
+        call = await start_long(stub, "same")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await generate(stub, pb.DecodeRequest(request_id="same", prompt_token_ids=P))
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS

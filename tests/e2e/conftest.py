@@ -17,6 +17,7 @@ from mesh_fixtures import RunningMesh, start_mesh
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.tokenizer import Tokenizer
+from splitserve.executors.build import create_engine
 from splitserve.model.loader import Checkpoint
 
 MIB = 1024 * 1024
@@ -39,7 +40,7 @@ def disagg_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMes
 @pytest.fixture(scope="session")
 def reference_engine(smollm2_checkpoint: Checkpoint) -> LLMEngine:
     """The in-process engine on the same checkpoint: what every mesh must reproduce."""
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory_bytes=128 * MIB), smollm2_checkpoint)
+    return create_engine(EngineConfig(kv_cache_memory_bytes=128 * MIB), smollm2_checkpoint)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from mesh_fixtures import (
     start_mesh,
     stream_ids,
 )
-from mesh_ports import free_ports
+from ports import free_ports
 
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.tokenizer import Tokenizer

@@ -33,7 +33,8 @@ from splitserve.engine.engine import LLMEngine
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.v1 import pb
 
-pytestmark = pytest.mark.slow
+# `mesh` reaches the session's disagg_mesh by name: its group (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("disagg_mesh")]
 
 MAX_TOKENS = 24
 PROMPT = "The three primary colours are"

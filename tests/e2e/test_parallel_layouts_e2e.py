@@ -19,6 +19,7 @@ from mesh_fixtures import RPC_TIMEOUT_S, RunningMesh, assert_idle, greedy, start
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
+from splitserve.executors.build import create_engine
 from splitserve.v1 import pb
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_model_dir: str) -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(model=tiny_model_dir, num_kv_blocks=256))
+    return create_engine(EngineConfig(model=tiny_model_dir, num_kv_blocks=256))
 
 
 @pytest.fixture(scope="module")

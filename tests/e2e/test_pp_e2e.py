@@ -23,12 +23,12 @@ from mesh_fixtures import (
     RPC_TIMEOUT_S,
     RunningMesh,
     assert_idle,
-    child_pids,
     greedy,
     prompt_ids,
     start_mesh,
     stream_ids,
 )
+from procs import child_pids
 
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.tokenizer import Tokenizer

@@ -9,7 +9,8 @@ the router must be the in-process engine's.
 from __future__ import annotations
 
 import pytest
-from mesh_fixtures import child_pids, greedy, prompt_ids, start_mesh, stream_ids
+from mesh_fixtures import greedy, prompt_ids, start_mesh, stream_ids
+from procs import child_pids
 
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.tokenizer import Tokenizer

@@ -30,7 +30,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from mesh_fixtures import RunningMesh, http_post, metric_samples, start_mesh, stream_ids
-from mesh_ports import free_ports
+from ports import free_ports
 
 from splitserve.launcher.certs import CertBundle
 from splitserve.services.security import TLSConfig, open_sync_channel

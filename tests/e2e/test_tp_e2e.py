@@ -23,6 +23,7 @@ from mesh_fixtures import (
     start_mesh,
     stream_ids,
 )
+from procs import rank_pids
 
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.tokenizer import Tokenizer
@@ -64,28 +65,10 @@ def expected(reference_engine: LLMEngine, prompts: dict[str, list[int]]) -> dict
     return dict(zip(prompts, outs, strict=True))
 
 
-def rank_processes(worker_pid: int) -> list[int]:
-    """Tensor-parallel rank processes started by the worker with this pid."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == worker_pid and b"splitserve.executors.tensor_parallel" in cmd:
-            out.append(int(entry))
-    return out
-
-
 def test_every_worker_runs_a_group_of_two_ranks(tp_mesh: RunningMesh) -> None:
     assert sorted(tp_mesh.workers) == ["decode-0", "prefill-0"]
     for w in tp_mesh.workers:
-        ranks = rank_processes(tp_mesh.mesh.children[w].proc.pid)
+        ranks = rank_pids(tp_mesh.mesh.children[w].proc.pid)
         assert len(ranks) == 1, (w, ranks)
 
 
@@ -116,9 +99,7 @@ def test_greedy_tokens_match_one_process_disaggregated_and_local(
 
 
 def test_stopping_the_mesh_stops_every_rank(tp_mesh: RunningMesh) -> None:
-    ranks = [
-        pid for w in tp_mesh.workers for pid in rank_processes(tp_mesh.mesh.children[w].proc.pid)
-    ]
+    ranks = [pid for w in tp_mesh.workers for pid in rank_pids(tp_mesh.mesh.children[w].proc.pid)]
     assert len(ranks) == 2
     tp_mesh.stop()
     deadline = time.monotonic() + 30

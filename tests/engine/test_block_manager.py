@@ -68,6 +68,22 @@ def test_prefix_hit_shares_blocks_and_leaves_one_token_to_compute():
     assert bm.num_free_blocks == 16
 
 
+def test_a_peek_at_the_prefix_cache_counts_nothing_and_changes_nothing():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = Seq(list(range(12)))
+    assert run_prefill(bm, a)
+    queried, hits = bm.stats.queried_tokens, bm.stats.hit_tokens
+    hashes = block_hashes(a.tokens, 4)
+    # The whole chain, last block included (an admission always leaves one token to compute).
+    assert bm.cached_prefix_blocks(hashes) == a.block_table
+    assert bm.cached_prefix_blocks(block_hashes([99, *a.tokens[1:]], 4)) == []
+    assert (bm.stats.queried_tokens, bm.stats.hit_tokens) == (queried, hits)
+    assert [bm.blocks[b].ref_count for b in a.block_table] == [1, 1, 1]
+    off = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
+    assert off.cached_prefix_blocks(hashes) == []
+    bm.check_integrity()
+
+
 def test_freed_blocks_stay_cached_until_reused_lru():
     bm = BlockManager(num_blocks=4, block_size=4)
     a = Seq([*list(range(8)), 99])

@@ -5,30 +5,20 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import tiny
 
-from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine, RequestError
 from splitserve.engine.outputs import KVExport
 from splitserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from splitserve.executors.build import create_random_engine
 
-TINY = ModelConfig.from_hf(
-    dict(
-        model_type="llama",
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=2,
-    )
-)
+TINY = tiny("model", max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    return LLMEngine.random(
+    return create_random_engine(
         TINY, EngineConfig(num_kv_blocks=24, block_size=4, max_num_batched_tokens=16)
     )
 

@@ -6,26 +6,15 @@ and seeded, with penalties and min_tokens counting the resumed tokens, alone and
 from __future__ import annotations
 
 import pytest
+from models import tiny
 
-from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine, RequestError
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.executors.build import create_random_engine
 
-TINY = ModelConfig.from_hf(
-    dict(
-        model_type="llama",
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=2,
-    ),
-    name="tiny-resume",
-)
+TINY = tiny("tiny-resume", vocab_size=96, max_position_embeddings=128)
 PROMPT = [(i * 11 + 5) % 90 + 3 for i in range(13)]
 MAX_TOKENS = 14
 CASES = {
@@ -46,7 +35,7 @@ CASES = {
 
 def engine(**overrides: int) -> LLMEngine:
     cfg = {"num_kv_blocks": 48, "block_size": 4, "max_num_batched_tokens": 16, **overrides}
-    return LLMEngine.random(TINY, EngineConfig(**cfg))  # fp32, weights from the config's seed
+    return create_random_engine(TINY, EngineConfig(**cfg))  # fp32, weights from the config's seed
 
 
 def run(llm: LLMEngine, requests: dict[str, tuple[SamplingParams, list[int]]]) -> dict:

@@ -13,6 +13,7 @@ from hf_ref import assert_matches, hf_greedy
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.executors.build import create_engine
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +52,7 @@ def references(hf_reference, prompts):
 
 
 def engine_for(ckpt, **overrides) -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(**{"num_kv_blocks": 256, **overrides}), ckpt)
+    return create_engine(EngineConfig(**{"num_kv_blocks": 256, **overrides}), ckpt)
 
 
 @pytest.fixture(scope="module")

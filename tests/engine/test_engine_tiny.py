@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 from hf_ref import assert_matches, hf_greedy
+from models import VARIANT_BASE
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from splitserve.engine.config import EngineConfig, ModelConfig
@@ -18,15 +19,6 @@ from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.executors.runner import ModelRunner
 
-BASE = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    max_position_embeddings=256,
-    eos_token_id=2,
-    bos_token_id=1,
-)
 VARIANTS = {
     "llama-gqa-untied": dict(
         model_type="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False
@@ -72,7 +64,7 @@ def _prompts(n: int = 5) -> list[list[int]]:
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request):
-    kwargs = {**BASE, **VARIANTS[request.param]}
+    kwargs = {**VARIANT_BASE, **VARIANTS[request.param]}
     hf_cfg = AutoConfig.for_model(**kwargs)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()

@@ -23,11 +23,13 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+from models import LAYOUT_TINY
 
-from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.executors.build import create_engine, create_random_engine
 from splitserve.executors.pipeline.executor import (
     PipelineError,
     PipelineExecutor,
@@ -38,7 +40,7 @@ from splitserve.v1 import pb, rpc
 from splitserve.wire.pipeline_codec import tensor_message, wire_bytes
 from splitserve.wire.step_wire import StepWire
 
-TINY = ModelConfig("llama", 301, 64, 96, 4, 4, 2, 16, 256, 1e-5, 1e4, name="tiny")
+TINY = LAYOUT_TINY
 # Small token budget: long prompts are prefilled in chunks next to running decodes. Small
 # pool: the batch doesn't fit, so the newest requests are preempted and recomputed.
 TINY_BASE = dict(
@@ -61,7 +63,7 @@ DEADLINE_S = 15.0  # a dead stage must fail the step within this
 
 @pytest.fixture(autouse=True, scope="module")
 def _threads_restored() -> Iterator[None]:
-    threads = torch.get_num_threads()  # from_config with num_threads sets it process-wide
+    threads = torch.get_num_threads()  # create_engine with num_threads sets it process-wide
     yield
     torch.set_num_threads(threads)
 
@@ -72,7 +74,7 @@ def tiny_prompts() -> list[list[int]]:
 
 
 def tiny_engine(**overrides) -> LLMEngine:
-    return LLMEngine.random(TINY, EngineConfig(**{**TINY_BASE, **overrides}))
+    return create_random_engine(TINY, EngineConfig(**{**TINY_BASE, **overrides}))
 
 
 def assert_same(ref: list[RequestOutput], got: list[RequestOutput]) -> None:
@@ -274,9 +276,9 @@ def test_stages_exit_when_their_worker_is_killed(tmp_path):
     script = textwrap.dedent(
         f"""
         from splitserve.engine.config import EngineConfig, ModelConfig
-        from splitserve.engine.engine import LLMEngine
+        from splitserve.executors.build import create_random_engine
         cfg = ModelConfig(**{TINY.__dict__!r})
-        engine = LLMEngine.random(cfg, EngineConfig(**{TINY_BASE!r}, pipeline_stages=3))
+        engine = create_random_engine(cfg, EngineConfig(**{TINY_BASE!r}, pipeline_stages=3))
         print(*engine.runner.executor.stage_pids, flush=True)
         input()
         """
@@ -325,8 +327,8 @@ def external_stage(tiny_model_dir: str, tmp_path_factory) -> Iterator[str]:
 def test_external_stages_are_checked_and_used(tiny_model_dir, external_stage):
     base = dict(model=tiny_model_dir, num_kv_blocks=64, num_threads=1)
     prompts = [[1, 50, 400, 7000], [9, 8, 7, 6, 5, 4, 3, 2, 1]]
-    ref = LLMEngine.from_config(EngineConfig(**base)).generate(prompts, PARAMS)
-    engine = LLMEngine.from_config(
+    ref = create_engine(EngineConfig(**base)).generate(prompts, PARAMS)
+    engine = create_engine(
         EngineConfig(**base, pipeline_stages=2, pipeline_stage_addresses=(external_stage,))
     )
     try:
@@ -342,7 +344,7 @@ def test_external_stages_are_checked_and_used(tiny_model_dir, external_stage):
         pipeline_stage_addresses=(external_stage,),
     )
     with pytest.raises(PipelineError, match=r"first_layer.*num_blocks"):
-        LLMEngine.from_config(bad)
+        create_engine(bad)
 
 
 def _micro_batch(hidden_size: int, results_stream: str = "", **change) -> pb.StageForwardRequest:
@@ -453,10 +455,10 @@ def smol_prompts(smollm2_checkpoint) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_smollm2_pp2_with_micro_batches(smollm2_checkpoint, smol_prompts):
-    ref_engine = LLMEngine.from_config(EngineConfig(**SMOL_BASE), smollm2_checkpoint)
+    ref_engine = create_engine(EngineConfig(**SMOL_BASE), smollm2_checkpoint)
     ref = ref_engine.generate(smol_prompts, PARAMS)
     assert ref_engine.stats.num_preemptions > 0
-    engine = LLMEngine.from_config(
+    engine = create_engine(
         EngineConfig(**SMOL_BASE, pipeline_stages=2, micro_batches=4), smollm2_checkpoint
     )
     try:

@@ -23,11 +23,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 from hf_ref import assert_matches, hf_greedy
+from models import VARIANT_BASE
+from procs import rank_pids
 
 from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.outputs import KVExport, RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.executors.build import create_engine, create_random_engine
 from splitserve.executors.runner import ModelRunner
 from splitserve.executors.tensor_parallel import ShardGroupError, ShardGroupStartError, TPExecutor
 from splitserve.model.loader import Checkpoint
@@ -35,16 +38,7 @@ from splitserve.model.parallel import ParallelConfigError, ShardSpec
 from splitserve.wire.step_wire import StepWire
 
 NEW_TOKENS = 12
-BASE = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    max_position_embeddings=256,
-    eos_token_id=2,
-    bos_token_id=1,
-)
-# name -> (config.json fields over BASE, tensor parallel size)
+# name -> (config.json fields over VARIANT_BASE, tensor parallel size)
 VARIANTS = {
     "gqa-3kv-uneven": (
         dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3, vocab_size=301),
@@ -83,7 +77,7 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperatur
 
 
 def model_config(**fields) -> ModelConfig:
-    return ModelConfig.from_hf({"model_type": "llama", **BASE, **fields})
+    return ModelConfig.from_hf({"model_type": "llama", **VARIANT_BASE, **fields})
 
 
 def prompts(vocab: int) -> list[list[int]]:
@@ -152,8 +146,8 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     cfg = model_config(**fields)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    single = LLMEngine.random(cfg, EngineConfig(**ENGINE))
-    group = LLMEngine.random(cfg, EngineConfig(**ENGINE, tensor_parallel_size=tp))
+    single = create_random_engine(cfg, EngineConfig(**ENGINE))
+    group = create_random_engine(cfg, EngineConfig(**ENGINE, tensor_parallel_size=tp))
     try:
         ps = prompts(cfg.vocab_size)
         yield Pair(cfg, tp, single, group, ps, single.generate(ps, GREEDY))
@@ -230,7 +224,7 @@ def test_configs_reach_the_other_ranks_intact() -> None:
 
     cfg = ModelConfig.from_hf(
         {
-            **BASE,
+            **VARIANT_BASE,
             "model_type": "llama",
             "num_attention_heads": 4,
             "eos_token_id": [2, 7],
@@ -258,7 +252,7 @@ def test_configs_reach_the_other_ranks_intact() -> None:
 def test_layouts_that_cannot_be_split_fail_before_starting_anything() -> None:
     cfg = model_config(num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
     with pytest.raises(ParallelConfigError, match="tensor parallel size 4"):
-        LLMEngine.random(cfg, EngineConfig(**ENGINE, tensor_parallel_size=4))
+        create_random_engine(cfg, EngineConfig(**ENGINE, tensor_parallel_size=4))
 
 
 def test_a_stage_of_layers_runs_as_a_group_and_returns_hidden_states() -> None:
@@ -298,7 +292,7 @@ def test_a_stage_of_layers_runs_as_a_group_and_returns_hidden_states() -> None:
 
 @pytest.fixture
 def small_group() -> Iterator[LLMEngine]:
-    engine = LLMEngine.random(SMALL, EngineConfig(**ENGINE, tensor_parallel_size=2))
+    engine = create_random_engine(SMALL, EngineConfig(**ENGINE, tensor_parallel_size=2))
     pids = child_pids(engine)
     try:
         yield engine
@@ -357,7 +351,7 @@ def test_a_hung_rank_fails_the_step_after_the_timeout(monkeypatch: pytest.Monkey
     else:  # --tensor-parallel-timeout-s; it wins over the environment
         monkeypatch.setenv("SPLITSERVE_TP_TIMEOUT_S", "300")
         extra["tensor_parallel_timeout_s"] = 2.0
-    engine = LLMEngine.random(SMALL, EngineConfig(**ENGINE, tensor_parallel_size=2, **extra))
+    engine = create_random_engine(SMALL, EngineConfig(**ENGINE, tensor_parallel_size=2, **extra))
     (pid,) = child_pids(engine)
     try:
         engine.generate([[5, 6, 7]], GREEDY)
@@ -375,7 +369,7 @@ def test_close_does_not_wait_long_on_a_hung_rank(monkeypatch: pytest.MonkeyPatch
     from splitserve.executors import tensor_parallel
 
     monkeypatch.setattr(tensor_parallel, "CLOSE_GRACE_S", 1.0)
-    engine = LLMEngine.random(SMALL, EngineConfig(**ENGINE, tensor_parallel_size=2))
+    engine = create_random_engine(SMALL, EngineConfig(**ENGINE, tensor_parallel_size=2))
     (pid,) = child_pids(engine)
     os.kill(pid, signal.SIGSTOP)
     start = time.monotonic()
@@ -392,7 +386,7 @@ def test_a_rank_that_cannot_load_its_shard_fails_startup_in_one_line() -> None:
     torch.manual_seed(0)
     weights = list(LlamaModel(SMALL, max_positions=8).hf_tensors())
     ecfg = EngineConfig(**ENGINE, model="/nonexistent/model.gguf", tensor_parallel_size=2)
-    before = _rank_processes()
+    before = rank_pids(os.getpid())
     with pytest.raises(ShardGroupStartError) as err:
         ModelRunner(SMALL, ecfg, weights)
     msg = str(err.value)
@@ -400,37 +394,20 @@ def test_a_rank_that_cannot_load_its_shard_fails_startup_in_one_line() -> None:
     assert "\n" not in msg
     assert msg.startswith("tensor-parallel rank 1 could not start: ModelLoadError"), msg
     assert "/nonexistent/model.gguf" in msg
-    assert _rank_processes() <= before
-
-
-def _rank_processes() -> set[int]:
-    """Pids of tensor-parallel rank processes whose parent is this process."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == os.getpid() and b"splitserve.executors.tensor_parallel" in cmd:
-            out.add(int(entry))
-    return out
+    assert rank_pids(os.getpid()) <= before
 
 
 def test_ranks_exit_when_rank_zero_is_killed(tmp_path) -> None:
     """No cleanup code runs in a SIGKILLed rank 0; its ranks notice and exit on their own."""
+    hf_config = dict(model_type="llama", **VARIANT_BASE, num_attention_heads=4)
     script = textwrap.dedent(
         f"""
         import sys, time
         from splitserve.engine.config import EngineConfig, ModelConfig
-        from splitserve.engine.engine import LLMEngine
-        cfg = ModelConfig.from_hf({dict(model_type="llama", **BASE, num_attention_heads=4)!r})
+        from splitserve.executors.build import create_random_engine
+        cfg = ModelConfig.from_hf({hf_config!r})
         ecfg = EngineConfig(num_kv_blocks=16, block_size=4, num_threads=1, tensor_parallel_size=2)
-        engine = LLMEngine.random(cfg, ecfg)
+        engine = create_random_engine(cfg, ecfg)
         print(*engine.runner.executor.pids, flush=True)
         time.sleep(600)
         """
@@ -457,9 +434,7 @@ def test_tiny_hf_checkpoint_matches_transformers_under_tp(tiny_model_dir: str) -
     ps = [p[:20] for p in prompts(hf.config.vocab_size)[:4]]
     refs = [hf_greedy(hf, p, NEW_TOKENS) for p in ps]
     threads = torch.get_num_threads()
-    engine = LLMEngine.from_config(
-        EngineConfig(model=tiny_model_dir, **ENGINE, tensor_parallel_size=2)
-    )
+    engine = create_engine(EngineConfig(model=tiny_model_dir, **ENGINE, tensor_parallel_size=2))
     try:
         assert len(child_pids(engine)) == 1
         assert_matches(engine.generate(ps, GREEDY), refs)
@@ -480,8 +455,8 @@ def test_smollm2_tp2_greedy_equals_one_process(smollm2_checkpoint: Checkpoint) -
     threads = torch.get_num_threads()
     ecfg = EngineConfig(kv_cache_memory_bytes=64 << 20, num_threads=1)
     try:
-        single = LLMEngine.from_config(ecfg, smollm2_checkpoint).generate(ps, params)
-        engine = LLMEngine.from_config(
+        single = create_engine(ecfg, smollm2_checkpoint).generate(ps, params)
+        engine = create_engine(
             EngineConfig(kv_cache_memory_bytes=64 << 20, num_threads=1, tensor_parallel_size=2),
             smollm2_checkpoint,
         )

@@ -9,6 +9,7 @@ import torch
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.executors.build import create_engine
 from splitserve.executors.runner import plan_num_blocks
 from splitserve.model.parallel import ShardSpec
 from splitserve.wire.step_wire import StepWire
@@ -37,7 +38,7 @@ def references(hf_reference, prompts):
 
 def _engine(path: str, **kw) -> LLMEngine:
     cfg = EngineConfig(model=path, device="cuda", kv_cache_memory_bytes=256 << 20, **kw)
-    return LLMEngine.from_config(cfg)
+    return create_engine(cfg)
 
 
 def test_fp32_on_cuda_matches_transformers(smollm2_path, prompts, references):

@@ -13,12 +13,12 @@ import redis.asyncio.connection
 from kvstore_testing import (
     SHARED_REDIS_URL,
     delete_prefix,
-    free_port,
     make_keys,
     payload,
     throwaway_redis,
     unique_prefix,
 )
+from ports import free_port
 
 from splitserve.kvstore.backends import BackendError, KVBackend, MemoryBackend, RedisBackend
 

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import pytest_asyncio
-from kvstore_testing import free_port, make_keys, payload
+from kvstore_testing import make_keys, payload
+from ports import free_port
 
 from splitserve.kvstore.backends import MemoryBackend
 from splitserve.kvstore.service import KVStoreServicer

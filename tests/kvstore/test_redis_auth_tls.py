@@ -10,11 +10,11 @@ import pytest
 from kvstore_testing import (
     KVStoreProcess,
     RedisServer,
-    free_port,
     make_keys,
     make_test_pki,
     payload,
 )
+from ports import free_port
 
 from splitserve.kvstore.backends import BackendError, RedisBackend, RedisTLS, redact_url
 from splitserve.v1 import pb

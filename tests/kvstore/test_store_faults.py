@@ -37,16 +37,17 @@ from kvstore_testing import (
     KVStoreProcess,
     RedisServer,
     delete_prefix,
-    free_port,
     make_keys,
     payload,
     unique_prefix,
 )
+from ports import free_port
 from workers_util import aio_channel, prompt, running, serve_decode, tiny_engine
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.executors.build import create_engine
 from splitserve.kvstore.backends import KVBackend, MemoryBackend, RedisBackend
 from splitserve.kvstore.service import KVStoreServicer
 from splitserve.model.loader import Checkpoint
@@ -493,7 +494,7 @@ QUESTION = " The capital city of my home country is"
 def smollm2_engines(smollm2_checkpoint: Checkpoint) -> list[LLMEngine]:
     """Two engines on the real weights: the worker under test and the unsigned control."""
     cfg = EngineConfig(kv_cache_memory_bytes=64 * 1024 * 1024)
-    return [LLMEngine.from_config(cfg, smollm2_checkpoint) for _ in range(2)]
+    return [create_engine(cfg, smollm2_checkpoint) for _ in range(2)]
 
 
 def rekey(stored: bytes, key: bytes, how: str) -> bytes:
@@ -614,7 +615,7 @@ async def test_blocks_rekeyed_from_another_prompt_are_refused(
 
 def cached_block(engine: LLMEngine, keys: list[bytes]) -> torch.Tensor:
     """The KV the local prefix cache holds for the first block of `keys`."""
-    block_ids = engine._peek_cached_prefix(keys[:1])
+    block_ids = engine.block_manager.cached_prefix_blocks(keys[:1])
     assert len(block_ids) == 1
     return engine.runner.read_blocks(block_ids, engine.block_size).data
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mesh_ports import free_ports, up_args
+from ports import free_ports, up_args
 
 from splitserve import cli
 from splitserve.launcher import up

@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 from gil_probe import ticks_during
-from test_cpu_linear import TINY as CPU_TINY
+from models import TIED_TINY
 from torch import nn
 
 from splitserve.engine.config import EngineConfig
@@ -99,8 +99,8 @@ def test_the_kernel_lets_go_of_the_gil():
     assert ticks_during(lambda: sum(range(10**6))) == 0  # the probe itself can tell
 
 
-# test_cpu_linear's tiny model, wide enough for 32-input blocks
-TINY = dataclasses.replace(CPU_TINY, hidden_size=64, intermediate_size=128, head_dim=16)
+# wide enough for 32-input blocks
+TINY = dataclasses.replace(TIED_TINY, hidden_size=64, intermediate_size=128, head_dim=16)
 
 
 def gguf_like_model() -> LlamaModel:

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from models import TIED_TINY as TINY
 from torch import nn
 
-from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.config import EngineConfig
 from splitserve.executors.shard import ModelShard
 from splitserve.model.cpu_linear import (
     PackedLinear,
@@ -47,22 +48,6 @@ def test_packed_linear_matches_nn_linear(dtype, tol, bias, rows):
         x3 = torch.randn(2, rows, 96).to(dtype)[..., ::2]
         torch.testing.assert_close(packed(x3), dense(x3), atol=tol, rtol=tol)
     assert packed.weight_bytes == 48 * 80 * dense.weight.element_size()
-
-
-TINY = ModelConfig(
-    architecture="llama",
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-)
 
 
 def test_pack_linears_keeps_the_model_and_the_tied_embedding():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
+from models import tiny_hf
 
 from splitserve.engine.config import RopeScaling
 from splitserve.engine.tokenizer import byte_alphabet
@@ -370,14 +371,14 @@ def test_unsupported_architecture(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, rope_theta=50000.0, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2,
+    config = AutoConfig.for_model(
+        **tiny_hf(
+            hidden_size=64, intermediate_size=128, rms_norm_eps=1e-5, rope_theta=50000.0,
+            tie_word_embeddings=False, bos_token_id=1,
+        )
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
 

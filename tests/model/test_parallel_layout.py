@@ -7,8 +7,9 @@ import random
 
 import pytest
 import torch
+from models import LAYOUT_TINY, SMOLLM2, tiny
 
-from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.config import EngineConfig
 from splitserve.executors.runner import plan_num_blocks
 from splitserve.executors.shard import ModelShard
 from splitserve.model.parallel import (
@@ -21,8 +22,7 @@ from splitserve.model.parallel import (
 )
 from splitserve.wire.step_wire import StepWire
 
-SMOLLM2 = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, 2048, 1e-5, 1e4, None, True)
-TINY = ModelConfig("llama", 301, 64, 96, 4, 4, 2, 16, 256, 1e-5, 1e4)
+TINY = LAYOUT_TINY
 
 
 def test_even_ranges_cover_everything_once():
@@ -38,7 +38,7 @@ def test_heads_follow_their_kv_group_when_split_unevenly():
 
 
 def test_kv_heads_are_replicated_when_fewer_than_ranks():
-    cfg = ModelConfig("llama", 100, 64, 128, 2, 8, 2, 8, 256, 1e-5, 1e4)
+    cfg = tiny(vocab_size=100, hidden_size=64, intermediate_size=128, num_attention_heads=8)
     splits = [head_split(cfg, 4, r) for r in range(4)]
     assert [s.q_heads for s in splits] == [(0, 2), (2, 4), (4, 6), (6, 8)]
     assert [s.kv_heads for s in splits] == [(0, 1), (0, 1), (1, 2), (1, 2)]

@@ -14,15 +14,9 @@ import sys
 import pytest
 
 from splitserve.planner import capacity as planner
-from splitserve.planner.capacity import (
-    BUILTIN_MODELS,
-    Architecture,
-    count_params,
-    kv_bytes_per_token,
-    layout_stages,
-    plan,
-    valid_tp_degrees,
-)
+from splitserve.planner.architecture import Architecture, count_params
+from splitserve.planner.capacity import kv_bytes_per_token, layout_stages, plan, valid_tp_degrees
+from splitserve.planner.data import BUILTIN_MODELS
 
 GB = 1e9
 
@@ -368,3 +362,71 @@ def test_planner_module_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
     assert "torch" not in planner.__dict__
+
+
+# ---- the cited numbers -----------------------------------------------------------------------
+def _every_plan_output() -> list[str]:
+    """The text and JSON of a plan for every built-in on every GPU, and the dtypes' notes."""
+    from splitserve.planner.data import GPUS
+    from splitserve.planner.report import format_plan
+
+    plans = [plan(m, g, 4096, 32) for m in BUILTIN_MODELS for g in GPUS]
+    plans += [
+        plan("llama-3-70b", "h100", 4096, 8, weight_dtype="int4", kv_dtype="fp8"),
+        plan("llama-3-70b", "h100", 4096, 32, kv_dtype="int8", usd_per_gpu_hour=2.0),
+        plan("llama-3-405b", "l4", 131072, 1024),
+    ]
+    return [format_plan(r) + "\n" + json.dumps(r.to_dict()) for r in plans]
+
+
+def test_every_cited_number_says_where_it_comes_from():
+    from splitserve.planner.data import SOURCES, citations
+
+    keys = [c.key for c in citations()]
+    assert len(keys) == len(set(keys))
+    for c in citations():
+        assert c.source in SOURCES, c
+        assert c.where.strip(), c
+        if c.source == "article":
+            assert "'" in c.where, f"{c.key}: an article figure quotes its words"
+
+
+def test_the_output_cites_keys_and_quotes_nothing():
+    from splitserve.planner.data import citations
+
+    known = {c.key for c in citations()} | {"--gpu-hour-usd"}
+    quotes = [q for c in citations() for q in re.findall(r"'([^']{12,})'", c.where)]
+    assert len(quotes) >= 10
+    for text in _every_plan_output():
+        for cited in re.findall(r"\[([a-z0-9.\-, ]+)\]", text.split("\n{", 1)[0]):
+            assert set(cited.split(", ")) <= known, cited
+        assert set(json.loads("{" + text.split("\n{", 1)[1])["sources"]) <= known
+        for q in quotes:
+            assert q not in text, q
+
+
+def test_plan_sources_name_the_gpu_price_dtypes_and_article_figures():
+    r = plan("llama-3-70b", "h100", 4096, 32)
+    assert {"gpu.h100", "price.h100", "dtype.fp16", "model.llama-3-70b"} <= set(r.sources)
+    assert {"article.ceiling-70b-h100", "article.kv-70b-4k-32"} <= set(r.sources)
+    assert r.price_source == "price.h100"
+    assert "model.llama-2-7b" not in r.sources
+
+
+def test_default_prices_are_the_midpoints_of_the_cited_ranges():
+    from splitserve.planner.data import GPUS
+
+    assert GPUS["h100"].price.value == (8, 10) and GPUS["h100"].usd_per_hour == 9.0
+    assert GPUS["a100-80g"].price.value == (3, 4) and GPUS["a100-80g"].usd_per_hour == 3.5
+    assert GPUS["l4"].usd_per_hour == 0.8
+    assert {g.price.source for g in GPUS.values()} == {"article", "assumption"}
+
+
+def test_docs_list_every_key_with_its_citation():
+    from pathlib import Path
+
+    from splitserve.planner.data import SOURCES, citations
+
+    doc = (Path(__file__).parents[2] / "docs" / "planning.md").read_text()
+    for c in citations():
+        assert f"| `{c.key}` | {SOURCES[c.source]} | {c.where} |" in doc, c.key

@@ -29,7 +29,8 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from router_testing import Service, free_port
+from ports import free_port
+from router_testing import Service
 
 from splitserve.model.loader import Checkpoint
 from splitserve.router import auth as auth_module

@@ -24,7 +24,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from router_testing import Service, free_port
+from ports import free_port
+from router_testing import Service
 
 from splitserve.model.loader import Checkpoint
 from splitserve.router.app import Router, RouterConfig

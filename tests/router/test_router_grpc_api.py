@@ -5,11 +5,12 @@ counted; ListModels and Abort answer."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import grpc
 import pytest
+from router_testing import serve_router
 
 from splitserve.model.loader import Checkpoint
 from splitserve.router.app import Router, RouterConfig
@@ -28,21 +29,8 @@ def serve(
     **config: object,
 ) -> Router:
     router = Router(RouterConfig(decode=("127.0.0.1:9",), **config), checkpoint)
-
-    async def run() -> None:
-        server = grpc.aio.server()
-        add_to_server(InferenceServicer(router, auth), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await scenario(router, rpc.InferenceStub(channel))
-        finally:
-            await server.stop(None)
-            await router.close()
-
-    asyncio.run(run())
-    return router
+    add = partial(add_to_server, InferenceServicer(router, auth))
+    return serve_router(router, add, rpc.InferenceStub, scenario)
 
 
 async def status_of(stub: rpc.InferenceStub, request: pb.GenerateRequest) -> grpc.StatusCode:

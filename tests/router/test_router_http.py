@@ -17,11 +17,12 @@ import aiohttp
 import grpc
 import openai
 import pytest
-from router_testing import Service, free_port
+from ports import free_port
+from router_testing import Service
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.executors.build import create_engine
 from splitserve.model.loader import Checkpoint
 from splitserve.v1 import pb, rpc
 
@@ -61,7 +62,7 @@ def reference_outputs(ckpt: Checkpoint) -> dict[str, list[int]]:
         "chat": tok.encode(tok.apply_chat_template(CHAT), add_special_tokens=False),
         "long": tok.encode(LONG_PROMPT),
     }
-    engine = LLMEngine.from_config(EngineConfig(kv_cache_memory_bytes=64 * MIB), ckpt)
+    engine = create_engine(EngineConfig(kv_cache_memory_bytes=64 * MIB), ckpt)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     outs = engine.generate(list(prompts.values()), params)
     return {name: out.new_token_ids for name, out in zip(prompts, outs, strict=True)}

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from router_testing import serve_router
 
 from splitserve.model.loader import Checkpoint
 from splitserve.router.app import Router, RouterConfig
@@ -210,21 +212,8 @@ Scenario = Callable[[Router, rpc.RegistryStub], Awaitable[None]]
 
 def serve_registry(checkpoint: Checkpoint, scenario: Scenario, **config: object) -> Router:
     router = Router(RouterConfig(**config), checkpoint)
-
-    async def run() -> None:
-        server = grpc.aio.server()
-        rpc.add_RegistryServicer_to_server(RegistryServicer(router), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await scenario(router, rpc.RegistryStub(channel))
-        finally:
-            await server.stop(None)
-            await router.close()
-
-    asyncio.run(run())
-    return router
+    add = partial(rpc.add_RegistryServicer_to_server, RegistryServicer(router))
+    return serve_router(router, add, rpc.RegistryStub, scenario)
 
 
 async def register_code(stub: rpc.RegistryStub, **fields: str) -> grpc.StatusCode:

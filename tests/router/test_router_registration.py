@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import time
 
 import grpc
 import pytest
+from ports import free_port
 
 from splitserve.v1 import pb, rpc
 from splitserve.workers.worker import RouterRegistration, _check_router_flags
@@ -40,12 +40,6 @@ async def start_registry(servicer: FakeRegistry, port: int = 0) -> tuple[grpc.ai
     assert port
     await server.start()
     return server, port
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def membership(port: int, **kw: object) -> RouterRegistration:

@@ -38,6 +38,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import CHECKPOINT_TINY_HF
 from workers_util import prompt, serve_decode, tiny_engine
 
 from splitserve.decode.service import TransferError, _assembler
@@ -456,7 +457,7 @@ def test_decode_worker_pulling_fuzzed_chunks_answers_and_leaks_nothing(
 
 
 # ---- pipeline stage frames ----------------------------------------------------------------------
-HIDDEN = 64  # tests/conftest.py TINY_MODEL
+HIDDEN = CHECKPOINT_TINY_HF["hidden_size"]  # what tiny_model_dir holds
 int64 = st.integers(-(2**63), 2**63 - 1)
 
 

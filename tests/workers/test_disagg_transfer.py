@@ -18,12 +18,14 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
-from workers_util import WorkerProcess, free_port, health_status
+from workers_util import WorkerProcess, health_status
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.executors.build import create_engine
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.v1 import pb, rpc
 from splitserve.wire.kv_codec import CHUNK_BYTES, KVAssembler, TransferHeader
@@ -65,7 +67,7 @@ def workers() -> Iterator[dict[str, WorkerProcess]]:
 
 @pytest.fixture(scope="module")
 def reference(smollm2_checkpoint) -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory_bytes=64 << 20), smollm2_checkpoint)
+    return create_engine(EngineConfig(kv_cache_memory_bytes=64 << 20), smollm2_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,62 @@
+"""Ports for the servers the tests start; no test uses a fixed one.
+
+Other developers run meshes on this machine and pytest-xdist runs several test processes at
+once. Single ports come from the OS (`free_ports` holds all n open until it has them, so they
+are n different ports). A mesh's port plan is fixed bases plus `--port-offset`, the bases in
+two clusters far apart (9100 and up, 50051 and up), each under PLAN_SPAN wide: each xdist
+worker draws its offsets from a band of its own, the bands PLAN_SPAN apart, so the meshes of
+two workers never plan the same port; a plan is used only once it is checked free.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+from splitserve.launcher import LaunchError, up
+from splitserve.launcher.topology import Topology
+
+# --port-offset: the plan's highest port (pipeline stages, 50200 and up) must stay below 65536.
+OFFSETS = range(1000, 15000)
+PLAN_SPAN = 300  # wider than either cluster of bases in any plan a test starts
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports nothing listens on now (the OS's choice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def offset_band() -> range:
+    """This xdist worker's share of OFFSETS (all of it outside xdist)."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    width = len(OFFSETS) // count
+    start = OFFSETS.start + index * width
+    return range(start, start + width - PLAN_SPAN)
+
+
+def up_args(*extra: str) -> list[str]:
+    """`up` flags on ports nobody uses: free router ports, an offset from this worker's band."""
+    http, grpc_port = free_ports(2)
+    band = offset_band()
+    for _ in range(50):
+        argv = ["--http-port", str(http), "--grpc-port", str(grpc_port)]
+        argv += ["--port-offset", str(random.choice(band)), *extra]
+        try:
+            up.check_ports_free(Topology.from_args(up.build_parser().parse_args(argv)))
+        except LaunchError:
+            continue
+        return argv
+    raise AssertionError("no free port range")
