@@ -239,9 +239,10 @@ def _with_flags(spec: Any, extra: Sequence[str]) -> Any:
 def _topology(
     settings: FaultSettings, up_flags: Sequence[str], router_flags: Sequence[str], secrets: str
 ) -> Any:
-    from splitserve.bench.mesh_runner import free_port, local_topology, place, up_args
+    from splitserve.bench.mesh_runner import local_topology, place, up_args
+    from splitserve.launcher.up import free_ports
 
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port = free_ports(2)
     engine = ["--kv-cache-mib", str(settings.kv_cache_mib), "--threads", "1"]
     if settings.model:
         engine += ["--model", settings.model]
@@ -419,7 +420,8 @@ def fleet(
     router_flags: Sequence[str] = (),
     with_redis: bool = False,
 ) -> Iterator[Fleet]:
-    from splitserve.bench.mesh_runner import free_port, running_mesh, secrets_dir
+    from splitserve.bench.mesh_runner import running_mesh, secrets_dir
+    from splitserve.launcher.up import free_port
 
     os.makedirs(log_dir, exist_ok=True)
     redis = RedisServer(free_port(), log_dir) if with_redis else None

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -41,6 +40,7 @@ import grpc
 from splitserve.bench.workload import BenchRequest, ThroughputResult, check_generated
 from splitserve.launcher.supervisor import Console, Mesh, StartupError
 from splitserve.launcher.topology import ServiceSpec, Topology
+from splitserve.launcher.up import free_ports
 from splitserve.services.security import TLSConfig, open_channel
 
 if TYPE_CHECKING:
@@ -65,12 +65,6 @@ def up_args(engine_flags: Sequence[str], *extra: str) -> argparse.Namespace:
     from splitserve.launcher.up import build_parser
 
     return build_parser().parse_args([*extra, *engine_flags, "--log-level", "warning"])
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _all_ports_free(topology: Topology) -> bool:
@@ -142,7 +136,7 @@ def without_kvstore(topology: Topology) -> Topology:
 def colocated_topology(engine_flags: Sequence[str], replicas: int = 1) -> Topology:
     """Router + `replicas` colocated workers, no kvstore: with one, a single engine process
     does all the work; with more, the router spreads requests over data-parallel replicas."""
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port = free_ports(2)
     secrets = secrets_dir()
 
     def build(offset: int) -> Topology:
@@ -196,7 +190,7 @@ def split_routers(
 
 def disagg_topology(engine_flags: Sequence[str]) -> Topology:
     """kvstore (in memory), prefill-0, prefill-1, decode-0, `router` and `router-cold`."""
-    ports = [free_port() for _ in range(5)]
+    ports = free_ports(5)
     secrets = secrets_dir()
 
     def build(offset: int) -> Topology:

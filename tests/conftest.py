@@ -111,3 +111,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(group))
     first = {group: i for i, group in enumerate(RUN_FIRST)}
     items.sort(key=lambda item: first.get(groups.get(item.nodeid.split("::", 1)[0]), len(first)))
+
+
+LOADGROUP_BROKEN = (9, 2)  # pytest-xdist 3.8's group tag (a node id suffix) is ignored from here
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "dist", "no") == "loadgroup" and (
+        tuple(pytest.version_tuple[:2]) >= LOADGROUP_BROKEN
+    ):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} breaks pytest-xdist's --dist loadgroup (every worker "
+            "would start every shared mesh): install the pytest that pyproject.toml pins"
+        )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The same failure seen from an xdist worker, whatever the version: a grouped test whose
+    node id lacks its group suffix. (It surfaces as an INTERNALERROR, but at once.)"""
+    if not getattr(session.config.option, "loadgroup", False):  # not an xdist loadgroup worker
+        return
+    lost = [
+        item.nodeid
+        for item in session.items
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+    ]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup has no effect: {lost[0]} has no group")

@@ -12,30 +12,16 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 
 from splitserve.launcher import LaunchError, up
+from splitserve.launcher.up import free_port, free_ports
+
+__all__ = ["free_port", "free_ports", "offset_band", "up_args"]
 from splitserve.launcher.topology import Topology
 
 # --port-offset: the plan's highest port (pipeline stages, 50200 and up) must stay below 65536.
 OFFSETS = range(1000, 15000)
 PLAN_SPAN = 300  # wider than either cluster of bases in any plan a test starts
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports nothing listens on now (the OS's choice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def offset_band() -> range:
