@@ -8,8 +8,8 @@ python3 -m ruff check .
 python3 -m ruff format --check .
 lint-imports  # the layering in README's layout table (contracts in pyproject.toml)
 python3 scripts/check-stubs.py  # the installed gRPC stubs are what the committed .proto makes
-# On xdist workers, one per core by default (4 on the 2-core CI machine measured slower than 2:
-# the meshes the tests start already fill the cores); tests that share a mesh or a model load
+# On 2 xdist workers by default, the CI machine's cores (4 measured slower than 2 there: the
+# meshes the tests start already fill the cores); tests that share a mesh or a model load
 # stay on one worker (tests/conftest.py).
 # The 20 slowest tests at the end: where to look when CI time grows.
 exec python3 -m pytest -q -p no:cacheprovider --durations=20 \
