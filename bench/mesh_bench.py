@@ -429,6 +429,7 @@ def run_disaggregated(
     workload's tokens."""
     from splitserve.bench import mesh_runner as mr
     from splitserve.engine.hashing import kv_namespace
+    from splitserve.router.auth import tenant_of
 
     s, e = bench.settings, bench.engine_settings
 
@@ -441,7 +442,8 @@ def run_disaggregated(
     ) as mesh:
         bench.startup_seconds["disaggregated"] = mesh.started_s
         namespace = kv_namespace(bench.model, e["dtype"], e["block_size"])
-        keys = ChainKeys.of(prompts, namespace, e["block_size"])
+        tenant = tenant_of(mesh.api_key) if mesh.api_key else None
+        keys = ChainKeys.of(prompts, namespace, e["block_size"], tenant)
         return asyncio.run(run_disagg_session(mesh, bench, prompts, keys, phases))
 
 

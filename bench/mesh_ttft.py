@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from splitserve.bench import BenchError
 from splitserve.bench.report import LatencyStats, format_table, label_bars, ms, pct
 from splitserve.bench.workload import random_prompt, ratio
 
@@ -79,11 +80,19 @@ class ChainKeys:
     prompts: dict[str, list[list[bytes]]]  # per case and request: the whole prompt
 
     @classmethod
-    def of(cls, prompts: SharedPrefixPrompts, namespace: bytes, block_size: int) -> ChainKeys:
+    def of(
+        cls,
+        prompts: SharedPrefixPrompts,
+        namespace: bytes,
+        block_size: int,
+        tenant: str | None = None,
+    ) -> ChainKeys:
+        """`tenant`: the router's tenant for the bench's API key, which prefixes every salt."""
         from splitserve.engine.hashing import block_hashes
+        from splitserve.router.validation import tenant_salt
 
         def chain(tokens: Sequence[int], salt: str) -> list[bytes]:
-            return block_hashes(tokens, block_size, namespace, salt)
+            return block_hashes(tokens, block_size, namespace, tenant_salt(salt, tenant))
 
         return cls(
             [chain(prompts.system, salt) for salt in prompts.salts],
@@ -204,7 +213,11 @@ async def run_case(
                 disaggregate=True,
             )  # fmt: skip
             results.append(await stream_generate(stub, req))
-            await wait_stored(store, keys.prompts[case][i])
+            if not await wait_stored(store, keys.prompts[case][i]):
+                raise BenchError(
+                    f"TTFT {case} request {i}: its KV never reached the kvstore under the keys "
+                    "the benchmark computed (salt, namespace or block size differ)"
+                )
     after_d = scrape_metrics(mesh.metrics_url("decode-0"))
     after_p = scrape_metrics(mesh.metrics_url(prefill))
     return TTFTCase(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -62,11 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in SERVICES:
             return run_service(argv[0], argv[1:])
+        # SIGTERM unwinds like Ctrl-C, so a benchmark's meshes and stages are stopped on the
+        # way out instead of left running (`up` installs its own handler for its drain).
+        signal.signal(signal.SIGTERM, _interrupted)
         args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

@@ -176,7 +176,7 @@ class RequestValidator:
             param=param,
             params=params,
             max_tokens=max_tokens,
-            cache_salt=_tenant_salt(_check_salt(raw.cache_salt), _tenant(raw)),
+            cache_salt=tenant_salt(_check_salt(raw.cache_salt), _tenant(raw)),
             disaggregate=raw.disaggregate,
             tenant=raw.tenant or None,
         )
@@ -391,7 +391,7 @@ def _tenant(raw: GenerateInput) -> str | None:
     return hashlib.sha256(raw.caller.encode(errors="surrogatepass")).hexdigest()[:32]
 
 
-def _tenant_salt(salt: str | None, tenant: str | None) -> str | None:
+def tenant_salt(salt: str | None, tenant: str | None) -> str | None:
     """Tenants never share prefix-cache entries (`cached_tokens` and timing would leak).
 
     The server derives the tenant, so no caller can pick another's; a caller's own

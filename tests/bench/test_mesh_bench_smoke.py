@@ -1,4 +1,5 @@
-"""The mesh benchmark's pure parts: no model, no processes, no timing asserts.
+"""The mesh benchmark's pure parts (no model, no processes, no timing asserts), and one quick
+run of the whole benchmark on the tiny model.
 
 Covers the workload variants (scaled workload, shared-prefix prompts), the arithmetic (ratios,
 TTFT statistics and reductions, KV transfer rates from metric deltas, best-of-N), the mesh
@@ -268,3 +269,23 @@ def test_cli_registers_bench_mesh_and_its_settings():
     for bad in (["--workload-scale", "0"], ["--repeats", "0"]):
         with pytest.raises(ValueError):
             mb._settings(build_parser().parse_args(["bench", "mesh", *bad]))
+
+
+# ---- end to end ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_run_end_to_end(tiny_model_dir, tmp_path, capsys):
+    """Both meshes for real (API key, mutual TLS, the kvstore): every TTFT request's KV lands in
+    the kvstore under the keys the benchmark computes (the tenant prefixes the salt), and a
+    warm request finds its prefix there."""
+    out = tmp_path / "mesh.json"
+    argv = ["bench", "mesh", "--quick", "--model", tiny_model_dir, "--json", str(out)]
+    args = build_parser().parse_args(argv)
+    assert args.run(args) == 0
+    assert FINAL_LINE.search(capsys.readouterr().out.strip().splitlines()[-1])
+    doc = json.loads(out.read_text())
+    ttft = doc["ttft"]
+    assert set(ttft) == {"cold", "warm_store", "warm_local"}
+    assert all(n == 0 for n in ttft["cold"]["cached_prompt_tokens"])
+    assert all(n > 0 for n in ttft["warm_store"]["cached_prompt_tokens"])
+    assert ttft["warm_store"]["store_blocks_fetched"] > 0
+    assert all(n > 0 for n in ttft["warm_store"]["store_prefix_blocks_before"])
