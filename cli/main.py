@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from splitserve.bench import BenchError
@@ -69,12 +70,14 @@ def _interrupted(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = None
     try:
         if argv and argv[0] in SERVICES:
             return run_service(argv[0], argv[1:])
-        # SIGTERM unwinds like Ctrl-C, so a benchmark's meshes and stages are stopped on the
-        # way out instead of left running (`up` installs its own handler for its drain).
-        signal.signal(signal.SIGTERM, _interrupted)
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM unwinds like Ctrl-C, so a benchmark's meshes and stages are stopped on
+            # the way out instead of left running (`up` installs its own for its drain).
+            previous = signal.signal(signal.SIGTERM, _interrupted)
         args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
@@ -84,3 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ModelLoadError, RequestError, ... are ValueError
         print(f"splitserve: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
