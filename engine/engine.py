@@ -34,7 +34,7 @@ from splitserve.engine.outputs import (
     StopChecker,
 )
 from splitserve.engine.runner import PreparedStep, Runner
-from splitserve.engine.sampler import Sampler, SamplingRow, make_generator
+from splitserve.engine.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledBatch, Scheduler
 from splitserve.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -321,6 +321,9 @@ class LLMEngine:
         self.stats.observe_step(self.block_manager, len(batch.seqs), batch.num_batched_tokens)
         if not inputs.sample_seqs:
             return []
+        if inputs.prompt_spans:
+            self._collect_prompt_logprobs(logits, inputs.prompt_spans)
+            logits = logits[list(inputs.sample_index)]
         rows = [
             SamplingRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids)
             for s in inputs.sample_seqs
@@ -342,6 +345,16 @@ class LLMEngine:
 
     def _append_token(
         self,
+    def _collect_prompt_logprobs(
+        self, logits: torch.Tensor, spans: Seq[tuple[Sequence, int, int, int]]
+    ) -> None:
+        for seq, first, row, count in spans:
+            if seq.finish_reason is FinishReason.ABORT or len(seq.prompt_logprobs) != first:
+                continue
+            k = seq.params.prompt_logprobs or 0
+            next_ids = seq.prompt_token_ids[first + 1 : first + 1 + count]
+            seq.prompt_logprobs += prompt_logprobs(logits[row : row + count], next_ids, k)
+
         request: _Request,
         token_id: int,
         logprob: float | None = None,
@@ -353,6 +366,10 @@ class LLMEngine:
         out = RequestOutput.delta(seq, token_id, logprob, top, text)
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq.params.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            seq.prompt_logprobs_sent = True
+            if len(seq.prompt_logprobs) == seq.num_prompt_tokens - 1:  # computed here
+                out.prompt_logprobs = seq.prompt_logprobs
             out.finish(reason, stop_reason)
             if request.export_kv:
                 out.kv = self.runner.read_blocks(seq.block_table, seq.num_prompt_tokens)

@@ -42,6 +42,9 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     kv: KVExport | None = None
+    # With the first token of a request that asked (SamplingParams.prompt_logprobs): entry p
+    # is prompt token p + 1's (logprob, top-N); the first prompt token has none.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     @classmethod
     def empty(cls, request_id: str) -> RequestOutput:
@@ -84,6 +87,7 @@ class RequestOutput:
         self.num_output_tokens = other.num_output_tokens
         self.num_cached_tokens = other.num_cached_tokens
         self.kv = other.kv or self.kv
+        self.prompt_logprobs = self.prompt_logprobs or other.prompt_logprobs
 
 
 class StopChecker:

@@ -28,6 +28,17 @@ class PreparedStep(Protocol):
         """The sequences that get a next token: one logits row each, in this order."""
         ...
 
+    @property
+    def prompt_spans(self) -> Seq[tuple[Sequence, int, int, int]]:
+        """Rows of prompt logits (prompt logprobs): (sequence, first position, first logits
+        row, count). Empty in most steps; then the logits are the sample rows alone."""
+        ...
+
+    @property
+    def sample_index(self) -> Seq[int]:
+        """Each sample_seqs entry's logits row (used only when prompt_spans is not empty)."""
+        ...
+
 
 InputsT = TypeVar("InputsT", bound=PreparedStep)
 

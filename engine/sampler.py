@@ -4,7 +4,8 @@ Pipeline per step (rows are processed together; Python loops only run over rows,
 
     raw logits (B, V) -> float32
       ├─ logprobs: log_softmax(raw) for rows that ask (the model's distribution, as OpenAI/vLLM)
-      └─ penalties: repetition (prompt+output) -> frequency, presence (output)
+      └─ logit_bias (one scatter-add for the batch)
+         -> penalties: repetition (prompt+output) -> frequency, presence (output)
          -> min_tokens: mask EOS and stop_token_ids while the output is shorter than min_tokens
          -> greedy rows: argmax (first index on ties, as HF greedy)
          -> other rows: / temperature -> top-k -> top-p -> min-p -> exponential race
@@ -103,9 +104,13 @@ class Sampler:
         of. Returns `raw` itself when nothing applies, else a new tensor."""
         penalised = [i for i, r in enumerate(rows) if r.params.has_penalties]
         masked = self._min_tokens_mask(rows, raw.shape[1])
-        if not penalised and not masked[0]:
+        biased = _logit_bias(rows, raw.shape[1])
+        if not penalised and not masked[0] and not biased[0]:
             return raw
         processed = raw.clone()  # raw may alias the caller's logits and is needed for logprobs
+        if biased[0]:  # one scatter for the whole batch
+            rows_t, toks_t, values = (torch.tensor(x, device=raw.device) for x in biased)
+            processed.index_put_((rows_t, toks_t), values.to(processed.dtype), accumulate=True)
         if penalised:
             processed[penalised] = _apply_penalties(
                 processed[penalised], [rows[i] for i in penalised]
@@ -167,11 +172,28 @@ class Sampler:
         return self._generators[device]
 
 
+def _logit_bias(
+    rows: Sequence[SamplingRow], vocab_size: int
+) -> tuple[list[int], list[int], list[float]]:
+    """(row, token, bias) triples of every row's logit_bias, ids outside the logits dropped."""
+    row_idx: list[int] = []
+    tok_idx: list[int] = []
+    values: list[float] = []
+    for i, r in enumerate(rows):
+        for t, b in r.params.logit_bias:
+            if 0 <= t < vocab_size:
+                row_idx.append(i)
+                tok_idx.append(t)
+                values.append(b)
+    return row_idx, tok_idx, values
+
+
 def _is_plain_greedy(row: SamplingRow) -> bool:
     p = row.params
     return (
         p.is_greedy
         and not p.has_penalties
+        and not p.logit_bias
         and p.logprobs is None
         and len(row.output_token_ids) >= p.min_tokens
     )
@@ -275,3 +297,16 @@ def _logprobs(
         chosen[i] = picked[a]
         top[i] = list(zip(top_ids_l[a][:k], top_values_l[a][:k], strict=True))
     return chosen, top
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, next_ids: Sequence[int], k: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For logits rows (P, V) at prompt positions p and the prompt tokens at p + 1: each
+    token's logprob under the model's raw distribution and the top-k (id, logprob)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (P, V)
+    ids = torch.tensor(list(next_ids), dtype=torch.long, device=logits.device)
+    picked = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+    top_values, top_ids = logprobs.topk(min(k, logits.shape[1]), dim=-1)  # sorted descending
+    tv, ti = top_values.tolist(), top_ids.tolist()
+    return [(picked[j], list(zip(ti[j], tv[j], strict=True))) for j in range(len(picked))]

@@ -15,6 +15,8 @@ from typing import Any, NoReturn
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each logit_bias value: [-100, 100]
+MAX_LOGIT_BIAS_ENTRIES = 1024
 # torch.Generator.manual_seed accepts exactly this range.
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
@@ -40,11 +42,22 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; N: chosen token's logprob + top-N alternatives
+    # (token id, bias) pairs added to the logits before anything else (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # None: none; N: each prompt token's logprob (the first has none) + top-N alternatives.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Frozen, so coercion goes through object.__setattr__; bad values are left for validate().
         object.__setattr__(self, "stop", _as_tuple(self.stop, single_str=True))
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids))
+        bias = self.logit_bias
+        if isinstance(bias, dict):
+            bias = tuple(sorted(bias.items()))
+        bias = _as_tuple(bias)
+        if isinstance(bias, tuple):
+            bias = tuple(tuple(b) if isinstance(b, list) else b for b in bias)
+        object.__setattr__(self, "logit_bias", bias)
 
     @property
     def is_greedy(self) -> bool:
@@ -64,6 +77,7 @@ class SamplingParams:
         self._validate_distribution()
         self._validate_penalties()
         self._validate_stops(vocab_size)
+        self._validate_logit_bias(vocab_size)
         self._validate_misc()
 
     def _validate_lengths(self, max_model_len: int | None) -> None:
@@ -96,6 +110,17 @@ class SamplingParams:
         for tid in self.stop_token_ids:
             _check_int("stop_token_ids", tid, lo=0, hi=hi)
 
+    def _validate_logit_bias(self, vocab_size: int | None) -> None:
+        bias = self.logit_bias
+        if not isinstance(bias, tuple) or len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            _fail("logit_bias", bias, f"at most {MAX_LOGIT_BIAS_ENTRIES} (token id, bias) pairs")
+        hi = vocab_size - 1 if vocab_size is not None else None
+        for pair in bias:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                _fail("logit_bias", pair, "(token id, bias) pairs")
+            _check_int("logit_bias", pair[0], lo=0, hi=hi)
+            _check_float("logit_bias", pair[1], lo=-MAX_LOGIT_BIAS, hi=MAX_LOGIT_BIAS)
+
     def _validate_misc(self) -> None:
         if self.seed is not None:
             _check_int("seed", self.seed, lo=_SEED_MIN, hi=_SEED_MAX)
@@ -103,6 +128,8 @@ class SamplingParams:
             _fail("ignore_eos", self.ignore_eos, "true or false")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
 
 
 def _as_tuple(value: Any, single_str: bool = False) -> Any:

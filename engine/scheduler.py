@@ -109,7 +109,10 @@ class Scheduler:
         ):
             seq = self.waiting[0]
             hashes = seq.block_hashes(bm.block_size, self.namespace)
-            cached = bm.find_cached_prefix(hashes, seq.num_tokens)
+            # Prompt logprobs need every prompt position's logits: no cached prefix for them.
+            cached = (
+                [] if seq.needs_prompt_logits else bm.find_cached_prefix(hashes, seq.num_tokens)
+            )
             n = min(seq.num_tokens - len(cached) * bm.block_size, budget)
             need = bm.blocks_needed(seq.num_tokens) - len(cached)
             if bm.num_free_blocks - need < reserve and self.running:

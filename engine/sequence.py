@@ -55,6 +55,10 @@ class Sequence:
     # A step computing it was submitted and is not collected yet (the pipeline's overlap
     # schedule): it is neither scheduled nor preempted, and its blocks stay until it is back.
     in_flight: bool = False
+    # Prompt logprobs (params.prompt_logprobs): entry p is token p + 1's (logprob, top-N),
+    # from the logits at position p; handed out once, with the first output token.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     # what the engine has already reported to the caller
     num_reported_tokens: int = 0
@@ -74,6 +78,22 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Its prompt positions still need logits: a prefix-cache hit would skip them."""
+        return (
+            self.params.prompt_logprobs is not None
+            and not self.prompt_logprobs_sent
+            and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+        )
+
+    def prompt_logit_positions(self, num_new: int) -> range:
+        """Positions among the next `num_new` whose logits give prompt logprobs not yet had."""
+        if not self.needs_prompt_logits:
+            return range(0)
+        start = max(self.num_computed_tokens, len(self.prompt_logprobs))
+        return range(start, min(self.num_computed_tokens + num_new, self.num_prompt_tokens - 1))
 
     @property
     def is_finished(self) -> bool:

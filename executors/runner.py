@@ -13,7 +13,7 @@ an `LLMEngine`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -119,7 +119,11 @@ def make_executor(
 
 @dataclass
 class StepInputs:
-    """A step's sequences (decodes first) and their wire; `sample_seqs` get a next token."""
+    """A step's sequences (decodes first) and their wire; `sample_seqs` get a next token.
+
+    The logits come back in the wire's row order: a sequence's prompt-logprob rows
+    (`prompt_spans`: sequence, first position, first row, count) then its sampled row;
+    `sample_index` holds each sample_seqs entry's row."""
 
     seqs: list[Sequence]
     wire: StepWire
@@ -129,6 +133,8 @@ class StepInputs:
 class ModelRunner:
     """The engine's `Runner`: steps as `StepInputs` over whichever `Executor` the config asks
     for, and the KV pool's handoff."""
+    prompt_spans: list[tuple[Sequence, int, int, int]] = field(default_factory=list)
+    sample_index: list[int] = field(default_factory=list)
 
     def __init__(
         self,
@@ -170,13 +176,20 @@ class ModelRunner:
     def prepare(self, seqs: list[Sequence], num_new: list[int]) -> StepInputs:
         order = sorted(range(len(seqs)), key=lambda i: num_new[i] != 1)  # stable: decodes first
         seqs = [seqs[i] for i in order]
-        wire = StepWire.build(seqs, [num_new[i] for i in order])
-        sample_seqs = [
-            s
-            for s, n in zip(seqs, wire.num_new, strict=True)
-            if s.num_computed_tokens + n == s.num_tokens
-        ]
-        return StepInputs(seqs=seqs, wire=wire, sample_seqs=sample_seqs)
+        num_new = [num_new[i] for i in order]
+        wanted = [s.prompt_logit_positions(n) for s, n in zip(seqs, num_new, strict=True)]
+        wire = StepWire.build(seqs, num_new, wanted if any(wanted) else ())
+        inputs = StepInputs(seqs=seqs, wire=wire, sample_seqs=[])
+        row = 0
+        for s, n, positions in zip(seqs, num_new, wanted, strict=True):
+            if positions:
+                inputs.prompt_spans.append((s, positions.start, row, len(positions)))
+                row += len(positions)
+            if s.num_computed_tokens + n == s.num_tokens:
+                inputs.sample_seqs.append(s)
+                inputs.sample_index.append(row)
+                row += 1
+        return inputs
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Run the step; returns float32 logits (S, vocab) for `inputs.sample_seqs`."""

@@ -39,12 +39,18 @@ class StepWire:
     sample_rows: list[int]  # (S,) rows of the flat batch whose logits are wanted
 
     @classmethod
-    def build(cls, seqs: Seq[Sequence], num_new: Seq[int]) -> StepWire:
+    def build(
+        cls, seqs: Seq[Sequence], num_new: Seq[int], logit_positions: Seq[range] = ()
+    ) -> StepWire:
+        """`logit_positions[i]`: positions of seqs[i] among its new tokens whose logits are
+        wanted too (prompt logprobs), before its sampled row; the rows stay in batch order."""
         ids: list[int] = []
         pos: list[int] = []
         rows: list[int] = []
-        for seq, n in zip(seqs, num_new, strict=True):
+        extra = list(logit_positions) or [range(0)] * len(seqs)
+        for seq, n, wanted in zip(seqs, num_new, extra, strict=True):
             start = seq.num_computed_tokens
+            rows += (len(ids) + p - start for p in wanted)
             ids += seq.all_token_ids[start : start + n]
             pos += range(start, start + n)
             if start + n == seq.num_tokens:
