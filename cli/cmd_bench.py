@@ -26,3 +26,7 @@ def add_parser(sub) -> None:
     from splitserve.bench import faults
 
     faults.add_parser(bsub)
+
+    from splitserve.bench import serve
+
+    serve.add_parser(bsub)
