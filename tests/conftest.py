@@ -18,6 +18,8 @@ longest ones to the front so that they don't end the run alone.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Any
 
@@ -42,6 +44,33 @@ def smollm2_checkpoint(smollm2_path: str) -> Checkpoint:
     return open_checkpoint(smollm2_path)
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file's metadata once for the config, once for the weights and
+    once for the tokenizer, and builds gguf's tensor-name map once per tensor; with SmolLM2's
+    49k-token vocabulary each parse takes tens of seconds on the CI machine. Inside this block
+    each is done once (both are pure functions of their arguments; the reader is only read)."""
+    import gguf
+
+    readers: dict[str, Any] = {}
+    make_reader, make_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(path, *args, **kwargs):
+        if args or kwargs:  # not the plain read-only parse transformers asks for
+            return make_reader(path, *args, **kwargs)
+        key = os.path.realpath(path)
+        if key not in readers:
+            readers[key] = make_reader(path)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(make_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, make_map
+
+
 @pytest.fixture(scope="session")
 def hf_reference(smollm2_path: str) -> tuple[Any, Any]:
     """`(model, tokenizer)` loaded by transformers from the GGUF, model in float32 eval mode."""
@@ -49,21 +78,20 @@ def hf_reference(smollm2_path: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(smollm2_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model, tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A Hugging Face folder (config.json, model.safetensors, tokenizer files) holding a tiny
-    random Llama with SmolLM2's tokenizer: a real checkpoint any service can load, in seconds."""
+def _save_tiny_model(path: str, smollm2_path: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(smollm2_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.for_model(
         **CHECKPOINT_TINY_HF,
         vocab_size=len(tokenizer),
@@ -72,10 +100,31 @@ def tiny_model_dir(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) 
     )
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    path = str(tmp_path_factory.mktemp("tiny-llama"))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer files) holding a tiny
+    random Llama with SmolLM2's tokenizer: a real checkpoint any service can load, in seconds.
+
+    Made once per run and shared by the xdist workers (their base temp folders have one parent;
+    the first worker writes it under a lock, the others wait and read): converting the GGUF
+    tokenizer is the slow part, and every worker needs the folder."""
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    path, done = shared / "tiny-llama", shared / "tiny-llama.done"
+    with open(shared / "tiny-llama.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            path.mkdir(exist_ok=True)
+            _save_tiny_model(str(path), smollm2_path)
+            done.write_text("")
+    return str(path)
 
 
 # ---- pytest-xdist groups --------------------------------------------------------------------
