@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -322,6 +322,7 @@ class Cell:
     summary: dict[str, Any]
     requests: list[dict[str, Any]] = field(default_factory=list)
     loadavg: float = 0.0  # the 1-minute load average when the cell started
+    engine: dict[str, dict[str, float]] = field(default_factory=dict)  # splitserve workers'
 
 
 @dataclass
@@ -332,6 +333,8 @@ class ServerRun:
     cells: list[Cell] = field(default_factory=list)
     startup_s: float | None = None
     skipped: str = ""  # why it didn't run
+    # splitserve: each worker's engine step counter, (steps, seconds in steps), from its metrics
+    probe: Callable[[], dict[str, tuple[float, float]]] | None = None
 
     def cell(self, dataset: str, load: LoadPoint) -> Cell | None:
         return next((c for c in self.cells if c.dataset == dataset and c.load == load), None)
@@ -363,7 +366,29 @@ async def warm_up(ep: Endpoint, n: int, timeout_s: float = 120.0) -> None:
                 await asyncio.sleep(0.5)
 
 
-def run_cells(ep: Endpoint, settings: ServeSettings, slo: SLO) -> list[Cell]:
+def engine_use(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], seconds: float
+) -> dict[str, dict[str, float]]:
+    """Per worker over a cell: engine steps, their mean length, and the fraction of the cell's
+    wall time the engine thread spent in them (the rest: waiting for work)."""
+    out = {}
+    for name, (steps1, busy1) in after.items():
+        steps0, busy0 = before.get(name, (0.0, 0.0))
+        steps, busy = steps1 - steps0, busy1 - busy0
+        out[name] = {
+            "steps": steps,
+            "step_ms_mean": 1000 * busy / steps if steps else 0.0,
+            "busy_fraction": busy / seconds if seconds > 0 else 0.0,
+        }
+    return out
+
+
+def run_cells(
+    ep: Endpoint,
+    settings: ServeSettings,
+    slo: SLO,
+    probe: Callable[[], dict[str, tuple[float, float]]] | None = None,
+) -> list[Cell]:
     cells = []
     for d, spec in enumerate(settings.datasets):
         for k, load in enumerate(settings.loads):
@@ -374,6 +399,7 @@ def run_cells(ep: Endpoint, settings: ServeSettings, slo: SLO) -> list[Cell]:
             total = sum(len(c.turns) for c in convs)
             progress = Progress(total, f"{ep.name}: {spec.name} {load.label}")
             loadavg = os.getloadavg()[0]
+            before = probe() if probe else {}
             try:
                 point = run_load_point(ep, convs, offsets, load.concurrency, progress)
                 results, seconds = asyncio.run(point)
@@ -381,7 +407,8 @@ def run_cells(ep: Endpoint, settings: ServeSettings, slo: SLO) -> list[Cell]:
                 progress.close()
             summary = summarize(results, seconds, slo)
             requests = [request_json(r) for r in sorted(results, key=lambda r: r.start)]
-            cells.append(Cell(spec.name, load, summary, requests, loadavg))
+            engine = engine_use(before, probe(), seconds) if probe else {}
+            cells.append(Cell(spec.name, load, summary, requests, loadavg, engine))
     return cells
 
 
@@ -450,6 +477,19 @@ def splitserve_server(
         )
     with mr.bench_errors(log_dir), mr.running_mesh(topology, log_dir, STARTUP_TIMEOUT_S) as mesh:
         run.startup_s = mesh.started_s
+        workers = [s.name for s in topology.services if "metrics" in s.ports and s.name != "router"]
+
+        def probe() -> dict[str, tuple[float, float]]:
+            out = {}
+            for name in workers:
+                samples = mr.scrape_metrics(mesh.metrics_url(name))
+                out[name] = (
+                    mr.sample(samples, "splitserve_worker_engine_step_seconds_count"),
+                    mr.sample(samples, "splitserve_worker_engine_step_seconds_sum"),
+                )
+            return out
+
+        run.probe = probe
         http = topology.router.ports["http"]
         yield endpoint_for(name, f"http://{mr.HOST}:{http}/v1", mesh.api_key, None, settings)
         mesh.check_alive()
@@ -599,7 +639,7 @@ def compare(
                 server = splitserve_server(name, flags, log_dir, settings, run_)
             with server as ep:
                 asyncio.run(warm_up(ep, settings.warmup_requests))
-                run_.cells = run_cells(ep, settings, slo)
+                run_.cells = run_cells(ep, settings, slo, run_.probe)
     return runs
 
 
@@ -625,6 +665,20 @@ def server_table(run_: ServerRun, slo: bool) -> list[str]:
         ]  # fmt: skip
         rows.append(row + ([_f(s["goodput"], 2)] if slo else []))
     return format_table(header, rows)
+
+
+def engine_lines(run_: ServerRun) -> list[str]:
+    """Where a splitserve server's time went: each worker's engine steps per cell."""
+    if not any(c.engine for c in run_.cells):
+        return []
+    lines = ["  engine steps per worker (count, mean ms, share of the cell's wall time busy):"]
+    for c in run_.cells:
+        parts = [
+            f"{w} {e['steps']:.0f} x {e['step_ms_mean']:.1f} ms, {report.pct(e['busy_fraction'])}"
+            for w, e in c.engine.items()
+        ]
+        lines.append(f"    {c.dataset} {c.load.label}: " + "; ".join(parts))
+    return lines
 
 
 def ratio_rows(runs: Sequence[ServerRun], baseline: ServerRun) -> list[list[str]]:
@@ -681,6 +735,7 @@ def report_lines(settings: ServeSettings, runs: Sequence[ServerRun], threads: in
             "times in ms"
         )
         lines += server_table(r, slo.stated)
+        lines += engine_lines(r)
         for c in r.cells:
             if c.summary["failed"]:
                 lines.append(f"  {c.dataset} {c.load.label}: {c.summary['errors']}")
@@ -751,6 +806,7 @@ def json_doc(
                     "dataset": c.dataset,
                     "load": {**_load_json(c.load), "label": c.load.label},
                     "loadavg_1min": c.loadavg,
+                    "engine": c.engine,
                     **c.summary,
                     "per_request": c.requests,
                 }

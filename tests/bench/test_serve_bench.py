@@ -182,6 +182,12 @@ def test_a_missing_llama_server_is_named_not_raised(tmp_path):
     assert binary is None and "not an executable" in why
 
 
+def test_engine_use_is_the_step_counter_delta_over_the_cell():
+    use = serve.engine_use({"w": (10.0, 1.0)}, {"w": (30.0, 2.0), "v": (4.0, 0.2)}, 2.0)
+    assert use["w"] == pytest.approx({"steps": 20, "step_ms_mean": 50.0, "busy_fraction": 0.5})
+    assert use["v"] == pytest.approx({"steps": 4, "step_ms_mean": 50.0, "busy_fraction": 0.1})
+
+
 # ---- the report ----------------------------------------------------------------------------
 def _run(name, tok_s, ttft_ms):
     load = serve.LoadPoint(concurrency=8)
@@ -217,7 +223,7 @@ def test_quick_compare_against_a_real_colocated_mesh(tiny_model_dir, tmp_path, c
         "bench", "serve", "--compare", "--servers", "colocated", "--quick",
         "--model", tiny_model_dir, "--threads", "1", "--kv-cache-mib", "32",
         "--concurrency", "1,4", "--dataset", "random,shared-prefix,chat",
-        "--slo-ttft-ms", "60000", "--json", str(out), "--plot", str(png),
+        "--slo-ttft-ms", "60000", "--warmup", "1", "--json", str(out), "--plot", str(png),
     ]  # fmt: skip
     args = build_parser().parse_args(argv)
     assert args.run(args) == 0
@@ -245,6 +251,10 @@ def test_quick_compare_against_a_real_colocated_mesh(tiny_model_dir, tmp_path, c
             d = c[key]
             assert 0 <= d["p50"] <= d["p90"] <= d["p99"]
         assert c["ttft_ms"]["p99"] <= c["e2e_ms"]["p99"]
+        # the worker's engine ran at least one step per token of every request in flight
+        ((worker, use),) = c["engine"].items()
+        assert use["steps"] >= c["output_tokens"] / c["load"]["concurrency"], worker
+        assert use["busy_fraction"] > 0
     # the shared-prefix prompts are longer than the random ones: the server counted the prefix
     by = {(c["dataset"], c["load"]["concurrency"]): c for c in cells}
     assert by["shared-prefix", 1]["prompt_tokens"] > by["random", 1]["prompt_tokens"]
