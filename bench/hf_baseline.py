@@ -8,6 +8,8 @@ batching, which is what continuous batching is meant to avoid.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
 from typing import Any
@@ -19,9 +21,37 @@ from transformers.generation.streamers import BaseStreamer
 from splitserve.bench.workload import BenchRequest, DecodeResult, ThroughputResult, batches
 
 
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """transformers parses a GGUF file's metadata once for the config, once for the weights and
+    once for the tokenizer, and builds gguf's tensor-name map once per tensor; with SmolLM2's
+    49k-token vocabulary each parse takes tens of seconds on the CI machine. Inside this block
+    each is done once (both are pure functions of their arguments; the reader is only read)."""
+    import gguf
+
+    readers: dict[str, Any] = {}
+    make_reader, make_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(path, *args, **kwargs):
+        if args or kwargs:  # not the plain read-only parse transformers asks for
+            return make_reader(path, *args, **kwargs)
+        key = os.path.realpath(path)
+        if key not in readers:
+            readers[key] = make_reader(path)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(make_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, make_map
+
+
 def load_hf_model(gguf_path: str, dtype: torch.dtype) -> Any:
     folder, name = os.path.split(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    with gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     # Recent transformers can keep GGUF blocks packed and dequantize in its matmuls; the
     # baseline is meant to be dense weights in `dtype`, like ours, so make sure it is.
     packed = {p.dtype for p in model.parameters()} - {dtype}

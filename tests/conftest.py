@@ -18,8 +18,6 @@ longest ones to the front so that they don't end the run alone.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 from typing import Any
 
@@ -44,41 +42,16 @@ def smollm2_checkpoint(smollm2_path: str) -> Checkpoint:
     return open_checkpoint(smollm2_path)
 
 
-@contextlib.contextmanager
-def _gguf_parsed_once():
-    """transformers parses a GGUF file's metadata once for the config, once for the weights and
-    once for the tokenizer, and builds gguf's tensor-name map once per tensor; with SmolLM2's
-    49k-token vocabulary each parse takes tens of seconds on the CI machine. Inside this block
-    each is done once (both are pure functions of their arguments; the reader is only read)."""
-    import gguf
-
-    readers: dict[str, Any] = {}
-    make_reader, make_map = gguf.GGUFReader, gguf.get_tensor_name_map
-
-    def reader(path, *args, **kwargs):
-        if args or kwargs:  # not the plain read-only parse transformers asks for
-            return make_reader(path, *args, **kwargs)
-        key = os.path.realpath(path)
-        if key not in readers:
-            readers[key] = make_reader(path)
-        return readers[key]
-
-    gguf.GGUFReader = reader
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(make_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, make_map
-
-
 @pytest.fixture(scope="session")
 def hf_reference(smollm2_path: str) -> tuple[Any, Any]:
     """`(model, tokenizer)` loaded by transformers from the GGUF, model in float32 eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from splitserve.bench.hf_baseline import gguf_parsed_once
+
     folder, name = os.path.split(smollm2_path)
-    with _gguf_parsed_once():
+    with gguf_parsed_once():
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model.eval()
@@ -89,8 +62,10 @@ def _save_tiny_model(path: str, smollm2_path: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from splitserve.bench.hf_baseline import gguf_parsed_once
+
     folder, name = os.path.split(smollm2_path)
-    with _gguf_parsed_once():
+    with gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.for_model(
         **CHECKPOINT_TINY_HF,
