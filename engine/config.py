@@ -15,6 +15,10 @@ import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 PIPELINE_SCHEDULES = ("overlap", "step")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+# "auto": the model's dtype; else values at 8 bits with a scale per token and KV head
+# (model/kv_quant.py)
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,6 +31,14 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if key not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[key]
+
+
+def kv_cache_key(dtype: str, kv_cache_dtype: str = "auto", quantization: str = "none") -> str:
+    """What the KV bytes depend on besides the model, for prefix-hash namespaces: the model
+    dtype, and the KV cache's own when it has one. Workers and the router must agree.
+    Weights quantized at load compute other KV, so they get a namespace of their own."""
+    key = dtype if kv_cache_dtype == "auto" else f"{dtype}/kv-{kv_cache_dtype}"
+    return key if quantization in ("none", "auto") else f"{key}/w-{quantization}"
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,7 @@ class EngineConfig:
     device: str = "cpu"
     block_size: int = 16
     kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype), "int8" or "fp8_e4m3"
     num_kv_blocks: int | None = None  # overrides the memory budget when set (tests, benches)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # per-step token budget; prefills are chunked to fit
@@ -158,6 +171,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "torch", "cpp" (CPU kernel), or "auto"
     linear_backend: str = "auto"  # "torch", "onednn", "blocks" (Q4_1/Q8_0 kept), or "auto"
+    # weight-only quantization at load (model/quant_linear.py): "none", "int8" (per output
+    # channel), "int4" (groups of `quantization_group_size` inputs), or "auto": the
+    # checkpoint's own (int4 for an AWQ/GPTQ folder), else none
+    quantization: str = "auto"
+    quantization_group_size: int = 32
     num_threads: int | None = None
     seed: int = 0
     tensor_parallel_size: int = 1  # ranks in this worker's torch.distributed group
@@ -175,8 +193,29 @@ class EngineConfig:
     pipeline_timeout_s: float = 60.0  # a stage that doesn't answer a micro-batch by then is dead
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def weights_key(self) -> str:
+        """The weight quantization as it changes the numbers: none, int8 or int4g<group>."""
+        if self.quantization == "int4":
+            return f"int4g{self.quantization_group_size}"
+        return self.quantization
+
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"--kv-cache-dtype {self.kv_cache_dtype!r}: choose one of "
+                f"{', '.join(KV_CACHE_DTYPES)}"
+            )
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"--quantization {self.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}"
+            )
+        if self.quantization_group_size not in (32, 64, 128, 256):
+            raise ValueError(
+                "quantization_group_size must be 32, 64, 128 or 256 (what the int4 kernel "
+                f"takes); got {self.quantization_group_size}"
+            )
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a positive power of two")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:

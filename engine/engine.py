@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from splitserve.engine.block_manager import BlockManager
-from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.config import EngineConfig, ModelConfig, kv_cache_key
 from splitserve.engine.hashing import BlockHash, block_hashes, kv_namespace
 from splitserve.engine.outputs import (
     EngineStats,
@@ -87,7 +87,11 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
-        self.namespace = kv_namespace(self.model_id, cfg.dtype, cfg.block_size)
+        self.namespace = kv_namespace(
+            self.model_id,
+            kv_cache_key(cfg.dtype, cfg.kv_cache_dtype, cfg.weights_key),
+            cfg.block_size,
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             cfg.max_num_seqs,
@@ -319,11 +323,11 @@ class LLMEngine:
             hashes = seq.block_hashes(self.block_size, self.namespace)
             self.block_manager.register_full_blocks(seq, hashes)
         self.stats.observe_step(self.block_manager, len(batch.seqs), batch.num_batched_tokens)
-        if not inputs.sample_seqs:
-            return []
         if inputs.prompt_spans:
             self._collect_prompt_logprobs(logits, inputs.prompt_spans)
             logits = logits[list(inputs.sample_index)]
+        if not inputs.sample_seqs:
+            return []
         rows = [
             SamplingRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids)
             for s in inputs.sample_seqs
@@ -343,8 +347,6 @@ class LLMEngine:
             outputs.append(out)
         return outputs
 
-    def _append_token(
-        self,
     def _collect_prompt_logprobs(
         self, logits: torch.Tensor, spans: Seq[tuple[Sequence, int, int, int]]
     ) -> None:
@@ -355,6 +357,8 @@ class LLMEngine:
             next_ids = seq.prompt_token_ids[first + 1 : first + 1 + count]
             seq.prompt_logprobs += prompt_logprobs(logits[row : row + count], next_ids, k)
 
+    def _append_token(
+        self,
         request: _Request,
         token_id: int,
         logprob: float | None = None,
@@ -364,12 +368,12 @@ class LLMEngine:
         seq.append_token(token_id)
         text, reason, stop_reason = request.stop.check(seq, token_id, self.max_model_len)
         out = RequestOutput.delta(seq, token_id, logprob, top, text)
-        if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq.params.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
             seq.prompt_logprobs_sent = True
             if len(seq.prompt_logprobs) == seq.num_prompt_tokens - 1:  # computed here
                 out.prompt_logprobs = seq.prompt_logprobs
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
             out.finish(reason, stop_reason)
             if request.export_kv:
                 out.kv = self.runner.read_blocks(seq.block_table, seq.num_prompt_tokens)

@@ -23,13 +23,18 @@ from splitserve.engine.outputs import KVExport
 from splitserve.engine.sequence import Sequence
 from splitserve.executors.shard import ModelShard, max_positions
 from splitserve.model.attention import PagedAttentionBackend
+from splitserve.model.kv_quant import STORAGE_DTYPE, kv_quant, kv_row_bytes
 from splitserve.model.loader import Weights
 from splitserve.model.parallel import ShardSpec, max_kv_block_elems, stage_layer_ranges
 from splitserve.wire.step_wire import StepWire
 
 
-def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return cfg.kv_bytes_per_token * block_size * dtype.itemsize
+def kv_block_bytes(
+    cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
+) -> int:
+    """Bytes of one block of every layer, as the pool holds it (scales included)."""
+    rows = cfg.kv_bytes_per_token // cfg.head_dim  # (K, V) x layers x kv heads
+    return rows * block_size * kv_row_bytes(cfg.head_dim, dtype, kv_cache_dtype)
 
 
 def plan_num_blocks(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> int:
@@ -41,8 +46,8 @@ def plan_num_blocks(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> int:
     elems = max_kv_block_elems(
         model_cfg, engine_cfg.block_size, engine_cfg.tensor_parallel_size, ranges
     )
-    itemsize = parse_dtype(engine_cfg.dtype).itemsize
-    return max(1, engine_cfg.kv_cache_memory_bytes // (elems * itemsize))
+    row = kv_row_bytes(model_cfg.head_dim, parse_dtype(engine_cfg.dtype), engine_cfg.kv_cache_dtype)
+    return max(1, engine_cfg.kv_cache_memory_bytes // (elems // model_cfg.head_dim * row))
 
 
 class Executor(Protocol):
@@ -128,13 +133,13 @@ class StepInputs:
     seqs: list[Sequence]
     wire: StepWire
     sample_seqs: list[Sequence]
+    prompt_spans: list[tuple[Sequence, int, int, int]] = field(default_factory=list)
+    sample_index: list[int] = field(default_factory=list)
 
 
 class ModelRunner:
     """The engine's `Runner`: steps as `StepInputs` over whichever `Executor` the config asks
     for, and the KV pool's handoff."""
-    prompt_spans: list[tuple[Sequence, int, int, int]] = field(default_factory=list)
-    sample_index: list[int] = field(default_factory=list)
 
     def __init__(
         self,
@@ -146,6 +151,7 @@ class ModelRunner:
     ) -> None:
         self.cfg = model_cfg
         self.dtype = parse_dtype(engine_cfg.dtype)
+        self.kv_quant = kv_quant(engine_cfg.kv_cache_dtype)
         self.device = torch.device(engine_cfg.device)
         self.block_size = engine_cfg.block_size
         self.max_model_len = max_positions(model_cfg, engine_cfg)
@@ -155,8 +161,22 @@ class ModelRunner:
     @property
     def kv_layout(self) -> tuple[int, ...]:
         """The pool's shape in the full model's layout, as KV is exported and imported."""
-        c = self.cfg
-        return (c.num_layers, 2, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        c, q = self.cfg, self.kv_quant
+        row = c.head_dim if q is None else q.row_width(c.head_dim)
+        return (c.num_layers, 2, self.num_blocks, self.block_size, c.num_kv_heads, row)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The pool's element dtype: the model's, or bytes for packed int8/fp8 rows."""
+        return self.dtype if self.kv_quant is None else STORAGE_DTYPE
+
+    @property
+    def kv_format(self) -> str:
+        """The KV's name on the wire (transfer headers, kvstore payloads): the model dtype's,
+        or the packed format's ("kv_int8", "kv_fp8_e4m3")."""
+        if self.kv_quant is None:
+            return str(self.dtype).removeprefix("torch.")
+        return self.kv_quant.wire_name
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -218,8 +238,9 @@ class ModelRunner:
 
     def write_blocks(self, block_table: list[int], data: torch.Tensor) -> None:
         expected = (*self.kv_layout[:2], len(block_table), *self.kv_layout[3:])
-        if tuple(data.shape) != expected or data.dtype != self.dtype:
+        if tuple(data.shape) != expected or data.dtype != self.kv_dtype:
             raise ValueError(
-                f"KV of shape {tuple(data.shape)} {data.dtype} does not fit {expected} {self.dtype}"
+                f"KV of shape {tuple(data.shape)} {data.dtype} does not fit {expected} "
+                f"{self.kv_dtype} ({self.kv_format})"
             )
         self.executor.write_kv(block_table, data)

@@ -17,6 +17,7 @@ from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
 from splitserve.model.attention import PagedAttentionBackend
 from splitserve.model.cpu_attention import select_backend
 from splitserve.model.cpu_linear import linear_weight_bytes, prepare_linears
+from splitserve.model.kv_quant import STORAGE_DTYPE, check_device, kv_quant
 from splitserve.model.llama import Collectives, LlamaModel
 from splitserve.model.loader import Weights
 from splitserve.model.parallel import ShardSpec
@@ -46,7 +47,13 @@ class ModelShard:
         self.dtype = parse_dtype(engine_cfg.dtype)
         self.device = torch.device(engine_cfg.device)
         self.block_size = engine_cfg.block_size
-        self.backend = backend or select_backend(engine_cfg.attention_backend, self.device)
+        # None: KV in the model dtype; else int8/fp8 rows with their scales (model/kv_quant.py)
+        self.kv_quant = kv_quant(engine_cfg.kv_cache_dtype)
+        if self.kv_quant is not None:
+            check_device(self.kv_quant, model_cfg.head_dim, self.device)
+        self.backend = backend or select_backend(
+            engine_cfg.attention_backend, self.device, self.kv_quant
+        )
         positions = max_positions(model_cfg, engine_cfg)
         if tensors is None:
             # Random weights (tests): drawn for the whole model from the seed, then cut, so
@@ -61,21 +68,22 @@ class ModelShard:
         self.model.rotary.float()  # cos/sin tables stay float32, like the reference
         self._load(tensors, num_tensors)
         self.linears = prepare_linears(
-            self.model, engine_cfg.linear_backend, self.device, self.dtype
+            self.model,
+            engine_cfg.linear_backend,
+            self.device,
+            self.dtype,
+            quantization=engine_cfg.quantization,
+            group_size=engine_cfg.quantization_group_size,
         )
         log.info("linear layers: %s", self.linears)
         heads = self.model.heads
         self.num_blocks = num_blocks
+        quant = self.kv_quant
+        self.kv_dtype = self.dtype if quant is None else STORAGE_DTYPE
+        row = model_cfg.head_dim if quant is None else quant.row_width(model_cfg.head_dim)
         self.kv_cache = torch.zeros(
-            (
-                self.model.num_local_layers,
-                2,
-                num_blocks,
-                self.block_size,
-                heads.num_kv,
-                model_cfg.head_dim,
-            ),
-            dtype=self.dtype,
+            (self.model.num_local_layers, 2, num_blocks, self.block_size, heads.num_kv, row),
+            dtype=self.kv_dtype,
             device=self.device,
         )
 
@@ -130,9 +138,10 @@ class ModelShard:
 
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
         expected = (*self.kv_cache.shape[:2], len(block_ids), *self.kv_cache.shape[3:])
-        if tuple(data.shape) != expected or data.dtype != self.dtype:
+        if tuple(data.shape) != expected or data.dtype != self.kv_dtype:
             raise ValueError(
-                f"KV of shape {tuple(data.shape)} {data.dtype} does not fit {expected} {self.dtype}"
+                f"KV of shape {tuple(data.shape)} {data.dtype} does not fit {expected} "
+                f"{self.kv_dtype}"
             )
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         self.kv_cache[:, :, ids] = data.to(self.device)

@@ -11,15 +11,22 @@ prefill chunks. The backend writes each token's K/V into its slot and attends:
 `AttentionMetadata` is built once per step and shared by every layer. Another backend (CUDA,
 Triton, a C++ CPU kernel) only has to implement `PagedAttentionBackend` over the same cache
 layout: `(num_blocks, block_size, num_kv_heads, head_dim)` per layer for K and for V.
+
+With a low-precision KV cache (`quant`, model/kv_quant.py) the pool's last axis is a packed row
+(values, then a scale): K/V are quantized as they are written, and only the blocks a step
+gathers are dequantized, never the pool.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from splitserve.model.kv_quant import KVQuant
 
 
 @dataclass
@@ -108,23 +115,35 @@ def write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    quant: KVQuant | None = None,
 ) -> None:
-    kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    if quant is not None:
+        k, v = quant.quantize(k), quant.quantize(v)  # (T, kv_heads, head_dim + 2) bytes
+    kv_heads, row = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, row).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kv_heads, row).index_copy_(0, slot_mapping, v)
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+def _gather(
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    quant: KVQuant | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     # (..., num_blocks) -> (..., num_blocks * block_size, kv_heads, head_dim); index_select
     # copies whole blocks and is several times faster than advanced indexing here.
     blocks = cache.index_select(0, block_table.flatten())
-    return blocks.view(*block_table.shape[:-1], -1, *cache.shape[-2:])
+    blocks = blocks.view(*block_table.shape[:-1], -1, *cache.shape[-2:])
+    return blocks if quant is None else quant.dequantize(blocks, dtype)
 
 
-def torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def torch_decode(
+    q, k_cache, v_cache, meta: AttentionMetadata, scale: float, quant: KVQuant | None = None
+) -> torch.Tensor:
     """Decodes by gathering blocks into a padded batch and one masked SDPA."""
-    keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)  # (D, kvh, L, hd)
-    values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
+    tables = meta.decode_block_tables
+    keys = _gather(k_cache, tables, quant, q.dtype).transpose(1, 2)  # (D, kvh, L, hd)
+    values = _gather(v_cache, tables, quant, q.dtype).transpose(1, 2)
     return F.scaled_dot_product_attention(
         q.unsqueeze(2),
         keys,
@@ -136,14 +155,25 @@ def torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> 
 
 
 def torch_paged_attention(
-    q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, decode=torch_decode
+    q,
+    k,
+    v,
+    k_cache,
+    v_cache,
+    meta: AttentionMetadata,
+    scale: float,
+    decode=torch_decode,
+    quant: KVQuant | None = None,
 ):
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping, quant)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     d = meta.num_decodes
     if d:
-        out[:d] = decode(q[:d], k_cache, v_cache, meta, scale)
+        if quant is None:
+            out[:d] = decode(q[:d], k_cache, v_cache, meta, scale)
+        else:
+            out[:d] = decode(q[:d], k_cache, v_cache, meta, scale, quant=quant)
     for chunk in meta.prefills:
         sl = slice(chunk.start, chunk.start + chunk.num_tokens)
         qc = q[sl].transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
@@ -154,8 +184,9 @@ def torch_paged_attention(
             )
         else:
             ctx = chunk.num_cached + chunk.num_tokens
-            kc = _gather(k_cache, chunk.block_table)[:ctx].transpose(0, 1)[None]
-            vc = _gather(v_cache, chunk.block_table)[:ctx].transpose(0, 1)[None]
+            table = chunk.block_table
+            kc = _gather(k_cache, table, quant, q.dtype)[:ctx].transpose(0, 1)[None]
+            vc = _gather(v_cache, table, quant, q.dtype)[:ctx].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(
                 qc, kc, vc, attn_mask=chunk.mask, scale=scale, enable_gqa=gqa
             )

@@ -15,6 +15,7 @@ import torch
 
 from splitserve.model import cpp_ext
 from splitserve.model.attention import AttentionMetadata, torch_paged_attention
+from splitserve.model.kv_quant import KVQuant
 
 _module = None
 
@@ -31,20 +32,30 @@ def load_kernel():
     return _module
 
 
-def cpp_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    return _module.paged_decode_attention(
-        q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+def cpp_decode(
+    q, k_cache, v_cache, meta: AttentionMetadata, scale: float, quant: KVQuant | None = None
+) -> torch.Tensor:
+    tables, lens = meta.decode_block_tables, meta.decode_context_lens
+    if quant is None:
+        return _module.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    return _module.paged_decode_attention_packed(
+        q, k_cache, v_cache, tables, lens, scale, quant.code
     )
 
 
-def select_backend(name: str, device: torch.device):
-    """'torch', 'cpp', or 'auto' (cpp on CPU when it builds, else torch)."""
+def select_backend(name: str, device: torch.device, quant: KVQuant | None = None):
+    """'torch', 'cpp', or 'auto' (cpp on CPU when it builds, else torch); reading a pool in
+    `quant`'s format when given one."""
     if name not in ("auto", "torch", "cpp"):
         raise ValueError(f"unknown attention backend {name!r}: use auto, torch or cpp")
     if name == "torch" or device.type != "cpu":
-        return torch_paged_attention
-    if load_kernel() is None:
+        chosen = torch_paged_attention
+    elif load_kernel() is None:
         if name == "cpp":
             raise RuntimeError("the C++ attention kernel could not be built on this machine")
-        return torch_paged_attention
-    return functools.partial(torch_paged_attention, decode=cpp_decode)
+        chosen = torch_paged_attention
+    else:
+        chosen = functools.partial(torch_paged_attention, decode=cpp_decode)
+    if quant is None:
+        return chosen
+    return functools.partial(chosen, quant=quant)

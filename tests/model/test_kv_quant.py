@@ -1,0 +1,132 @@
+"""The KV cache at low precision: packed rows, and both attention backends reading them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splitserve.model.attention import AttentionMetadata, torch_decode
+from splitserve.model.cpu_attention import cpp_decode, load_kernel, select_backend
+from splitserve.model.kv_quant import QUANTS, check_device, kv_quant, kv_row_bytes
+
+FORMATS = ["int8", "fp8_e4m3"]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_rows_store_the_scale_they_were_quantized_with(name):
+    quant = QUANTS[name]
+    x = torch.randn(5, 3, 64) * torch.tensor([1e-3, 1.0, 300.0])[None, :, None]
+    x[0, 0] = 0  # an all-zero row stays zero, no nan
+    rows = quant.quantize(x)
+    assert rows.dtype == torch.uint8 and rows.shape == (5, 3, 66)
+    scale = rows[..., 64:].contiguous().view(torch.bfloat16).float()[..., 0]
+    want = (x.abs().amax(-1).clamp_min(1e-30) / quant.qmax).to(torch.bfloat16).float()
+    assert torch.equal(scale, want)
+    back = quant.dequantize(rows, torch.float32)
+    assert torch.equal(back[0, 0], torch.zeros(64))
+    err = (back - x).abs() / x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    # int8: half a step of 1/127 (plus the bfloat16 scale's rounding); e4m3: 3 mantissa bits
+    assert err.max() < (0.0045 if name == "int8" else 0.07)
+
+
+def test_row_bytes_and_flag_errors():
+    assert kv_row_bytes(64, torch.float32, "auto") == 256
+    assert kv_row_bytes(64, torch.bfloat16, "int8") == 66
+    assert kv_quant("auto") is None
+    with pytest.raises(ValueError, match="--kv-cache-dtype 'int4'"):
+        kv_quant("int4")
+    with pytest.raises(ValueError, match="--kv-cache-dtype int8: head_dim 63 is odd"):
+        check_device(QUANTS["int8"], 63, torch.device("cpu"))
+
+
+def _packed_case(quant, dtype=torch.float32, heads=8, kv_heads=2, hd=32, bs=4, lens=(1, 5, 9, 30)):
+    g = torch.Generator().manual_seed(1)
+    num_blocks = 40
+    k = quant.quantize(torch.randn(num_blocks, bs, kv_heads, hd, generator=g) * 2)
+    v = quant.quantize(torch.randn(num_blocks, bs, kv_heads, hd, generator=g))
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, at = [], 0
+    for n in lens:
+        tables.append(perm[at : at + -(-n // bs)])
+        at += len(tables[-1])
+    meta = AttentionMetadata.build(bs, tables, [n - 1 for n in lens], [1] * len(lens))
+    q = torch.randn(len(lens), heads, hd, generator=g).to(dtype)
+    return q, k, v, meta, tables, list(lens)
+
+
+def _dense(q, k, v, tables, lens, scale):
+    outs = []
+    for i, (table, n) in enumerate(zip(tables, lens, strict=True)):
+        kk = k[table].flatten(0, 1)[:n].transpose(0, 1)
+        vv = v[table].flatten(0, 1)[:n].transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            q[i].float()[:, None], kk, vv, scale=scale, enable_gqa=True
+        )
+        outs.append(o[:, 0])
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_both_backends_read_packed_rows_as_their_dequantized_values(name, dtype, atol):
+    assert load_kernel() is not None, "the C++ kernel must build on the CI machine"
+    quant = QUANTS[name]
+    q, k, v, meta, tables, lens = _packed_case(quant, dtype)
+    ref = _dense(
+        q, quant.dequantize(k, torch.float32), quant.dequantize(v, torch.float32), tables, lens, 0.2
+    )
+    pool_before = k.clone()
+    out_torch = torch_decode(q, k, v, meta, 0.2, quant=quant)
+    out_cpp = cpp_decode(q, k, v, meta, 0.2, quant=quant)
+    assert out_torch.dtype == out_cpp.dtype == dtype
+    torch.testing.assert_close(out_torch.float(), ref, atol=atol, rtol=0)
+    torch.testing.assert_close(out_cpp.float(), ref, atol=atol, rtol=0)
+    assert torch.equal(k, pool_before)  # reading never writes the pool
+
+
+def test_the_cpp_kernel_refuses_a_pool_it_would_misread():
+    assert load_kernel() is not None
+    quant = QUANTS["int8"]
+    q, k, v, meta, _, _ = _packed_case(quant)
+    with pytest.raises(RuntimeError, match="q's dtype"):
+        cpp_decode(q, k, v, meta, 0.2)  # packed bytes through the float path
+    with pytest.raises(RuntimeError, match="head_dim \\+ 2"):
+        cpp_decode(q, k[..., :-2].contiguous(), v[..., :-2].contiguous(), meta, 0.2, quant=quant)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("name", FORMATS)
+def test_writes_quantize_and_prefill_reads_the_cached_prefix(backend, name):
+    """A step writes its K/V quantized into their slots; a chunk after a cached prefix attends
+    over the prefix's dequantized rows and its own."""
+    quant = QUANTS[name]
+    attend = select_backend(backend, torch.device("cpu"), quant)
+    g = torch.Generator().manual_seed(2)
+    bs, kvh, hd, heads = 4, 2, 16, 4
+    k_cache = torch.zeros(16, bs, kvh, hd + 2, dtype=torch.uint8)
+    v_cache = torch.zeros_like(k_cache)
+    table = [7, 2, 11]
+    n0, n1 = 6, 5  # prefix, then a chunk
+    k = torch.randn(n0 + n1, kvh, hd, generator=g)
+    v = torch.randn(n0 + n1, kvh, hd, generator=g)
+    q = torch.randn(n0 + n1, heads, hd, generator=g)
+    meta0 = AttentionMetadata.build(bs, [table], [0], [n0])
+    attend(q[:n0], k[:n0], v[:n0], k_cache, v_cache, meta0, 0.25)
+    slots = [table[p // bs] * bs + p % bs for p in range(n0)]
+    flat = k_cache.view(-1, kvh, hd + 2)
+    assert torch.equal(flat[slots], quant.quantize(k[:n0]))
+    meta1 = AttentionMetadata.build(bs, [table], [n0], [n1])
+    out = attend(q[n0:], k[n0:], v[n0:], k_cache, v_cache, meta1, 0.25)
+    kd, vd = (
+        quant.dequantize(quant.quantize(k), torch.float32),
+        quant.dequantize(quant.quantize(v), torch.float32),
+    )
+    mask = torch.arange(n0 + n1)[None, :] <= torch.arange(n0, n0 + n1)[:, None]
+    ref = F.scaled_dot_product_attention(
+        q[n0:].transpose(0, 1)[None],
+        kd.transpose(0, 1)[None],
+        vd.transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=0.25,
+        enable_gqa=True,
+    )[0].transpose(0, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
