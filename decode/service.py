@@ -38,13 +38,20 @@ from splitserve.services.security import TLSConfig, open_channel
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.services.tracing import inject_metadata, stream_span
 from splitserve.v1 import pb, rpc
-from splitserve.wire.kv_codec import KVAssembler, KVCodecError, TransferHeader
+from splitserve.wire.kv_codec import (
+    KVAssembler,
+    KVCodecError,
+    TransferHeader,
+    format_mismatch,
+    format_name,
+)
 from splitserve.workers.engine_loop import RequestStream
 from splitserve.workers.kv_prefix import PrefixPlan
 from splitserve.workers.worker import (
     FINISH_REASONS,
     Worker,
     abort_with,
+    prompt_logprobs,
     token_logprobs,
     usage,
     worker_load,
@@ -233,7 +240,7 @@ class DecodeServicer(rpc.DecodeServicer):
         try:
             async for chunk in call:
                 if assembler is None:
-                    assembler = _assembler(chunk, llm.runner.dtype, expected_shape, num_tokens)
+                    assembler = _assembler(chunk, llm.runner.kv_format, expected_shape, num_tokens)
                 assembler.add(chunk.offset, chunk.data)
                 self.w.metrics.transfer_bytes("received", len(chunk.data))
         except grpc.RpcError as exc:
@@ -290,6 +297,7 @@ class DecodeServicer(rpc.DecodeServicer):
 
     def _response(self, out: RequestOutput, params: SamplingParams) -> pb.DecodeResponse:
         response = pb.DecodeResponse(token_ids=out.new_token_ids)
+        response.prompt_logprobs.extend(prompt_logprobs(out))
         if params.logprobs is not None:
             response.logprobs.extend(token_logprobs(out))
         if out.finished:
@@ -317,6 +325,9 @@ def _assembler(
         raise TransferError("the first KV chunk has no header")
     h = chunk.header
     header = TransferHeader(h.dtype, tuple(h.shape), h.num_tokens, h.total_bytes, h.crc32)
+    mine = format_name(dtype)  # type: ignore[arg-type]
+    if h.dtype != mine:  # before the shape: a packed row is wider, and the dtype says why
+        raise KVCodecError(format_mismatch(h.dtype, mine), "dtype")
     if header.num_tokens != num_tokens or header.shape != expected_shape:
         raise TransferError(
             f"KV header says {header.num_tokens} tokens {header.shape}; "

@@ -501,7 +501,7 @@ class TPExecutor:
                 if r == 0:
                     part = own
                 else:
-                    part = torch.empty((*own.shape[:4], k1 - k0, own.shape[5]), dtype=self.dtype)
+                    part = torch.empty((*own.shape[:4], k1 - k0, own.shape[5]), dtype=own.dtype)
                     group.recv(part, r)
                 out[:, :, :, :, k0:k1] = part
             return out
@@ -509,9 +509,10 @@ class TPExecutor:
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
         shape = self.shard.kv_cache.shape
         expected = (*shape[:2], len(block_ids), shape[3], self.cfg.num_kv_heads, shape[5])
-        if tuple(data.shape) != expected or data.dtype != self.dtype:
+        if tuple(data.shape) != expected or data.dtype != self.shard.kv_dtype:
             raise ValueError(
-                f"KV of shape {tuple(data.shape)} {data.dtype} does not fit {expected} {self.dtype}"
+                f"KV of shape {tuple(data.shape)} {data.dtype} does not fit {expected} "
+                f"{self.shard.kv_dtype}"
             )
         ids = torch.tensor(block_ids, dtype=torch.int64)
         with self._command() as group:
@@ -584,7 +585,7 @@ def _serve(shard: ModelShard, group: _Group, cfg: ModelConfig) -> None:
                 if sends_kv:
                     group.send(shard.read_kv(ids).to("cpu").contiguous(), 0)
             else:
-                part = torch.empty((*layout[:2], a, *layout[3:]), dtype=shard.dtype)
+                part = torch.empty((*layout[:2], a, *layout[3:]), dtype=shard.kv_dtype)
                 shard.write_kv(ids, group.recv(part, 0))
         else:
             raise RuntimeError(f"unknown command {cmd}")

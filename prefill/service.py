@@ -34,6 +34,7 @@ from splitserve.workers.worker import (
     OverloadedError,
     Worker,
     abort_with,
+    prompt_logprobs,
     token_logprob,
     worker_load,
 )
@@ -68,7 +69,10 @@ class PrefillServicer(rpc.PrefillServicer):
         self.expire_interval_s = expire_interval_s
         llm = worker.engine.engine
         self.block_size = llm.block_size
-        self.block_bytes = kv_block_bytes(llm.model_config, llm.block_size, llm.runner.dtype)
+        self.block_bytes = kv_block_bytes(
+            llm.model_config, llm.block_size, llm.runner.dtype, llm.config.kv_cache_dtype
+        )
+        self.kv_format = llm.runner.kv_format  # KV goes out as the pool holds it
         self._expirer: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -186,7 +190,9 @@ class PrefillServicer(rpc.PrefillServicer):
 
     async def _lease(self, reservation: Reservation, kv: KVExport) -> Lease:
         # Serializing and checksumming tens of MB would stall every other RPC on the loop.
-        header, chunks = await asyncio.to_thread(split_transfer, kv.data, kv.num_tokens, 1 << 62)
+        header, chunks = await asyncio.to_thread(
+            split_transfer, kv.data, kv.num_tokens, 1 << 62, self.kv_format
+        )
         data = b"".join(c for _, c in chunks)
         return reservation.commit(header, data)
 
@@ -209,6 +215,7 @@ class PrefillServicer(rpc.PrefillServicer):
             finished=finish != pb.FINISH_REASON_UNSPECIFIED,
             finish_reason=finish,
         )
+        response.prompt_logprobs.extend(prompt_logprobs(out))
         if params.logprobs is not None:
             response.first_logprob.CopyFrom(
                 token_logprob(out.new_logprobs[0], out.new_top_logprobs[0])

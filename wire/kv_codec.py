@@ -12,6 +12,12 @@ KV that holds one would poison every request that later shares its prefix):
   the same code.
 - **Transfers** from prefill to decode: a header (dtype, shape, byte count, CRC-32) and the raw
   bytes cut into chunks of at most 4 MiB, reassembled by `KVAssembler`.
+
+KV moves as it lies in the pool. A low-precision cache (`--kv-cache-dtype int8|fp8_e4m3`) is
+bytes, so its "dtype" is the format's name, `kv_int8` or `kv_fp8_e4m3` (packed rows: values,
+then each row's bfloat16 scale; model/kv_quant.py), never `uint8`: the name says how to read
+the bytes. A receiver whose cache has another format refuses, naming both and the flag; it
+never reads one format's bytes as another's.
 """
 
 from __future__ import annotations
@@ -35,9 +41,17 @@ DTYPE_NAMES = {
     "float16": torch.float16,
     "int8": torch.int8,
     "uint8": torch.uint8,
+    # packed low-precision KV rows (see the module docstring): stored as bytes
+    "kv_int8": torch.uint8,
+    "kv_fp8_e4m3": torch.uint8,
 }
+PACKED_FORMATS = ("kv_int8", "kv_fp8_e4m3")
 # The stored codes are kv_payload's, so torch-free readers (the kvstore) agree with us.
-DTYPE_CODES = {DTYPE_NAMES[name]: code for name, code in kv_payload.DTYPE_CODES.items()}
+DTYPE_CODES = {
+    DTYPE_NAMES[name]: code
+    for name, code in kv_payload.DTYPE_CODES.items()
+    if name not in PACKED_FORMATS
+}
 DTYPE_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
 
 # One error type for every malformed-KV path, so `except KVCodecError` also catches the
@@ -89,12 +103,21 @@ _EXPONENT = {
 }
 
 
-def check_finite(data: bytes | bytearray | memoryview, dtype: torch.dtype) -> None:
+def check_finite(
+    data: bytes | bytearray | memoryview, dtype: torch.dtype | str, row: int | None = None
+) -> None:
     """KVCodecError (reason "nonfinite") if a float in `data` is inf or nan.
 
     A KV cache never holds one (its pool starts zeroed, and a model that made one has failed);
     adopted, it would turn every later request that shares the prefix into nan logits. numpy
-    on an integer view: one thread, whatever thread this runs on (see tensor_bytes)."""
+    on an integer view: one thread, whatever thread this runs on (see tensor_bytes). Packed
+    rows (`dtype` a format name, `row` their width in bytes) have their scales checked, and
+    e4m3 values their nan codes."""
+    if isinstance(dtype, str):
+        if dtype in PACKED_FORMATS:
+            _check_packed(data, dtype, row)
+            return
+        dtype = parse_dtype_name(dtype)
     if dtype not in _EXPONENT:
         return
     uint, mask = _EXPONENT[dtype]
@@ -109,8 +132,36 @@ def check_finite(data: bytes | bytearray | memoryview, dtype: torch.dtype) -> No
             raise KVCodecError("KV holds inf or nan values", "nonfinite")
 
 
+def _check_packed(data: bytes | bytearray | memoryview, fmt: str, row: int | None) -> None:
+    if not row or row <= kv_payload.PACKED_SCALE_BYTES or len(data) % row:
+        raise KVCodecError(f"{fmt} rows of {row} bytes do not divide {len(data)} bytes", "shape")
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, row)
+    scales = np.ascontiguousarray(rows[:, -kv_payload.PACKED_SCALE_BYTES :]).view(np.uint16)
+    if ((scales & 0x7F80) == 0x7F80).any() or (scales & 0x8000).any():
+        raise KVCodecError(f"{fmt} KV holds a negative, inf or nan scale", "nonfinite")
+    if fmt == "kv_fp8_e4m3" and ((rows[:, : -kv_payload.PACKED_SCALE_BYTES] & 0x7F) == 0x7F).any():
+        raise KVCodecError("kv_fp8_e4m3 KV holds nan values", "nonfinite")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def format_name(dtype: torch.dtype | str) -> str:
+    """A KV format's wire name: a float dtype's own, or a packed format's ("kv_int8")."""
+    return dtype if isinstance(dtype, str) else dtype_name(dtype)
+
+
+def _flag(fmt: str) -> str:
+    return f"--kv-cache-dtype {fmt[3:]}" if fmt in PACKED_FORMATS else "--kv-cache-dtype auto"
+
+
+def format_mismatch(sent: str, mine: str) -> str:
+    """One line for KV of another format: both formats and the flags that make them."""
+    return (
+        f"KV dtype {sent} ({_flag(sent)}) does not match this worker's {mine} ({_flag(mine)}); "
+        "start every worker with the same --dtype and --kv-cache-dtype"
+    )
 
 
 def parse_dtype_name(name: str) -> torch.dtype:
@@ -120,36 +171,40 @@ def parse_dtype_name(name: str) -> torch.dtype:
 
 
 # ---- kvstore block payloads -----------------------------------------------------------------
-def encode_block(key: bytes, block: torch.Tensor, secret: bytes | None = None) -> bytes:
-    """One block's KV (any shape) with its key and checksum, signed when given the secret."""
-    if block.dtype not in DTYPE_CODES:
-        raise KVCodecError(f"unsupported KV dtype {block.dtype}", "dtype")
-    return kv_payload.encode_payload(
-        key, dtype_name(block.dtype), tuple(block.shape), tensor_bytes(block), secret
-    )
+def encode_block(
+    key: bytes, block: torch.Tensor, secret: bytes | None = None, fmt: str | None = None
+) -> bytes:
+    """One block's KV (any shape) with its key and checksum, signed when given the secret.
+    `fmt`: the packed format a byte tensor holds (default: the tensor's dtype)."""
+    name = fmt or dtype_name(block.dtype)
+    if DTYPE_NAMES.get(name) != block.dtype:
+        raise KVCodecError(f"unsupported KV dtype {block.dtype} as {name}", "dtype")
+    return kv_payload.encode_payload(key, name, tuple(block.shape), tensor_bytes(block), secret)
 
 
 def decode_block(
     payload: bytes,
     key: bytes,
-    dtype: torch.dtype,
+    dtype: torch.dtype | str,
     shape: Sequence[int],
     secret: bytes | None = None,
 ) -> torch.Tensor:
     """The block, or KVCodecError (its `reason` says which check failed) if the payload isn't
     exactly what `key` should hold: with `secret`, signed by a holder of that secret too.
+    `dtype`: the cache's, or its packed format's name (`format_name`).
 
     Dtype and shape are compared before any checksum or tag is computed: a block that could
     never fit this cache costs nothing to refuse."""
     header = kv_payload.parse_header(payload)
-    if DTYPE_NAMES[header.dtype] != dtype:
+    want = format_name(dtype)
+    if header.dtype != want:
         raise KVCodecError(f"KV payload is {header.dtype}, expected {dtype}", "dtype")
     if header.shape != tuple(shape):
         raise KVCodecError(f"KV payload is {header.shape}, expected {tuple(shape)}", "shape")
     header = kv_payload.verify_payload(payload, key, secret)
     data = kv_payload.payload_data(payload, header)
-    check_finite(data, dtype)
-    return bytes_to_tensor(data, dtype, shape)
+    check_finite(data, want, shape[-1] if shape else None)
+    return bytes_to_tensor(data, DTYPE_NAMES[want], shape)
 
 
 # ---- prefill -> decode transfers ------------------------------------------------------------
@@ -163,13 +218,15 @@ class TransferHeader:
 
 
 def split_transfer(
-    kv: torch.Tensor, num_tokens: int, chunk_bytes: int = CHUNK_BYTES
+    kv: torch.Tensor, num_tokens: int, chunk_bytes: int = CHUNK_BYTES, fmt: str | None = None
 ) -> tuple[TransferHeader, Iterator[tuple[int, bytes]]]:
-    """A header and (offset, bytes) chunks of at most `chunk_bytes` each."""
+    """A header and (offset, bytes) chunks of at most `chunk_bytes` each. `fmt`: the packed
+    format a byte tensor holds (default: the tensor's dtype)."""
+    name = fmt or dtype_name(kv.dtype)
+    if DTYPE_NAMES.get(name) != kv.dtype:
+        raise KVCodecError(f"a {kv.dtype} tensor can't be sent as {name}", "dtype")
     data = tensor_bytes(kv)
-    header = TransferHeader(
-        dtype_name(kv.dtype), tuple(kv.shape), num_tokens, len(data), zlib.crc32(data)
-    )
+    header = TransferHeader(name, tuple(kv.shape), num_tokens, len(data), zlib.crc32(data))
 
     def chunks() -> Iterator[tuple[int, bytes]]:
         for off in range(0, len(data), chunk_bytes):
@@ -184,18 +241,15 @@ class KVAssembler:
     def __init__(
         self,
         header: TransferHeader,
-        expected_dtype: torch.dtype,
+        expected_dtype: torch.dtype | str,
         cache_shape: Sequence[int],
         max_bytes: int = MAX_TRANSFER_BYTES,
     ) -> None:
-        """`cache_shape`: the receiver's pool, (layers, 2, num_blocks, block_size, kvh, hd)."""
+        """`cache_shape`: the receiver's pool, (layers, 2, num_blocks, block_size, kvh, hd);
+        `expected_dtype`: its dtype, or its packed format's name (`format_name`)."""
         dtype = parse_dtype_name(header.dtype)
-        if dtype != expected_dtype:
-            raise KVCodecError(
-                f"KV dtype {header.dtype} does not match this worker's "
-                f"{dtype_name(expected_dtype)}",
-                "dtype",
-            )
+        if header.dtype != format_name(expected_dtype):
+            raise KVCodecError(format_mismatch(header.dtype, format_name(expected_dtype)), "dtype")
         shape, pool = tuple(header.shape), tuple(cache_shape)
         if (
             len(shape) != len(pool)
@@ -210,7 +264,7 @@ class KVAssembler:
                 f"{nbytes} (limit {max_bytes})",
                 "size",
             )
-        self.header, self.dtype = header, dtype
+        self.header, self.dtype, self.format = header, dtype, header.dtype
         self._buf = bytearray(nbytes)
         self._received = 0
 
@@ -229,7 +283,7 @@ class KVAssembler:
             )
         if zlib.crc32(self._buf) != self.header.crc32:
             raise KVCodecError("KV transfer checksum mismatch", "checksum")
-        check_finite(self._buf, self.dtype)
+        check_finite(self._buf, self.format, self.header.shape[-1])
         return (
             torch.frombuffer(self._buf, dtype=torch.uint8)
             .view(self.dtype)

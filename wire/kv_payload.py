@@ -42,10 +42,29 @@ TAG_DOMAIN = b"splitserve/kv-block/v2\x00"
 MIN_SECRET_BYTES = 16
 MESH_SECRET_ENV = "SPLITSERVE_MESH_SECRET"
 
-# Codes are part of the stored format: never renumber, only append.
-DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float16": 3, "int8": 4, "uint8": 5}
+# Codes are part of the stored format: never renumber, only append. "kv_int8" and "kv_fp8_e4m3"
+# are a low-precision KV cache's packed rows (model/kv_quant.py): bytes whose last axis is
+# head_dim int8 (or float8_e4m3fn) values and then the row's little-endian bfloat16 scale.
+DTYPE_CODES = {
+    "float32": 1,
+    "bfloat16": 2,
+    "float16": 3,
+    "int8": 4,
+    "uint8": 5,
+    "kv_int8": 6,
+    "kv_fp8_e4m3": 7,
+}
 DTYPE_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1}
+ITEMSIZE = {
+    "float32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "kv_int8": 1,
+    "kv_fp8_e4m3": 1,
+}
+PACKED_SCALE_BYTES = 2  # the bfloat16 scale at the end of each packed row
 
 # Why a payload was refused: the label values of the workers' rejection counter.
 REASONS = (

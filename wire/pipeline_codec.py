@@ -111,10 +111,10 @@ def layout_differences(expected: pb.StageLayout, actual: pb.StageLayout) -> list
 
 
 # ---- KV blocks of one stage -----------------------------------------------------------------
-def kv_chunks(kv: torch.Tensor) -> Iterator[pb.KVChunk]:
+def kv_chunks(kv: torch.Tensor, fmt: str | None = None) -> Iterator[pb.KVChunk]:
     """A stage's KV `(layers, 2, n, block_size, kv_heads, head_dim)` as chunks; the first one
-    carries the header."""
-    header, chunks = split_transfer(kv, num_tokens=0)
+    carries the header. `fmt`: the packed format a byte tensor holds (kv_codec)."""
+    header, chunks = split_transfer(kv, num_tokens=0, fmt=fmt)
     first = True
     for offset, data in chunks:
         chunk = pb.KVChunk(offset=offset, data=data)
@@ -131,7 +131,7 @@ def kv_chunks(kv: torch.Tensor) -> Iterator[pb.KVChunk]:
         yield chunk
 
 
-def kv_assembler(header: pb.KVHeader, dtype: torch.dtype, pool: Sequence[int]) -> KVAssembler:
+def kv_assembler(header: pb.KVHeader, dtype: torch.dtype | str, pool: Sequence[int]) -> KVAssembler:
     """Receives chunks into a tensor that must fit `pool` (the stage's cache shape)."""
     h = TransferHeader(header.dtype, tuple(header.shape), 0, header.total_bytes, header.crc32)
     return KVAssembler(h, dtype, pool)

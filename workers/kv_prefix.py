@@ -73,7 +73,7 @@ class PrefixTier:
         runner = engine.engine.runner
         pool = runner.kv_layout  # (layers, 2, num_blocks, block_size, kvh, hd)
         self.block_shape = pool[:2] + pool[3:]
-        self.dtype = runner.dtype
+        self.dtype = runner.kv_format  # the model dtype's name, or the packed format's
         self.block_size = engine.engine.block_size
         self._writes: set[asyncio.Task[None]] = set()
 
@@ -150,7 +150,7 @@ class PrefixTier:
     async def _put(self, hashes: list[BlockHash], start: int, data: torch.Tensor) -> None:
         def encode() -> list[tuple[bytes, bytes]]:
             return [
-                (hashes[i], encode_block(hashes[i], data[:, :, i], self.secret))
+                (hashes[i], encode_block(hashes[i], data[:, :, i], self.secret, self.dtype))
                 for i in range(start, len(hashes))
             ]
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
+from splitserve.engine.config import EngineConfig, ModelConfig, kv_cache_key, parse_dtype
 from splitserve.executors.pipeline.processes import (
     StageProcess,
     StageSpec,
@@ -61,10 +61,11 @@ from splitserve.executors.pipeline.processes import (
     stop_stages,
 )
 from splitserve.executors.shard import ModelShard
+from splitserve.model.kv_quant import kv_format_name, kv_row
 from splitserve.model.loader import Weights
 from splitserve.model.parallel import ParallelConfigError, ShardSpec, stage_layer_ranges
 from splitserve.v1 import pb, rpc
-from splitserve.wire.kv_codec import KVCodecError, dtype_name
+from splitserve.wire.kv_codec import DTYPE_NAMES, KVCodecError, dtype_name, format_name
 from splitserve.wire.pipeline_codec import (
     STAGE_CHANNEL_OPTIONS,
     kv_assembler,
@@ -285,10 +286,12 @@ class _RemoteStage:
     def _kv_timeout(nbytes: int) -> float:
         return KV_TIMEOUT_BASE_S + nbytes / KV_BYTES_PER_S
 
-    def read_kv(self, block_ids: list[int], pool: tuple[int, ...], dtype: torch.dtype):
-        """This stage's KV of `block_ids`, which must fit `pool` (its cache's shape)."""
+    def read_kv(self, block_ids: list[int], pool: tuple[int, ...], dtype: torch.dtype | str):
+        """This stage's KV of `block_ids`, which must fit `pool` (its cache's shape); `dtype`:
+        the pool's, or its packed format's name."""
         req = pb.StageReadKVRequest(block_ids=block_ids)
-        nbytes = math.prod((*pool[:2], len(block_ids), *pool[3:])) * dtype.itemsize
+        itemsize = DTYPE_NAMES[format_name(dtype)].itemsize
+        nbytes = math.prod((*pool[:2], len(block_ids), *pool[3:])) * itemsize
         try:
             assembler = None
             for chunk in self.stub.ReadKV(req, timeout=self._kv_timeout(nbytes)):
@@ -306,9 +309,9 @@ class _RemoteStage:
             raise PipelineError(f"{self.name} sent bad KV: {e}") from None
         return kv
 
-    def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
+    def write_kv(self, block_ids: list[int], data: torch.Tensor, fmt: str | None = None) -> None:
         def messages() -> Iterator[pb.StageWriteKVRequest]:
-            for i, chunk in enumerate(kv_chunks(data)):
+            for i, chunk in enumerate(kv_chunks(data, fmt)):
                 yield pb.StageWriteKVRequest(block_ids=block_ids if i == 0 else [], chunk=chunk)
 
         nbytes = data.numel() * data.element_size()
@@ -359,6 +362,8 @@ class PipelineExecutor:
         self.peak_pending = 0  # the most micro-batches ever in flight at once
         self.timeout_s = engine_cfg.pipeline_timeout_s
         self.dtype = parse_dtype(engine_cfg.dtype)
+        self.kv_cache_dtype = engine_cfg.kv_cache_dtype
+        self.kv_format = kv_format_name(self.dtype, self.kv_cache_dtype)
         self.device = torch.device(engine_cfg.device)
         self._procs: list[StageProcess] = []
         self._stages: list[_RemoteStage] = []
@@ -404,7 +409,8 @@ class PipelineExecutor:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         if self._procs:
             addresses = [p.wait_address(deadline) for p in self._procs]
-        dtype = dtype_name(self.dtype)
+        # a stage with another --kv-cache-dtype differs here, and the handshake says so
+        dtype = kv_cache_key(dtype_name(self.dtype), ecfg.kv_cache_dtype)
         for k, address in enumerate(addresses, start=1):
             layout = layout_message(
                 cfg, self.ranges[k], self.num_blocks, ecfg.block_size, dtype,
@@ -489,7 +495,7 @@ class PipelineExecutor:
         with self._local_group():
             parts = [self.local.read_kv(block_ids)]
         for s in self._stages:
-            parts.append(s.read_kv(block_ids, self._pool(s), self.dtype).to(self.device))
+            parts.append(s.read_kv(block_ids, self._pool(s), self.kv_format).to(self.device))
         return torch.cat(parts)
 
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
@@ -498,7 +504,7 @@ class PipelineExecutor:
         with self._local_group():
             self.local.write_kv(block_ids, data[a:b])
         for s, (a, b) in zip(self._stages, self.ranges[1:], strict=True):
-            s.write_kv(block_ids, data[a:b])
+            s.write_kv(block_ids, data[a:b], self.kv_format)
 
     def close(self) -> None:
         if self._closed:
@@ -547,7 +553,8 @@ class PipelineExecutor:
 
     def _pool(self, s: _RemoteStage) -> tuple[int, ...]:
         c = self.cfg
-        return (s.num_layers, 2, self.num_blocks, s.layout.block_size, c.num_kv_heads, c.head_dim)
+        row = kv_row(c.head_dim, self.kv_cache_dtype)
+        return (s.num_layers, 2, self.num_blocks, s.layout.block_size, c.num_kv_heads, row)
 
     @contextlib.contextmanager
     def _local_group(self) -> Iterator[None]:

@@ -36,13 +36,15 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
+from splitserve.engine.config import EngineConfig, ModelConfig, kv_cache_key, parse_dtype
+from splitserve.executors.build import resolve_quantization
 from splitserve.executors.flags import add_engine_args, engine_config
 from splitserve.executors.pipeline.executor import build_stage_shard
 from splitserve.executors.pipeline.processes import StageSpec
 from splitserve.executors.runner import plan_num_blocks
 from splitserve.executors.shard import max_positions
 from splitserve.executors.tensor_parallel import ShardGroupError
+from splitserve.model.kv_quant import kv_format_name, kv_row
 from splitserve.model.loader import ModelLoadError, open_checkpoint
 from splitserve.model.parallel import ParallelConfigError, stage_layer_ranges
 from splitserve.services.security import TLSConfig, add_tls_arguments, open_channel
@@ -97,9 +99,11 @@ class StageRuntime:
         self.layers = (spec.first_layer, spec.last_layer)
         self.is_last = spec.last_layer == cfg.num_layers
         self.dtype = parse_dtype(self.engine.dtype)
+        self.kv_format = kv_format_name(self.dtype, self.engine.kv_cache_dtype)
         self.device = torch.device(self.engine.device)
+        dtype = kv_cache_key(dtype_name(self.dtype), self.engine.kv_cache_dtype)
         self.layout = layout_message(
-            cfg, self.layers, spec.num_blocks, self.engine.block_size, dtype_name(self.dtype),
+            cfg, self.layers, spec.num_blocks, self.engine.block_size, dtype,
             self.engine.tensor_parallel_size,
         )  # fmt: skip
         self.counters = StageCounters()
@@ -109,7 +113,8 @@ class StageRuntime:
     @property
     def pool(self) -> tuple[int, ...]:
         c, a, b = self.cfg, *self.layers
-        return (b - a, 2, self.spec.num_blocks, self.engine.block_size, c.num_kv_heads, c.head_dim)
+        row = kv_row(c.head_dim, self.engine.kv_cache_dtype)
+        return (b - a, 2, self.spec.num_blocks, self.engine.block_size, c.num_kv_heads, row)
 
     def forward(self, req: pb.StageForwardRequest):
         """The next stage's request, or (last stage) the logits answer."""
@@ -138,7 +143,7 @@ class StageRuntime:
 
     def read_kv(self, block_ids: list[int]) -> list[pb.KVChunk]:
         self._check_blocks(block_ids)
-        return list(kv_chunks(self.shard.read_kv(block_ids)))
+        return list(kv_chunks(self.shard.read_kv(block_ids), self.kv_format))
 
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
         self._check_blocks(block_ids)
@@ -352,7 +357,7 @@ class StageServicer(rpc.StageServicer):
             async for msg in request_iterator:
                 if assembler is None:
                     block_ids = list(msg.block_ids)
-                    assembler = kv_assembler(msg.chunk.header, self.rt.dtype, self.rt.pool)
+                    assembler = kv_assembler(msg.chunk.header, self.rt.kv_format, self.rt.pool)
                 assembler.add(msg.chunk.offset, msg.chunk.data)
             if assembler is None:
                 raise ValueError("no KV sent")
@@ -424,6 +429,7 @@ def load_runtime(args: argparse.Namespace) -> StageRuntime:
             raise ValueError("give --stage-index (1..P-1)")
         engine = engine_config(args)
         ckpt = open_checkpoint(engine.model)
+        engine = resolve_quantization(engine, ckpt)
         explicit = list(engine.pipeline_layers) if engine.pipeline_layers else None
         ranges = stage_layer_ranges(ckpt.config, engine.pipeline_stages, explicit)
         if not 1 <= args.stage_index < len(ranges):

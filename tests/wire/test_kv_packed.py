@@ -1,0 +1,72 @@
+"""Packed low-precision KV (kv_int8, kv_fp8_e4m3) on the wire: round trips, and never read as
+another format."""
+
+import pytest
+import torch
+
+from splitserve.model.kv_quant import QUANTS
+from splitserve.wire import kv_payload
+from splitserve.wire.kv_codec import (
+    KVAssembler,
+    KVCodecError,
+    check_finite,
+    decode_block,
+    encode_block,
+    split_transfer,
+)
+
+KEY = b"k" * 32
+
+
+def packed(name: str, shape=(2, 2, 4, 3, 8)) -> torch.Tensor:
+    return QUANTS[name].quantize(torch.randn(shape))  # (..., 10) bytes
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8_e4m3"])
+def test_blocks_and_transfers_round_trip_under_the_format_name(name):
+    fmt = QUANTS[name].wire_name
+    block = packed(name)
+    payload = encode_block(KEY, block, b"s" * 16, fmt)
+    assert kv_payload.parse_header(payload).dtype == fmt
+    assert kv_payload.is_valid_payload(payload, KEY)  # the torch-free kvstore accepts it
+    assert torch.equal(decode_block(payload, KEY, fmt, block.shape, b"s" * 16), block)
+    kv = packed(name, (2, 2, 5, 4, 3, 8))
+    header, chunks = split_transfer(kv, 17, chunk_bytes=300, fmt=fmt)
+    assert header.dtype == fmt and header.total_bytes == kv.numel()
+    asm = KVAssembler(header, fmt, (2, 2, 64, 4, 3, 10))
+    for off, data in chunks:
+        asm.add(off, data)
+    assert torch.equal(asm.finish(), kv)
+
+
+def test_a_format_is_never_read_as_another():
+    int8 = packed("int8")
+    payload = encode_block(KEY, int8, None, "kv_int8")
+    for other in ("kv_fp8_e4m3", torch.uint8, torch.float32):
+        with pytest.raises(KVCodecError) as err:
+            decode_block(payload, KEY, other, int8.shape)
+        assert err.value.reason == "dtype"
+    header, _ = split_transfer(int8[:, :, None], 4, fmt="kv_int8")
+    with pytest.raises(KVCodecError, match="kv_int8 \\(--kv-cache-dtype int8\\) does not match "):
+        KVAssembler(header, "kv_fp8_e4m3", (2, 2, 9, 4, 3, 8))
+    with pytest.raises(KVCodecError, match="--kv-cache-dtype auto"):
+        KVAssembler(header, torch.float32, (2, 2, 9, 4, 3, 8))
+    with pytest.raises(KVCodecError, match="can't be sent as kv_int8"):
+        split_transfer(torch.zeros(2, 2, 1, 4, 3, 8), 4, fmt="kv_int8")  # floats aren't packed
+
+
+def test_bad_scales_and_fp8_nans_are_refused():
+    rows = packed("fp8_e4m3").numpy().reshape(-1, 10).copy()
+    check_finite(rows.tobytes(), "kv_fp8_e4m3", 10)
+    for spoil in ((0, 9, 0x7F), (1, 9, 0xC0), (2, 3, 0x7F), (3, 4, 0xFF)):
+        bad = rows.copy()
+        r, c, v = spoil  # an inf/nan scale, a negative scale, fp8 nan codes
+        bad[r, c] = v
+        if c == 9:
+            bad[r, 8] = 0x80 if v == 0x7F else 0
+        with pytest.raises(KVCodecError) as err:
+            check_finite(bad.tobytes(), "kv_fp8_e4m3", 10)
+        assert err.value.reason == "nonfinite"
+    int8 = packed("int8").numpy().reshape(-1, 10).copy()
+    int8[:, :8] = 0x7F  # 127 is a fine int8 value
+    check_finite(int8.tobytes(), "kv_int8", 10)
