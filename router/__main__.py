@@ -48,6 +48,7 @@ from .http_api import HttpApi
 from .policy import DEFAULT_ABS_THRESHOLD, DEFAULT_REL_THRESHOLD, POLICY_NAMES
 from .registry_api import SERVICE_NAME as REGISTRY_SERVICE_NAME
 from .registry_api import RegistryServicer
+from .validation import DEFAULT_MAX_N
 
 log = logging.getLogger("splitserve.router")
 
@@ -161,11 +162,19 @@ def _add_routing_arguments(p: argparse.ArgumentParser) -> None:
         help="the workers' --dtype, for prefix hashes (default: %(default)s)",
     )
     g.add_argument("--block-size", type=int, default=16, help="the workers' --block-size")
+    g.add_argument(
+        "--max-n",
+        type=int,
+        default=DEFAULT_MAX_N,
+        help="most choices per prompt a request may ask for (n, best_of) (default: %(default)s)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     if args.max_inflight < 1 or args.max_body_bytes < 1:
         raise ValueError("--max-inflight and --max-body-bytes must be positive")
+    if args.max_n < 1:
+        raise ValueError("--max-n must be >= 1")
     if args.drop_after_failures < 1 or args.decode_retries < 0 or args.prefill_retries < 0:
         raise ValueError("--drop-after-failures must be >= 1, --*-retries >= 0")
     return RouterConfig(
@@ -186,6 +195,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         block_size=args.block_size,
         max_inflight=args.max_inflight,
         max_body_bytes=args.max_body_bytes,
+        max_n=args.max_n,
         health_interval_s=args.health_interval,
         drop_after_failures=args.drop_after_failures,
         request_timeout_s=args.request_timeout,

@@ -37,7 +37,13 @@ from .generation import GenerationDelta, generate
 from .metrics import RouterMetrics
 from .policy import DEFAULT_ABS_THRESHOLD, DEFAULT_REL_THRESHOLD, make_policy
 from .registry import WorkerRegistry
-from .validation import GenerateInput, ModelInfo, RequestValidator, ValidatedRequest
+from .validation import (
+    DEFAULT_MAX_N,
+    GenerateInput,
+    ModelInfo,
+    RequestValidator,
+    ValidatedRequest,
+)
 
 log = logging.getLogger("splitserve.router")
 
@@ -66,6 +72,7 @@ class RouterConfig:
     block_size: int = 16  # must match the workers' --block-size
     max_inflight: int = 256
     max_body_bytes: int = MIB
+    max_n: int = DEFAULT_MAX_N  # choices per prompt (n and best_of); above it, 400
     health_interval_s: float = 2.0
     drop_after_failures: int = 3  # checks failed in a row before a registered worker is dropped
     request_timeout_s: float = 600.0  # a request's deadline: the caller's, capped by this
@@ -93,7 +100,9 @@ class Router:
             aliases=(ckpt.config.name,),
         )
         self.created = int(time.time())
-        self.validator = RequestValidator(self.model, self.tokenizer, config.max_body_bytes)
+        self.validator = RequestValidator(
+            self.model, self.tokenizer, config.max_body_bytes, config.max_n
+        )
         self.workers = WorkerRegistry(
             config.prefill,
             config.decode,

@@ -95,6 +95,7 @@ class WorkerTokens:
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
     finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
     num_cached_tokens: int | None = None
+    prompt_logprobs: list[pb.TokenLogprob] = field(default_factory=list)  # with the first token
 
 
 @dataclass
@@ -473,6 +474,8 @@ class Dispatcher:
                         # The prefill worker knows the prompt's real cache hit; to the decode
                         # worker the whole prompt arrived as KV.
                         ev.num_cached_tokens = first.num_cached_tokens
+                        if not run.relayed and not ev.prompt_logprobs:  # prefill computed them
+                            ev.prompt_logprobs = list(first.prompt_logprobs)
                     run.relayed += ev.token_ids
                     yield ev
                 return
@@ -585,7 +588,11 @@ class Dispatcher:
                 cached = resp.usage.cached_prompt_tokens if resp.HasField("usage") else None
                 finished = resp.finish_reason != pb.FINISH_REASON_UNSPECIFIED
                 yield WorkerTokens(
-                    list(resp.token_ids), list(resp.logprobs), resp.finish_reason, cached
+                    list(resp.token_ids),
+                    list(resp.logprobs),
+                    resp.finish_reason,
+                    cached,
+                    list(resp.prompt_logprobs),
                 )
                 if finished:
                     return
@@ -686,7 +693,11 @@ def _first_only(first: pb.PrefillResponse, aborted: bool) -> WorkerTokens:
         return WorkerTokens([], finish_reason=pb.FINISH_REASON_ABORT)
     logprobs = [first.first_logprob] if first.HasField("first_logprob") else []
     return WorkerTokens(
-        [first.first_token_id], logprobs, first.finish_reason, first.num_cached_tokens
+        [first.first_token_id],
+        logprobs,
+        first.finish_reason,
+        first.num_cached_tokens,
+        list(first.prompt_logprobs),
     )
 
 
@@ -727,4 +738,8 @@ def _sampling_options(req: ValidatedRequest) -> pb.SamplingOptions:
         opts.seed = p.seed
     if p.logprobs is not None:
         opts.logprobs = p.logprobs
+    if p.prompt_logprobs is not None:
+        opts.prompt_logprobs = p.prompt_logprobs
+    for token_id, bias in p.logit_bias:
+        opts.logit_bias[token_id] = bias
     return opts

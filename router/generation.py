@@ -41,7 +41,7 @@ class TopLogprobInfo:
 class LogprobInfo:
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None: the prompt's first token, which has none
     top: list[TopLogprobInfo]
 
 
@@ -65,6 +65,11 @@ class GenerationDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last delta
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     usage: UsageInfo | None = None  # on the last delta
+    index: int = 0  # the choice it belongs to
+    # echo, on the first delta: the prompt's text and ids, and its logprobs when asked for
+    prompt_text: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[LogprobInfo] = field(default_factory=list)
 
 
 class OutputProcessor:
@@ -82,10 +87,35 @@ class OutputProcessor:
         self.num_tokens = 0
         self.num_cached_tokens = 0
         self.finished = False
+        self.echoed = False
 
     def process(self, ev: WorkerTokens) -> GenerationDelta:
         if self.finished:
             raise RuntimeError("the request already finished")
+        if self.request.prompt_only:  # max_tokens 0: the one token the worker made is dropped
+            done = ev.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+            reason = pb.FINISH_REASON_LENGTH if done else ev.finish_reason
+            ev = WorkerTokens([], [], reason, ev.num_cached_tokens, ev.prompt_logprobs)
+        delta = self._process(ev)
+        if self.request.echo and not self.echoed:
+            self.echoed = True
+            delta.prompt_text = self.request.echo_text
+            delta.prompt_token_ids = list(self.request.prompt_token_ids)
+            delta.prompt_logprobs = self._prompt_logprobs(ev)
+        return delta
+
+    def _prompt_logprobs(self, ev: WorkerTokens) -> list[LogprobInfo]:
+        ids = self.request.prompt_token_ids
+        if self.request.params.prompt_logprobs is None or len(ev.prompt_logprobs) != len(ids) - 1:
+            return []
+        first = LogprobInfo(ids[0], self.token_text(ids[0]), None, [])
+        rest = [
+            LogprobInfo(t, self.token_text(t), lp.logprob, [self._top(x) for x in lp.top])
+            for t, lp in zip(ids[1:], ev.prompt_logprobs, strict=True)
+        ]
+        return [first, *rest]
+
+    def _process(self, ev: WorkerTokens) -> GenerationDelta:
         self.num_tokens += len(ev.token_ids)
         if ev.num_cached_tokens is not None:
             self.num_cached_tokens = max(self.num_cached_tokens, ev.num_cached_tokens)

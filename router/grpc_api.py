@@ -28,8 +28,9 @@ from splitserve.v1 import pb, rpc
 
 from .app import Router
 from .auth import Authenticator
+from .choices import Choices
 from .errors import AuthenticationError, RouterError
-from .generation import FINISH_CODES, GenerationDelta
+from .generation import FINISH_CODES, GenerationDelta, LogprobInfo
 from .validation import GenerateInput
 
 log = logging.getLogger("splitserve.router")
@@ -98,7 +99,7 @@ class InferenceServicer(rpc.InferenceServicer):
                 raw.tenant = tenant
                 validated = await self.router.validate(raw)
                 parent = extract_context(context)
-                deltas = self.router.generate(validated, parent, arrival, timeout_s)
+                deltas = Choices(self.router, [validated]).stream(parent, arrival, timeout_s)
                 async with aclosing(deltas) as stream:
                     async for delta in stream:
                         yield to_response(delta)
@@ -160,7 +161,12 @@ def generate_input(request: pb.GenerateRequest, caller: str | None = None) -> Ge
         disaggregate=request.disaggregate if request.HasField("disaggregate") else None,
         sampling=_sampling_fields(request.sampling),
         body_bytes=request.ByteSize(),
+        n=request.n or 1,
+        best_of=request.best_of or None,
+        echo=request.echo,
     )
+    if request.echo and "logprobs" in raw.sampling:  # the prompt's too, as on HTTP
+        raw.sampling.setdefault("prompt_logprobs", raw.sampling["logprobs"])
     if kind == "prompt":
         raw.prompt = request.prompt
     elif kind == "chat":
@@ -181,19 +187,30 @@ def _sampling_fields(s: pb.SamplingOptions) -> dict[str, object]:
         "stop_token_ids": tuple(s.stop_token_ids),
         "ignore_eos": s.ignore_eos,
     }
-    for name in ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs"):
+    names = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "logprobs")
+    for name in (*names, "prompt_logprobs"):
         if s.HasField(name):
             fields[name] = getattr(s, name)
+    if s.logit_bias:
+        fields["logit_bias"] = dict(s.logit_bias)
     return fields
+
+
+def _token_logprob(lp: LogprobInfo) -> pb.TokenLogprob:
+    top = [pb.TopLogprob(token_id=t.token_id, logprob=t.logprob, text=t.token) for t in lp.top]
+    return pb.TokenLogprob(logprob=lp.logprob or 0.0, top=top)
 
 
 def to_response(delta: GenerationDelta) -> pb.GenerateResponse:
     out = pb.GenerateResponse(
-        request_id=delta.request_id, token_ids=delta.token_ids, text=delta.text
+        request_id=delta.request_id,
+        token_ids=delta.token_ids,
+        text=delta.prompt_text + delta.text,  # echo: the prompt first
+        index=delta.index,
+        prompt_token_ids=delta.prompt_token_ids,
     )
-    for lp in delta.logprobs:
-        top = [pb.TopLogprob(token_id=t.token_id, logprob=t.logprob, text=t.token) for t in lp.top]
-        out.logprobs.append(pb.TokenLogprob(logprob=lp.logprob, top=top))
+    out.logprobs.extend(_token_logprob(lp) for lp in delta.logprobs)
+    out.prompt_logprobs.extend(_token_logprob(lp) for lp in delta.prompt_logprobs)
     if delta.finish_reason is not None:
         out.finish_reason = FINISH_CODES[delta.finish_reason]
         if delta.stop_reason is not None:

@@ -37,8 +37,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from .admission import RETRY_AFTER_S, request_timeout
 from .app import Router
 from .auth import Authenticator, HttpLimits, RateLimitedLog
+from .choices import Choices
 from .errors import (
     AuthenticationError,
+    ModelNotFoundError,
     RequestTimeoutError,
     RequestTooLargeError,
     RequestValidationError,
@@ -48,6 +50,7 @@ from .errors import (
 from .generation import GenerationDelta
 from .http_guard import ConnectionGuard, connection_budget, raise_file_limit
 from .openai_protocol import Accumulator, Formatter, ParsedRequest, parse_chat, parse_completion
+from .validation import RequestValidator
 
 log = logging.getLogger("splitserve.router")
 
@@ -94,6 +97,8 @@ class HttpApi:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
@@ -161,6 +166,35 @@ class HttpApi:
         }
         return web.json_response({"object": "list", "data": [card]})
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's shape: {"prompt": text} or {"messages": [...]} -> {"count", "max_model_len",
+        "tokens", "token_strs"}; the ids a completion of that input would be given."""
+        body, _ = await _read_json(
+            request, self.router.config.max_body_bytes, self.limits.body_timeout_s
+        )
+        ids, strs = tokenize_body(self.router.validator, body)
+        return web.json_response(
+            {
+                "count": len(ids),
+                "max_model_len": self.router.model.max_model_len,
+                "tokens": ids,
+                "token_strs": strs,
+            }
+        )
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's shape: {"tokens": [ids]} -> {"prompt": text}."""
+        body, _ = await _read_json(
+            request, self.router.config.max_body_bytes, self.limits.body_timeout_s
+        )
+        validator = self.router.validator
+        _check_model(validator, body)
+        tokens = body.get("tokens")
+        if tokens is None:
+            raise RequestValidationError("invalid_value", "tokens is required", "tokens")
+        ids = validator.check_token_ids(tokens, "tokens")
+        return web.json_response({"prompt": validator.tokenizer.decode(ids)})
+
     async def health(self, request: web.Request) -> web.Response:
         workers = {w.address: w.healthy for w in self.router.workers.workers}
         ok = self.router.workers.has_healthy_decoder() and not self.router.draining
@@ -187,19 +221,21 @@ class HttpApi:
                 raise
             parsed = parse(body, size, request.headers.get("Authorization"))
             parsed.raw.tenant = tenant
-            validated = await self.router.validate(parsed.raw)
-            fmt = Formatter(chat, validated.request_id, self.router.model.name, parsed.top_logprobs)
+            validated = [await self.router.validate(raw) for raw in parsed.inputs()]
+            first = validated[0]
+            fmt = Formatter(chat, first.request_id, self.router.model.name, parsed.top_logprobs)
             # Trace context from the caller's W3C `traceparent` header, if it sent one.
             parent = propagate.extract(dict(request.headers))
             budget_s = request_timeout(request.headers, body)  # X-Request-Timeout, `timeout`
-            deltas = self.router.generate(validated, parent, arrival, budget_s)
+            choices = Choices(self.router, validated)
+            deltas = choices.stream(parent, arrival, budget_s)
             async with aclosing(deltas) as stream:
                 if parsed.stream.stream:
-                    return await _stream(request, stream, fmt, parsed.stream.include_usage)
-                acc = Accumulator()
+                    return await _stream(request, stream, fmt, parsed.stream.include_usage, choices)
+                accs = [Accumulator(index=i) for i in range(choices.num_choices)]
                 async for delta in stream:
-                    acc.add(delta)
-                return web.json_response(fmt.response(acc))
+                    accs[delta.index].add(delta)
+                return web.json_response(fmt.response(accs, choices.usage))
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -232,6 +268,7 @@ async def _stream(
     deltas: AsyncIterator[GenerationDelta],
     fmt: Formatter,
     include_usage: bool,
+    choices: Choices,
 ) -> web.StreamResponse:
     # Wait for the first delta before sending headers: routing errors (no worker, overload)
     # still get their own status code instead of a 200 with an error inside.
@@ -239,11 +276,12 @@ async def _stream(
     headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
-    opening = fmt.first_chunk()
-    if opening is not None:
-        await resp.write(_sse(opening))
+    for index in range(choices.num_choices):
+        opening = fmt.first_chunk(index)
+        if opening is not None:
+            await resp.write(_sse(opening))
     try:
-        await _write_events(resp, first, deltas, fmt, include_usage)
+        await _write_events(resp, first, deltas, fmt, include_usage, choices)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
     except ConnectionError:  # the client left; closing `deltas` cancels the worker's stream
@@ -257,15 +295,14 @@ async def _write_events(
     deltas: AsyncIterator[GenerationDelta],
     fmt: Formatter,
     include_usage: bool,
+    choices: Choices,
 ) -> None:
-    usage = None
     try:
         while delta is not None:
-            usage = delta.usage or usage
             await resp.write(_sse(fmt.chunk(delta)))
             delta = await anext(deltas, None)
         if include_usage:
-            await resp.write(_sse(fmt.usage_chunk(usage)))
+            await resp.write(_sse(fmt.usage_chunk(choices.usage)))
     except RouterError as e:  # after the headers, an error can only be an event
         await resp.write(_sse(e.openai_body()))
 
@@ -337,6 +374,53 @@ def _error_response(err: RouterError) -> web.Response:
     if isinstance(err, RequestTooLargeError | RequestTimeoutError | UnsupportedMediaTypeError):
         resp.force_close()  # don't keep a connection whose body we won't read
     return resp
+
+
+def tokenize_body(
+    validator: RequestValidator, body: dict[str, Any]
+) -> tuple[list[int], list[str] | None]:
+    """/tokenize: a prompt (special tokens added unless `add_special_tokens: false`) or chat
+    messages through the template (`add_generation_prompt`, default true)."""
+    _check_model(validator, body)
+    flags = {}
+    for name, default in (
+        ("add_special_tokens", "prompt" in body),
+        ("add_generation_prompt", True),
+        ("return_token_strs", False),
+    ):
+        flags[name] = body.get(name, default)
+        if not isinstance(flags[name], bool):
+            raise RequestValidationError("invalid_value", f"{name} must be true or false", name)
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if (prompt is None) == (messages is None):
+        raise RequestValidationError("invalid_value", "give a prompt or messages", "prompt")
+    if messages is not None:
+        turns = validator.chat_turns(messages)
+        try:
+            text = validator.tokenizer.apply_chat_template(
+                turns, add_generation_prompt=flags["add_generation_prompt"]
+            )
+        except Exception as e:  # a template's raise_exception() rejects the conversation
+            raise RequestValidationError(
+                "invalid_value", f"the chat template rejected the messages: {e}", "messages"
+            ) from e
+    elif not isinstance(prompt, str):
+        raise RequestValidationError("invalid_value", "prompt must be a string", "prompt")
+    else:
+        text = prompt
+    ids = validator.tokenizer.encode(text, add_special_tokens=flags["add_special_tokens"])
+    strs = None
+    if flags["return_token_strs"]:
+        strs = [validator.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    return ids, strs
+
+
+def _check_model(validator: RequestValidator, body: dict[str, Any]) -> None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestValidationError("invalid_value", "model must be a string", "model")
+    if not validator.model.matches(model):
+        raise ModelNotFoundError(model, validator.model.name)
 
 
 def _limit_text(n: int) -> str:

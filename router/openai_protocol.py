@@ -1,15 +1,16 @@
 """OpenAI's JSON shapes: request bodies -> `GenerateInput`, deltas -> responses and chunks.
 
 Only parsing and formatting live here; every value check is the shared validator's. Fields
-this server can't honour (batched prompts, echo, best_of > 1, suffix, logit_bias, tools) are
-rejected by name rather than silently ignored.
+this server can't honour (suffix, tools, ...) are rejected by name rather than silently ignored.
+A completions request may carry a list of prompts (strings or token-id lists); `n`, `best_of`
+and the prompts become choices (router/choices.py), each formatted by its `index`.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import RequestValidationError
@@ -30,11 +31,10 @@ _SAMPLING_FIELDS = {
     "stop_token_ids": "stop_token_ids",
     "ignore_eos": "ignore_eos",
     "min_tokens": "min_tokens",
+    "logit_bias": "logit_bias",
 }
 _UNSUPPORTED = {
-    "echo": "echo is not supported",
     "suffix": "suffix is not supported",
-    "logit_bias": "logit_bias is not supported",
     "tools": "tools are not supported",
     "functions": "functions are not supported",
     "audio": "audio output is not supported",
@@ -47,29 +47,47 @@ class StreamOptions:
     include_usage: bool = False
 
 
+MAX_PROMPTS = 256  # prompts in one completions request
+
+
 @dataclass(frozen=True)
 class ParsedRequest:
     raw: GenerateInput
     stream: StreamOptions
     top_logprobs: int | None = None  # chat: how many alternatives to show
+    prompts: list[Any] | None = None  # completions with a list of prompts: each one's input
+
+    def inputs(self) -> list[GenerateInput]:
+        """One validator input per prompt."""
+        if self.prompts is None:
+            return [self.raw]
+        out = []
+        for prompt in self.prompts:
+            raw = replace(self.raw, sampling=dict(self.raw.sampling))
+            _set_one_prompt(raw, prompt)
+            out.append(raw)
+        return out
 
 
 def parse_completion(body: dict[str, Any], body_bytes: int, caller: str | None) -> ParsedRequest:
     _reject_unsupported(body)
-    if body.get("best_of") not in (None, 1):
-        raise _invalid("best_of", "best_of must be 1: one choice per request is supported")
     raw = _common(body, body_bytes, caller, prefix="cmpl")
+    raw.best_of = body.get("best_of")
+    raw.echo = body.get("echo", False)
     raw.sampling["max_tokens"] = body.get("max_tokens")
     if body.get("logprobs") is not None:
         raw.sampling["logprobs"] = body["logprobs"]
-    _set_prompt(raw, body.get("prompt"))
-    return ParsedRequest(raw, _stream_options(body))
+        if raw.echo is True:  # the prompt's logprobs too, with as many alternatives
+            raw.sampling["prompt_logprobs"] = body["logprobs"]
+    prompts = _set_prompt(raw, body.get("prompt"))
+    return ParsedRequest(raw, _stream_options(body), prompts=prompts)
 
 
 def parse_chat(body: dict[str, Any], body_bytes: int, caller: str | None) -> ParsedRequest:
     _reject_unsupported(body)
     _check_response_format(body.get("response_format"))
     raw = _common(body, body_bytes, caller, prefix="chatcmpl")
+    raw.echo = body.get("echo", False)  # the validator refuses it for chat, by name
     raw.default_max_tokens = None  # chat goes on until the model stops or the context ends
     max_tokens = body.get("max_completion_tokens")
     raw.sampling["max_tokens"] = max_tokens if max_tokens is not None else body.get("max_tokens")
@@ -94,14 +112,23 @@ def _common(
     )
 
 
-def _set_prompt(raw: GenerateInput, prompt: Any) -> None:
-    """A string or token ids; a batch of exactly one of either is unwrapped."""
+def _set_prompt(raw: GenerateInput, prompt: Any) -> list[Any] | None:
+    """A string or token ids, or a list of either: then the list (a list of one is unwrapped)."""
     if prompt is None:
         raise _invalid("prompt", "prompt is required")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) != 1:
-            raise _invalid("prompt", "batched prompts are not supported: send one per request")
+        if len(prompt) > MAX_PROMPTS:
+            raise _invalid("prompt", f"at most {MAX_PROMPTS} prompts in one request")
+        if len(prompt) > 1:
+            _set_one_prompt(raw, prompt[0])
+            return list(prompt)
         prompt = prompt[0]
+    _set_one_prompt(raw, prompt)
+    return None
+
+
+def _set_one_prompt(raw: GenerateInput, prompt: Any) -> None:
+    raw.prompt = raw.prompt_token_ids = None
     if isinstance(prompt, list):
         raw.prompt_token_ids = prompt
     else:
@@ -168,10 +195,11 @@ class Accumulator:
     logprobs: list[LogprobInfo] = field(default_factory=list)
     finish_reason: str | None = None
     usage: UsageInfo | None = None
+    index: int = 0
 
     def add(self, delta: GenerationDelta) -> None:
-        self.text += delta.text
-        self.logprobs += delta.logprobs
+        self.text += delta.prompt_text + delta.text  # echo: the prompt comes first
+        self.logprobs += delta.prompt_logprobs + delta.logprobs
         self.finish_reason = delta.finish_reason or self.finish_reason
         self.usage = delta.usage or self.usage
 
@@ -198,32 +226,41 @@ class Formatter:
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.top_logprobs = top_logprobs
-        self.text_offset = 0
+        self.text_offsets: dict[int, int] = {}  # completions logprobs: per choice
 
-    def response(self, acc: Accumulator) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": acc.finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": acc.text}
-        else:
-            choice["text"] = acc.text
-        choice["logprobs"] = self._logprobs(acc.logprobs)
-        return self._envelope(self.object, [choice], usage_json(acc.usage))
+    def response(
+        self, accs: Accumulator | list[Accumulator], usage: UsageInfo | None = None
+    ) -> dict[str, Any]:
+        """The whole response: one choice per accumulator (`index` order); `usage`: the
+        request's (default: the one accumulator's)."""
+        if isinstance(accs, Accumulator):
+            usage, accs = usage or accs.usage, [accs]
+        choices = []
+        for acc in sorted(accs, key=lambda a: a.index):
+            choice: dict[str, Any] = {"index": acc.index, "finish_reason": acc.finish_reason}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": acc.text}
+            else:
+                choice["text"] = acc.text
+            choice["logprobs"] = self._logprobs(acc.logprobs, acc.index)
+            choices.append(choice)
+        return self._envelope(self.object, choices, usage_json(usage))
 
-    def first_chunk(self) -> dict[str, Any] | None:
-        """Chat streams open with the assistant's role, as OpenAI's do."""
+    def first_chunk(self, index: int = 0) -> dict[str, Any] | None:
+        """Chat streams open with the assistant's role (per choice), as OpenAI's do."""
         if not self.chat:
             return None
         delta = {"role": "assistant", "content": ""}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
         return self._envelope(self.chunk_object, [choice], None)
 
     def chunk(self, delta: GenerationDelta) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": delta.finish_reason}
+        choice: dict[str, Any] = {"index": delta.index, "finish_reason": delta.finish_reason}
         if self.chat:
             choice["delta"] = {"content": delta.text} if delta.text else {}
         else:
-            choice["text"] = delta.text
-        choice["logprobs"] = self._logprobs(delta.logprobs)
+            choice["text"] = delta.prompt_text + delta.text  # echo: the prompt first
+        choice["logprobs"] = self._logprobs(delta.prompt_logprobs + delta.logprobs, delta.index)
         return self._envelope(self.chunk_object, [choice], None)
 
     def usage_chunk(self, usage: UsageInfo | None) -> dict[str, Any]:
@@ -241,19 +278,24 @@ class Formatter:
             "usage": usage,
         }
 
-    def _logprobs(self, items: list[LogprobInfo]) -> dict[str, Any] | None:
+    def _logprobs(self, items: list[LogprobInfo], index: int = 0) -> dict[str, Any] | None:
         if not items:
             return None
         if self.chat:
             return {"content": [self._chat_logprob(lp) for lp in items]}
         offsets = []
+        offset = self.text_offsets.get(index, 0)
         for lp in items:
-            offsets.append(self.text_offset)
-            self.text_offset += len(lp.token)
+            offsets.append(offset)
+            offset += len(lp.token)
+        self.text_offsets[index] = offset
         return {
             "tokens": [lp.token for lp in items],
             "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in items],
+            # The prompt's first token has no logprob and no alternatives: null, as OpenAI's.
+            "top_logprobs": [
+                None if lp.logprob is None else {t.token: t.logprob for t in lp.top} for lp in items
+            ],
             "text_offset": offsets,
         }
 

@@ -52,6 +52,7 @@ MAX_SALT_CHARS = 256
 # Above this many characters tokenization goes to a thread so the event loop keeps serving.
 THREAD_TOKENIZE_CHARS = 32_768
 MAX_STOP_CHARS = 1024  # each stop string; the router matches them against every delta
+DEFAULT_MAX_N = 16  # choices per prompt (n, best_of) unless the router says otherwise (--max-n)
 
 # Each SamplingOptions field's type in the wire format (protos/splitserve/v1): a value must
 # fit it before SamplingParams judges its range, or building the worker's request would fail.
@@ -75,6 +76,8 @@ SAMPLING_WIRE_TYPES: dict[str, str] = {
     "stop_token_ids": "uint32s",
     "ignore_eos": "bool",
     "logprobs": "uint32",
+    "logit_bias": "bias",  # {token id: bias}; ids as JSON strings or integers
+    "prompt_logprobs": "uint32",
 }
 
 
@@ -108,6 +111,8 @@ class GenerateInput:
     tenant: str | None = None  # the authenticated API key's tenant; overrides `caller`
     disaggregate: bool | None = None
     body_bytes: int = 0
+    best_of: Any = None  # None: n
+    echo: Any = False  # completions only: the prompt (and its logprobs) before the output
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,11 @@ class ValidatedRequest:
     cache_salt: str | None = None
     disaggregate: bool | None = None
     tenant: str | None = None  # the caller's tenant (None with authentication off)
+    n: int = 1  # choices returned
+    best_of: int = 1  # choices generated (>= n); the n with the highest cumulative logprob win
+    echo: bool = False
+    echo_text: str = ""  # with echo: the prompt as the client sent it (or its decoded ids)
+    prompt_only: bool = False  # max_tokens 0 (with echo): the worker's one token is dropped
 
     @property
     def worker_request_id(self) -> str:
@@ -139,13 +149,24 @@ class _Checked:
     cache_salt: str | None
     disaggregate: bool | None
     tenant: str | None
+    n: int = 1
+    best_of: int = 1
+    echo: bool = False
+    prompt_only: bool = False
 
 
 class RequestValidator:
-    def __init__(self, model: ModelInfo, tokenizer: Tokenizer, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        model: ModelInfo,
+        tokenizer: Tokenizer,
+        max_body_bytes: int,
+        max_n: int = DEFAULT_MAX_N,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_body_bytes = max_body_bytes
+        self.max_n = max_n
 
     async def validate(self, raw: GenerateInput) -> ValidatedRequest:
         checked = self.check(raw)
@@ -163,11 +184,14 @@ class RequestValidator:
             raise _invalid("model", f"model must be a string; got {show(raw.model)}")
         if not self.model.matches(raw.model):
             raise ModelNotFoundError(raw.model, self.model.name)
-        if raw.n is not None and (not _is_int(raw.n) or raw.n != 1):
-            raise _invalid(
-                "n", f"n must be 1: one choice per request is supported; got {show(raw.n)}"
-            )
+        n, best_of = self._check_choices(raw)
+        echo = _check_echo(raw)
         text, token_ids, param = self._check_input(raw)
+        prompt_only = (
+            echo and _is_int(raw.sampling.get("max_tokens")) and raw.sampling["max_tokens"] == 0
+        )
+        if prompt_only:  # the prompt's logprobs alone: the worker samples one token, dropped
+            raw = replace(raw, sampling={**raw.sampling, "max_tokens": 1})
         params, max_tokens = self._check_sampling(raw)
         return _Checked(
             request_id=_check_request_id(raw.request_id),
@@ -179,7 +203,23 @@ class RequestValidator:
             cache_salt=tenant_salt(_check_salt(raw.cache_salt), _tenant(raw)),
             disaggregate=raw.disaggregate,
             tenant=raw.tenant or None,
+            n=n,
+            best_of=best_of,
+            echo=echo,
+            prompt_only=prompt_only,
         )
+
+    def _check_choices(self, raw: GenerateInput) -> tuple[int, int]:
+        n = 1 if raw.n is None else raw.n
+        if not _is_int(n) or not 1 <= n <= self.max_n:
+            raise _invalid("n", f"n must be an integer in [1, {self.max_n}]; got {show(raw.n)}")
+        best_of = n if raw.best_of is None else raw.best_of
+        if not _is_int(best_of) or not n <= best_of <= self.max_n:
+            raise _invalid(
+                "best_of",
+                f"best_of must be an integer in [n, {self.max_n}] (n={n}); got {show(raw.best_of)}",
+            )
+        return n, best_of
 
     def _check_input(self, raw: GenerateInput) -> tuple[str | None, list[int] | None, str]:
         given = [x is not None for x in (raw.prompt, raw.prompt_token_ids, raw.messages)]
@@ -194,19 +234,27 @@ class RequestValidator:
             if not raw.prompt:
                 raise _empty("prompt")
             return _check_text("prompt", raw.prompt), None, "prompt"
-        return None, self._check_token_ids(raw.prompt_token_ids), "prompt"
+        return None, self.check_token_ids(raw.prompt_token_ids), "prompt"
 
-    def _check_token_ids(self, ids: Any) -> list[int]:
+    def check_token_ids(self, ids: Any, param: str = "prompt") -> list[int]:
         if not isinstance(ids, list | tuple) or not all(_is_int(t) for t in ids):
-            raise _invalid("prompt", "token ids must be a list of integers")
+            raise _invalid(param, "token ids must be a list of integers")
         if not ids:
-            raise _empty("prompt")
+            raise _empty(param)
         vocab = self.model.vocab_size
         if any(not 0 <= t < vocab for t in ids):
-            raise _invalid("prompt", f"token ids must be in [0, {vocab})")
+            raise _invalid(param, f"token ids must be in [0, {vocab})")
         return list(ids)
 
     def _chat_text(self, messages: Any) -> str:
+        turns = self.chat_turns(messages)
+        try:
+            return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True)
+        except Exception as e:  # a template's raise_exception() rejects the conversation
+            raise _invalid("messages", f"the chat template rejected the messages: {e}") from e
+
+    def chat_turns(self, messages: Any) -> list[dict[str, str]]:
+        """Chat messages checked, as the template takes them."""
         if not isinstance(messages, list | tuple):
             raise _invalid("messages", "messages must be a list of {role, content} objects")
         if not messages:
@@ -216,10 +264,7 @@ class RequestValidator:
         turns = [_check_message(i, m) for i, m in enumerate(messages)]
         if not any(t["content"] for t in turns):
             raise _empty("messages")
-        try:
-            return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True)
-        except Exception as e:  # a template's raise_exception() rejects the conversation
-            raise _invalid("messages", f"the chat template rejected the messages: {e}") from e
+        return turns
 
     def _check_sampling(self, raw: GenerateInput) -> tuple[SamplingParams, int | None]:
         fields = check_wire_types(raw.sampling)
@@ -259,6 +304,9 @@ class RequestValidator:
         max_tokens = room if checked.max_tokens is None else min(checked.max_tokens, room)
         min_tokens = min(checked.params.min_tokens, max_tokens)
         params = replace(checked.params, max_tokens=max_tokens, min_tokens=min_tokens)
+        echo_text = ""
+        if checked.echo:
+            echo_text = checked.text if checked.text is not None else self.tokenizer.decode(ids)
         return ValidatedRequest(
             request_id=checked.request_id,
             prompt_token_ids=ids,
@@ -266,7 +314,22 @@ class RequestValidator:
             cache_salt=checked.cache_salt,
             disaggregate=checked.disaggregate,
             tenant=checked.tenant,
+            n=checked.n,
+            best_of=checked.best_of,
+            echo=checked.echo,
+            echo_text=echo_text,
+            prompt_only=checked.prompt_only,
         )
+
+
+def _check_echo(raw: GenerateInput) -> bool:
+    if raw.echo in (None, False):
+        return False
+    if raw.echo is not True:
+        raise _invalid("echo", f"echo must be true or false; got {show(raw.echo)}")
+    if raw.messages is not None:
+        raise _invalid("echo", "echo is for completions, not chat")
+    return True
 
 
 def _check_message(index: int, message: Any) -> dict[str, str]:
@@ -347,6 +410,8 @@ def _check_wire_value(name: str, kind: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise _invalid(name, f"{name} must be true or false; got {show(value)}")
         return value
+    if kind == "bias":
+        return _check_logit_bias(name, value)
     if kind == "uint32s":
         if not isinstance(value, list | tuple):
             raise _invalid(name, f"{name} must be a list of integers; got {show(value)}")
@@ -360,6 +425,23 @@ def _check_wire_value(name: str, kind: str, value: Any) -> Any:
     if any(len(v) > MAX_STOP_CHARS for v in items):
         raise _invalid(name, f"each {name} string may have at most {MAX_STOP_CHARS} characters")
     return tuple(_check_text(name, v) for v in items)
+
+
+def _check_logit_bias(name: str, value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias}: ids as strings of digits (JSON keys) or integers, within
+    uint32 here; the vocabulary and the [-100, 100] range are SamplingParams' checks."""
+    if not isinstance(value, dict):
+        raise _invalid(name, f"{name} must be an object of token id -> bias; got {show(value)}")
+    out = []
+    for key, bias in value.items():
+        tid = key
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10:
+            tid = int(key)
+        if not _is_int(tid):
+            raise _invalid(name, f"{name} keys must be token ids; got {show(key)}")
+        tid = _check_wire_int(name, "uint32", tid)
+        out.append((tid, _check_wire_value(name, "float", bias)))
+    return tuple(sorted(out))
 
 
 def _check_wire_int(name: str, kind: str, value: Any) -> int:

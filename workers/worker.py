@@ -86,6 +86,8 @@ def sampling_params(opts: pb.SamplingOptions) -> SamplingParams:
         stop_token_ids=tuple(opts.stop_token_ids),
         ignore_eos=opts.ignore_eos,
         logprobs=opt("logprobs", None),
+        logit_bias=tuple(sorted(opts.logit_bias.items())),
+        prompt_logprobs=opt("prompt_logprobs", None),
     )
 
 
@@ -101,6 +103,11 @@ def token_logprobs(out: RequestOutput) -> list[pb.TokenLogprob]:
         token_logprob(lp, top)
         for lp, top in zip(out.new_logprobs, out.new_top_logprobs, strict=True)
     ]
+
+
+def prompt_logprobs(out: RequestOutput) -> list[pb.TokenLogprob]:
+    """Prompt tokens 1.. (the first has none), when the engine computed them."""
+    return [token_logprob(lp, top) for lp, top in out.prompt_logprobs or ()]
 
 
 def usage(out: RequestOutput) -> pb.Usage:

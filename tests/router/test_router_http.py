@@ -226,7 +226,7 @@ def test_bad_inputs_get_4xx_and_the_router_keeps_serving(mesh: Mesh) -> None:
         (dict(ok, temperature=-1), openai.BadRequestError),
         (dict(ok, top_p=0), openai.BadRequestError),
         (dict(ok, top_p=1.5), openai.BadRequestError),
-        (dict(ok, n=2), openai.BadRequestError),
+        (dict(ok, n=17), openai.BadRequestError),
     ]
     for kwargs, error in cases:
         with pytest.raises(error) as info:
@@ -352,6 +352,158 @@ def test_a_client_leaving_mid_stream_frees_the_worker(mesh: Mesh) -> None:
     assert status == 200
     outstanding = [x for x in body.splitlines() if x.startswith("splitserve_router_worker_out")]
     assert outstanding and all(x.endswith(" 0.0") for x in outstanding), outstanding
+
+
+# ---- the OpenAI surface (issue 15): n, best_of, logit_bias, echo, prompt lists, tokenize ------
+def completion(mesh: Mesh, body: dict) -> dict:
+    status, out = http_post(
+        mesh, "/v1/completions", json.dumps({"model": mesh.model, **body}).encode()
+    )
+    assert status == 200, out
+    return out
+
+
+def grpc_generate(mesh: Mesh, request: pb.GenerateRequest) -> dict[int, list[pb.GenerateResponse]]:
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_port}") as channel:
+        out: dict[int, list[pb.GenerateResponse]] = {}
+        for r in rpc.InferenceStub(channel).Generate(request, timeout=120):
+            out.setdefault(r.index, []).append(r)
+        return out
+
+
+def test_n_with_a_seed_is_n_requests_with_seeds_seed_plus_i(mesh: Mesh) -> None:
+    """Colocated (short prompt), disaggregated (long prompt over HTTP, and forced over gRPC);
+    the choices of the long prompt share its blocks (cached_tokens)."""
+    salt = f"n-{time.monotonic_ns()}"  # a prompt no request computed before
+    for prompt in (COMPLETION_PROMPT, LONG_PROMPT):
+        kw = {"prompt": prompt, "max_tokens": 4, "temperature": 1.0}
+        many = completion(mesh, {**kw, "n": 4, "seed": 11, "cache_salt": salt})
+        texts = [c["text"] for c in sorted(many["choices"], key=lambda c: c["index"])]
+        alone = [completion(mesh, {**kw, "seed": 11 + j})["choices"][0]["text"] for j in range(4)]
+        assert texts == alone and len(set(texts)) > 1
+        usage = many["usage"]
+        assert usage["completion_tokens"] == 4 * 4
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 16
+    sampling = pb.SamplingOptions(max_tokens=4, temperature=1.0, seed=11)
+    request = pb.GenerateRequest(prompt=LONG_PROMPT, n=4, sampling=sampling, disaggregate=True)
+    by_choice = grpc_generate(mesh, request)
+    assert ["".join(r.text for r in by_choice[j]) for j in range(4)] == alone
+
+
+def test_best_of_returns_the_likeliest_and_chat_streams_n(mesh: Mesh) -> None:
+    kw = {"prompt": COMPLETION_PROMPT, "max_tokens": 5, "temperature": 1.0}
+    best = completion(mesh, {**kw, "best_of": 3, "seed": 5})["choices"]
+    assert len(best) == 1 and best[0]["logprobs"] is None
+    scored = []
+    for j in range(3):
+        c = completion(mesh, {**kw, "seed": 5 + j, "logprobs": 0})["choices"][0]
+        scored.append((sum(c["logprobs"]["token_logprobs"]), c["text"]))
+    assert best[0]["text"] == max(scored)[1]
+    client = mesh.client()
+    chat = dict(model=mesh.model, messages=CHAT, max_tokens=5, temperature=1.0, seed=3, n=2)
+    full = client.chat.completions.create(**chat)
+    streamed = ["", ""]
+    for chunk in client.chat.completions.create(**chat, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == [c.message.content for c in full.choices]
+
+
+def test_logit_bias_bans_and_forces_tokens(mesh: Mesh) -> None:
+    first = mesh.reference["completion"][0]
+    kw = {"prompt": COMPLETION_PROMPT, "max_tokens": 3, "temperature": 0, "logprobs": 0}
+    banned = completion(mesh, {**kw, "logit_bias": {str(first): -100}})["choices"][0]
+    assert banned["logprobs"]["tokens"][0] != decode_text_of(mesh, first)
+    forced_id = mesh.reference["completion"][1]
+    for prompt in (COMPLETION_PROMPT, LONG_PROMPT):  # local, disaggregated (prefill samples)
+        kw = {"prompt": prompt, "max_tokens": 3, "temperature": 0.7, "seed": 1}
+        forced = completion(mesh, {**kw, "logit_bias": {str(forced_id): 100}})
+        assert forced["choices"][0]["text"] == decode_text_of(mesh, forced_id) * 3
+
+
+def decode_text_of(mesh: Mesh, token_id: int) -> str:
+    status, out = http_post(mesh, "/detokenize", json.dumps({"tokens": [token_id]}).encode())
+    assert status == 200
+    return out["prompt"]
+
+
+def test_lm_eval_loglikelihood_shape_echo_and_prompt_logprobs(mesh: Mesh) -> None:
+    """What lm-evaluation-harness's local-completions sends for loglikelihood: token prompts in
+    a list, echo, logprobs 1, max_tokens 1 (and 0); colocated, disaggregated and cached agree."""
+    _, tok = http_post(mesh, "/tokenize", json.dumps({"prompt": LONG_PROMPT}).encode())
+    long_ids = tok["tokens"]
+    prompts = [mesh_tokens(mesh, COMPLETION_PROMPT), long_ids[:40]]
+    body = {"prompt": prompts, "echo": True, "logprobs": 1, "temperature": 0, "seed": 1234}
+    one = completion(mesh, {**body, "max_tokens": 1})
+    zero = completion(mesh, {**body, "max_tokens": 0})
+    assert zero["usage"]["completion_tokens"] == 0 and one["usage"]["completion_tokens"] == 2
+    for i, ids in enumerate(prompts):
+        a, z = one["choices"][i]["logprobs"], zero["choices"][i]["logprobs"]
+        assert len(a["tokens"]) == len(ids) + 1 and len(z["tokens"]) == len(ids)
+        assert a["token_logprobs"][0] is None and a["top_logprobs"][0] is None
+        assert a["token_logprobs"][:-1] == pytest.approx(z["token_logprobs"], abs=1e-5)
+        assert all(len(t) >= 1 for t in a["top_logprobs"][1:])
+        assert one["choices"][i]["text"].startswith(zero["choices"][i]["text"])
+    sampling = pb.SamplingOptions(max_tokens=1, temperature=0, logprobs=1)
+    request = pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=prompts[1]), sampling=sampling, echo=True, disaggregate=True
+    )
+    (first, *_) = grpc_generate(mesh, request)[0]
+    remote = [lp.logprob for lp in first.prompt_logprobs][1:]
+    local = zero["choices"][1]["logprobs"]["token_logprobs"][1:]
+    assert list(first.prompt_token_ids) == prompts[1] and remote == pytest.approx(local, abs=1e-4)
+
+
+def mesh_tokens(mesh: Mesh, text: str) -> list[int]:
+    status, out = http_post(mesh, "/tokenize", json.dumps({"prompt": text}).encode())
+    assert status == 200 and out["count"] == len(out["tokens"])
+    return out["tokens"]
+
+
+def test_tokenize_and_detokenize(mesh: Mesh, smollm2_checkpoint: Checkpoint) -> None:
+    tok = smollm2_checkpoint.tokenizer
+    assert tok is not None
+    assert mesh_tokens(mesh, COMPLETION_PROMPT) == tok.encode(COMPLETION_PROMPT)
+    body = {"messages": CHAT, "return_token_strs": True}
+    status, out = http_post(mesh, "/tokenize", json.dumps(body).encode())
+    assert status == 200
+    assert out["tokens"] == tok.encode(tok.apply_chat_template(CHAT), add_special_tokens=False)
+    assert "".join(out["token_strs"]) == tok.apply_chat_template(CHAT)
+    status, back = http_post(mesh, "/detokenize", json.dumps({"tokens": out["tokens"]}).encode())
+    assert status == 200 and back["prompt"] == tok.decode(out["tokens"])
+    status, err = http_post(mesh, "/detokenize", json.dumps({"tokens": [10**9]}).encode())
+    assert status == 400 and err["error"]["param"] == "tokens"
+
+
+def test_bad_surface_inputs_name_their_param_on_both_doors(mesh: Mesh) -> None:
+    ok = {"model": mesh.model, "prompt": "Hi", "max_tokens": 2}
+    cases = [
+        ({**ok, "n": 17}, "n"),
+        ({**ok, "n": 3, "best_of": 2}, "best_of"),
+        ({**ok, "logit_bias": {"5": 100.5}}, "logit_bias"),
+        ({**ok, "logit_bias": {str(10**7): 1}}, "logit_bias"),
+        ({**ok, "prompt": ["a", 7]}, "prompt"),
+    ]
+    for body, param in cases:
+        status, err = http_post(mesh, "/v1/completions", json.dumps(body).encode())
+        assert (status, err["error"]["param"]) == (400, param), body
+    chat = {"model": mesh.model, "messages": CHAT, "echo": True}
+    status, err = http_post(mesh, "/v1/chat/completions", json.dumps(chat).encode())
+    assert (status, err["error"]["param"]) == (400, "echo")
+    bias = pb.SamplingOptions(max_tokens=2)
+    bias.logit_bias[10**7] = 1.0
+    chat_msgs = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")])
+    bad = [
+        pb.GenerateRequest(prompt="Hi", n=17),
+        pb.GenerateRequest(prompt="Hi", n=3, best_of=2),
+        pb.GenerateRequest(prompt="Hi", sampling=bias),
+        pb.GenerateRequest(chat=chat_msgs, echo=True),
+    ]
+    for request in bad:
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_generate(mesh, request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert completion(mesh, ok)["choices"][0]["finish_reason"]  # still serving
 
 
 def test_sigterm_drains_and_exits_zero(mesh: Mesh) -> None:

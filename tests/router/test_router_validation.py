@@ -38,7 +38,30 @@ def validator(smollm2_checkpoint: Checkpoint) -> RequestValidator:
 def http(validator: RequestValidator, body: dict[str, Any], chat: bool = False) -> ValidatedRequest:
     parse = parse_chat if chat else parse_completion
     parsed = parse(body, len(str(body)), None)
-    return asyncio.run(validator.validate(parsed.raw))
+    *_, last = [asyncio.run(validator.validate(raw)) for raw in parsed.inputs()]
+    return last
+
+
+def test_the_openai_surface_passes_through(validator: RequestValidator) -> None:
+    """n, best_of, echo with max_tokens 0 (lm-eval's loglikelihood), logit_bias, prompt lists."""
+    body = {"prompt": [[1, 2, 3], "hi"], "echo": True, "logprobs": 1, "max_tokens": 0}
+    parsed = parse_completion({**body, "n": 2, "best_of": 3, "logit_bias": {"7": -100}}, 9, None)
+    reqs = [asyncio.run(validator.validate(raw)) for raw in parsed.inputs()]
+    assert reqs[0].prompt_token_ids == [1, 2, 3] and len(reqs) == 2
+    r = reqs[1]
+    assert (r.n, r.best_of, r.echo, r.prompt_only, r.echo_text) == (2, 3, True, True, "hi")
+    assert r.params.max_tokens == 1 and r.params.prompt_logprobs == 1
+    assert r.params.logit_bias == ((7, -100.0),)
+    grpc_req = pb.GenerateRequest(prompt="hi", n=2, echo=True)
+    grpc_req.sampling.logit_bias[7] = -100.0
+    grpc_req.sampling.logprobs = 0
+    g = asyncio.run(validator.validate(generate_input(grpc_req)))
+    assert (g.n, g.echo, g.params.logit_bias, g.params.prompt_logprobs) == (
+        2,
+        True,
+        r.params.logit_bias,
+        0,
+    )
 
 
 LONG = "hello " * 200  # ~200 tokens, over the 64-token context
@@ -55,18 +78,42 @@ BAD_COMPLETIONS = [
     ({"prompt": "hi", "temperature": -1}, 400, "INVALID_ARGUMENT", "invalid_value", "temperature"),
     ({"prompt": "hi", "top_p": 0}, 400, "INVALID_ARGUMENT", "invalid_value", "top_p"),
     ({"prompt": "hi", "top_p": 1.5}, 400, "INVALID_ARGUMENT", "invalid_value", "top_p"),
-    ({"prompt": "hi", "n": 2}, 400, "INVALID_ARGUMENT", "invalid_value", "n"),
+    ({"prompt": "hi", "n": 17}, 400, "INVALID_ARGUMENT", "invalid_value", "n"),
+    ({"prompt": "hi", "n": 0}, 400, "INVALID_ARGUMENT", "invalid_value", "n"),
+    ({"prompt": "hi", "n": 3, "best_of": 2}, 400, "INVALID_ARGUMENT", "invalid_value", "best_of"),
+    ({"prompt": "hi", "best_of": 17}, 400, "INVALID_ARGUMENT", "invalid_value", "best_of"),
+    ({"prompt": "hi", "echo": 1}, 400, "INVALID_ARGUMENT", "invalid_value", "echo"),
+    (
+        {"prompt": "hi", "logit_bias": {"5": 101}},
+        400,
+        "INVALID_ARGUMENT",
+        "invalid_value",
+        "logit_bias",
+    ),
+    (
+        {"prompt": "hi", "logit_bias": {"99999999": 1}},
+        400,
+        "INVALID_ARGUMENT",
+        "invalid_value",
+        "logit_bias",
+    ),
+    (
+        {"prompt": "hi", "logit_bias": {"x": 1}},
+        400,
+        "INVALID_ARGUMENT",
+        "invalid_value",
+        "logit_bias",
+    ),
+    ({"prompt": "hi", "logit_bias": [1]}, 400, "INVALID_ARGUMENT", "invalid_value", "logit_bias"),
     ({"prompt": "hi", "logprobs": -1}, 400, "INVALID_ARGUMENT", "invalid_value", "logprobs"),
     ({"prompt": "hi", "logprobs": 99}, 400, "INVALID_ARGUMENT", "invalid_value", "logprobs"),
     ({"prompt": "hi", "stop": ["x"] * 17}, 400, "INVALID_ARGUMENT", "invalid_value", "stop"),
     ({"prompt": "hi", "stop": [""]}, 400, "INVALID_ARGUMENT", "invalid_value", "stop"),
     ({"prompt": "hi", "seed": 2**64 - 1}, 400, "INVALID_ARGUMENT", "invalid_value", "seed"),
-    ({"prompt": ["a", "b"]}, 400, "INVALID_ARGUMENT", "invalid_value", "prompt"),
+    ({"prompt": ["a", 5]}, 400, "INVALID_ARGUMENT", "invalid_value", "prompt"),
     ({"prompt": [10**9]}, 400, "INVALID_ARGUMENT", "invalid_value", "prompt"),
     ({"prompt": 5}, 400, "INVALID_ARGUMENT", "invalid_value", "prompt"),
     ({}, 400, "INVALID_ARGUMENT", "invalid_value", "prompt"),
-    ({"prompt": "hi", "echo": True}, 400, "INVALID_ARGUMENT", "unsupported_parameter", "echo"),
-    ({"prompt": "hi", "best_of": 3}, 400, "INVALID_ARGUMENT", "invalid_value", "best_of"),
     ({"prompt": "x" * MAX_BODY}, 413, "INVALID_ARGUMENT", "request_too_large", None),
 ]
 
@@ -116,6 +163,7 @@ BAD_CHATS = [
         "logprobs",
     ),
     ({"messages": [{"role": "user", "content": LONG}]}, "context_length_exceeded", "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "echo": True}, "invalid_value", "echo"),
 ]
 
 
@@ -284,6 +332,9 @@ def test_every_sampling_field_has_its_wire_type() -> None:
         FieldDescriptor.TYPE_STRING: "string",
     }
     for f in proto.fields:
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            assert SAMPLING_WIRE_TYPES[f.name] == "bias", f.name  # logit_bias: id -> float
+            continue
         kind = kinds[f.type]
         repeated = getattr(f, "is_repeated", None)
         if repeated is None:
