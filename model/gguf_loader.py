@@ -1,10 +1,10 @@
 """GGUF checkpoints: llama.cpp metadata to a Hugging Face config dict, tensors to HF names.
 
-The file is memory-mapped by `gguf.GGUFReader`; a tensor is dequantized to float32 only when
-the caller reaches it. Two llama.cpp conventions are undone here so that what we yield is exactly
-what `transformers` would load: GGUF lists dimensions innermost first (we yield HF `[out, in]`),
-and `convert_hf_to_gguf.py` interleaves the rows of q_proj/k_proj of llama-architecture models
-for its rotary kernel (qwen2 is stored unpermuted).
+The file is parsed by model/gguf_file.py and memory-mapped; a tensor is dequantized to float32
+only when the caller reaches it. Two llama.cpp conventions are undone here so that what we yield
+is exactly what `transformers` would load: GGUF lists dimensions innermost first (we yield HF
+`[out, in]`), and `convert_hf_to_gguf.py` interleaves the rows of q_proj/k_proj of
+llama-architecture models for its rotary kernel (qwen2 is stored unpermuted).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.tokenizer import Tokenizer
+from splitserve.model.gguf_file import GGUFFile, GGUFTensor
 from splitserve.model.loader import Checkpoint, ModelLoadError, Region, TensorRef, cut
 
 GGUF_MAGIC = b"GGUF"
@@ -90,7 +91,7 @@ def unpermute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(weight.shape)
 
 
-def dequantize_tensor(tensor: ReaderTensor) -> torch.Tensor:
+def dequantize_tensor(tensor: GGUFTensor) -> torch.Tensor:
     """A GGUF tensor as a float32 CPU tensor in HF shape (outermost dimension first)."""
     qtype = GGMLQuantizationType(tensor.tensor_type)
     if qtype not in SUPPORTED_TENSOR_TYPES:
@@ -103,18 +104,9 @@ def dequantize_tensor(tensor: ReaderTensor) -> torch.Tensor:
     return torch.from_numpy(values.reshape(shape))
 
 
-def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+def read_metadata(reader: GGUFFile) -> dict[str, Any]:
     """Every key/value field as plain Python values (strings, numbers, lists)."""
-    metadata = {}
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        value = f.contents()
-        if f.types == [GGUFValueType.FLOAT32]:
-            # Shortest text that round-trips in float32: the 1e-05 of config.json, not 9.99e-06.
-            value = float(str(np.float32(value)))
-        metadata[name] = value
-    return metadata
+    return dict(reader.metadata)
 
 
 def open_gguf(path: str) -> Checkpoint:
@@ -145,9 +137,9 @@ def open_gguf(path: str) -> Checkpoint:
     return Checkpoint(path, config, tokenizer, len(tensors), source, refs)
 
 
-def _open_reader(path: str) -> GGUFReader:
+def _open_reader(path: str) -> GGUFFile:
     try:
-        reader = GGUFReader(path, "r")
+        reader = GGUFFile(path)
     except (ValueError, OSError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
         raise ModelLoadError(
             f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})"
@@ -160,8 +152,8 @@ def _open_reader(path: str) -> GGUFReader:
     return reader
 
 
-def _tensors_by_hf_name(reader: GGUFReader, path: str) -> dict[str, ReaderTensor]:
-    tensors: dict[str, ReaderTensor] = {}
+def _tensors_by_hf_name(reader: GGUFFile, path: str) -> dict[str, GGUFTensor]:
+    tensors: dict[str, GGUFTensor] = {}
     for t in reader.tensors:
         if t.name in IGNORED_TENSORS:
             continue
@@ -178,7 +170,7 @@ def _tensors_by_hf_name(reader: GGUFReader, path: str) -> dict[str, ReaderTensor
     return tensors
 
 
-def _load_tensor(tensor: ReaderTensor, hf_name: str, config: ModelConfig) -> torch.Tensor:
+def _load_tensor(tensor: GGUFTensor, hf_name: str, config: ModelConfig) -> torch.Tensor:
     weight = dequantize_tensor(tensor)
     heads = _qk_heads(hf_name, config)
     return weight if heads is None else unpermute_qk(weight, heads)
@@ -196,7 +188,7 @@ def _qk_heads(hf_name: str, config: ModelConfig) -> int | None:
 
 
 def _read_region(
-    tensor: ReaderTensor, hf_name: str, config: ModelConfig, rows: Region, cols: Region
+    tensor: GGUFTensor, hf_name: str, config: ModelConfig, rows: Region, cols: Region
 ) -> torch.Tensor:
     """Rows and columns of a tensor, reading (and dequantizing) only those bytes of the file:
     whole rows are contiguous, and columns are whole quantization blocks when the cut falls
@@ -232,7 +224,7 @@ def _model_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def hf_config_from_gguf(metadata: dict[str, Any], reader: GGUFReader) -> dict[str, Any]:
+def hf_config_from_gguf(metadata: dict[str, Any], reader: GGUFFile) -> dict[str, Any]:
     """Translate llama.cpp's `{arch}.*` keys into a `config.json`-style dict."""
     arch = metadata.get("general.architecture")
     if arch not in MODEL_TYPES:
@@ -284,11 +276,11 @@ def _uniform(value: Any) -> int:
     return int(value)
 
 
-def _tensor(reader: GGUFReader, name: str) -> ReaderTensor:
+def _tensor(reader: GGUFFile, name: str) -> GGUFTensor:
     return next(t for t in reader.tensors if t.name == name)
 
 
-def _rope_scaling(key: Any, reader: GGUFReader, head_dim: int, theta: float) -> dict | None:
+def _rope_scaling(key: Any, reader: GGUFFile, head_dim: int, theta: float) -> dict | None:
     """Llama-3 RoPE scaling, from explicit keys or recovered from the `rope_freqs` tensor.
 
     llama.cpp's converter writes no llama3 keys: it bakes the per-frequency divisors into

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitserve.engine.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
+from splitserve.model.gguf_file import GGUFFile
 from splitserve.model.gguf_loader import read_metadata
 
 TEXTS = [
@@ -221,7 +222,7 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path) -> None:
 
     path = os.path.join(tmp_path, "sp.gguf")
     _write_sentencepiece_gguf(path, add_space_prefix=True)
-    ours = Tokenizer.from_gguf_metadata(read_metadata(gguf.GGUFReader(path)))
+    ours = Tokenizer.from_gguf_metadata(read_metadata(GGUFFile(path)))
     theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
     for text in ["the and an", " the", "hat ten", "zebra ü 😀", "<s>the</s> and", "a  b"]:
         assert ours.encode(text) == theirs.encode(text), text
@@ -234,7 +235,7 @@ def test_sentencepiece_gguf_without_space_prefix(tmp_path) -> None:
     # transformers ignores this flag; llama.cpp, whose files these are, honours it.
     path = os.path.join(tmp_path, "sp.gguf")
     _write_sentencepiece_gguf(path, add_space_prefix=False)
-    tok = Tokenizer.from_gguf_metadata(read_metadata(gguf.GGUFReader(path)))
+    tok = Tokenizer.from_gguf_metadata(read_metadata(GGUFFile(path)))
     assert tok.encode("the", add_special_tokens=False) == [tok.token_to_id(p) for p in ("t", "he")]
     assert tok.encode(" the", add_special_tokens=False) == [tok.token_to_id("▁the")]
     assert tok.decode(tok.encode(" the and")) == " the and"
