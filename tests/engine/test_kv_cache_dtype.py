@@ -68,8 +68,7 @@ def test_a_workload_that_preempts_in_float32_fits_in_int8():
     assert counts == {"auto": 16, "int8": 62}
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_int8_greedy_output_stays_close_to_full_precision(backend):
+def test_int8_greedy_output_stays_close_to_full_precision(backend="cpp"):
     prompts = [[(i * 5 + j * 3) % 120 + 3 for j in range(12 + 7 * i)] for i in range(4)]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
     ref = _engine("auto", 4 * MIB, backend).generate(prompts, params)
