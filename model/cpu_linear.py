@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from splitserve.model import block_linear
+from splitserve.model import block_linear, quant_linear
 
 log = logging.getLogger("splitserve")
 
@@ -111,12 +111,27 @@ def use_blocks(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     return block_linear.kernel_usable()
 
 
-def prepare_linears(model: nn.Module, backend: str, device: torch.device, dtype) -> str:
+def prepare_linears(
+    model: nn.Module,
+    backend: str,
+    device: torch.device,
+    dtype,
+    quantization: str = "none",
+    group_size: int = quant_linear.INT4_GROUP_SIZE,
+) -> str:
     """Swap the model's linears for `backend`'s; returns what was done, for the log.
 
-    'blocks' (and 'auto' where it can) keeps each weight that re-encodes exactly as Q4_1/Q8_0
-    in blocks; every other linear is packed for oneDNN when that is available, else left as is.
+    With `quantization` int8/int4 every linear and embedding is quantized at load
+    (model/quant_linear.py) and `backend` only has to be a known one. Otherwise 'blocks' (and
+    'auto' where it can) keeps each weight that re-encodes exactly as Q4_1/Q8_0 in blocks;
+    every other linear is packed for oneDNN when that is available, else left as is.
     """
+    if quantization not in ("none", "auto"):  # "auto" unresolved (no checkpoint): none
+        if backend not in LINEAR_BACKENDS:
+            raise ValueError(
+                f"unknown linear backend {backend!r}: use {', '.join(LINEAR_BACKENDS)}"
+            )
+        return quant_linear.quantize_linears(model, quantization, device, dtype, group_size)
     blocks = block_linear.block_linears(model) if use_blocks(backend, device, dtype) else 0
     packed = pack_linears(model) if use_onednn(backend, device, dtype) else 0
     if backend == "blocks" and not blocks:
@@ -137,15 +152,23 @@ def pack_linears(model: nn.Module) -> int:
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of weights the packed layers hold (their dense parameters are gone)."""
     kinds = (PackedLinear, block_linear.BlockLinear, block_linear.BlockEmbedding)
+    kinds += quant_linear.QUANT_MODULES
     return sum(m.weight_bytes for m in model.modules() if isinstance(m, kinds))
 
 
 def matmul_weight_bytes(model: nn.Module) -> int:
     """Bytes a forward reads through the model's linears, as they are stored (fp32, bf16,
-    oneDNN-packed or 4-/8-bit blocks): what a decode step streams besides the KV."""
+    oneDNN-packed, 4-/8-bit blocks or quantized at load): what a decode step streams besides
+    the KV."""
     total = 0
+    kinds = (
+        PackedLinear,
+        block_linear.BlockLinear,
+        quant_linear.Int8Linear,
+        quant_linear.Int4Linear,
+    )
     for m in model.modules():
-        if isinstance(m, (PackedLinear, block_linear.BlockLinear)):
+        if isinstance(m, kinds):
             total += m.weight_bytes
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()

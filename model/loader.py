@@ -71,6 +71,9 @@ class Checkpoint:
     num_tensors: int  # what `tensors()` yields without a filter, for progress bars
     _source: TensorSource = field(repr=False, compare=False)
     _refs: RefSource | None = field(default=None, repr=False, compare=False)
+    # how the file itself stores its linears at low precision, served that way under
+    # `--quantization auto`: None (float or GGUF), or ("int4", group size) for AWQ/GPTQ
+    quantization: tuple[str, int] | None = None
 
     def tensors(self, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(hf_name, tensor)` one at a time, restricted to `names` when given.
