@@ -26,6 +26,7 @@ import torch
 
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.config import EngineConfig, ModelConfig, kv_cache_key
+from splitserve.engine.guided import GrammarCompiler, Guide
 from splitserve.engine.hashing import BlockHash, block_hashes, kv_namespace
 from splitserve.engine.outputs import (
     EngineStats,
@@ -103,6 +104,7 @@ class LLMEngine:
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
         self.eos_token_ids = tuple(eos)
         self.sampler = Sampler(cfg.seed, self.eos_token_ids)
+        self._grammars: GrammarCompiler | None = None
         self.stats = EngineStats(num_blocks=self.runner.num_blocks, block_size=cfg.block_size)
 
     def reschedule(self) -> None:
@@ -329,7 +331,7 @@ class LLMEngine:
         if not inputs.sample_seqs:
             return []
         rows = [
-            SamplingRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids)
+            SamplingRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids, s.guide)
             for s in inputs.sample_seqs
         ]
         sampled = self.sampler(logits, rows)
@@ -407,8 +409,28 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already running")
         self.check_request(prompt, params)
         return Sequence(
-            request_id, list(prompt), params, cache_salt, generator=make_generator(params.seed)
+            request_id,
+            list(prompt),
+            params,
+            cache_salt,
+            generator=make_generator(params.seed),
+            guide=self._guide(params),
         )
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Structured outputs' compiler for this engine's tokenizer (made on first use)."""
+        if self.tokenizer is None:
+            raise RequestError("structured outputs need a tokenizer; this model has none")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(
+                self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
+            )
+        return self._grammars
+
+    def _guide(self, params: SamplingParams) -> Guide | None:
+        if params.guided is None:
+            return None
+        return self.grammar_compiler().guide(params.guided)
 
     def check_request(self, prompt: Seq[int], params: SamplingParams) -> None:
         """RequestError / SamplingParamsError if the request can never run here.

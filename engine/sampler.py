@@ -7,6 +7,8 @@ Pipeline per step (rows are processed together; Python loops only run over rows,
       └─ logit_bias (one scatter-add for the batch)
          -> penalties: repetition (prompt+output) -> frequency, presence (output)
          -> min_tokens: mask EOS and stop_token_ids while the output is shorter than min_tokens
+         -> grammar: rows with a guide keep only the tokens their grammar allows (one bitmask
+            for all of them, engine/guided.py); EOS only where the grammar accepts
          -> greedy rows: argmax (first index on ties, as HF greedy)
          -> other rows: / temperature -> top-k -> top-p -> min-p -> exponential race
 
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from splitserve.engine.guided import grammar_mask
 from splitserve.engine.sampling_params import SamplingParams
 
 # exponential_ may return exactly 0, and p/0 would be inf or nan.
@@ -40,6 +44,8 @@ class SamplingRow:
     generator: torch.Generator | None
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
+    # The request's grammar (engine/guided.py Guide), None when its output is free.
+    guide: Any = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,8 @@ class Sampler:
         penalised = [i for i, r in enumerate(rows) if r.params.has_penalties]
         masked = self._min_tokens_mask(rows, raw.shape[1])
         biased = _logit_bias(rows, raw.shape[1])
-        if not penalised and not masked[0] and not biased[0]:
+        guided = [i for i, r in enumerate(rows) if r.guide is not None]
+        if not penalised and not masked[0] and not biased[0] and not guided:
             return raw
         processed = raw.clone()  # raw may alias the caller's logits and is needed for logprobs
         if biased[0]:  # one scatter for the whole batch
@@ -117,6 +124,9 @@ class Sampler:
             )
         if masked[0]:
             processed[masked] = float("-inf")
+        if guided:  # last: the grammar decides, whatever the bias and penalties left
+            allowed = grammar_mask([rows[i].guide for i in guided], raw.shape[1], raw.device)
+            processed[guided] = processed[guided].masked_fill(~allowed, float("-inf"))
         return processed
 
     def _min_tokens_mask(
@@ -126,7 +136,8 @@ class Sampler:
         row_idx: list[int] = []
         tok_idx: list[int] = []
         for i, r in enumerate(rows):
-            if len(r.output_token_ids) >= r.params.min_tokens:
+            # Under a grammar EOS is allowed exactly when the grammar accepts, min_tokens or not.
+            if len(r.output_token_ids) >= r.params.min_tokens or r.guide is not None:
                 continue
             eos = () if r.params.ignore_eos else self._eos_token_ids
             for t in set(r.params.stop_token_ids) | set(eos):
@@ -196,6 +207,7 @@ def _is_plain_greedy(row: SamplingRow) -> bool:
         and not p.logit_bias
         and p.logprobs is None
         and len(row.output_token_ids) >= p.min_tokens
+        and row.guide is None
     )
 
 

@@ -46,6 +46,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # None: none; N: each prompt token's logprob (the first has none) + top-N alternatives.
     prompt_logprobs: int | None = None
+    # Structured output: a GuidedSpec (engine/guided.py) the output must match; None: free text.
+    guided: Any = None
 
     def __post_init__(self) -> None:
         # Frozen, so coercion goes through object.__setattr__; bad values are left for validate().
@@ -128,6 +130,12 @@ class SamplingParams:
             _fail("ignore_eos", self.ignore_eos, "true or false")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
+        if self.guided is not None:
+            from splitserve.engine.guided import GuidedSpec  # guided imports this module
+
+            if not isinstance(self.guided, GuidedSpec):
+                _fail("guided", self.guided, "a GuidedSpec")
+            self.guided.check_shape()
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
 

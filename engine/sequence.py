@@ -12,6 +12,7 @@ import enum
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +40,8 @@ class Sequence:
     cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
+    # The grammar its output must match (engine/guided.py Guide), advanced by every output token.
+    guide: Any = None
 
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -106,8 +109,12 @@ class Sequence:
             raise ValueError("only a sequence that has not started can be resumed")
         self.output_token_ids = list(output_token_ids)
         self.all_token_ids = [*self.prompt_token_ids, *self.output_token_ids]
+        if self.guide is not None:
+            self.guide.consume(self.output_token_ids)
 
     def append_token(self, token_id: int) -> None:
+        if self.guide is not None:
+            self.guide.accept(token_id)
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
