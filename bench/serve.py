@@ -257,6 +257,14 @@ skipped with a message.""",
         help="llama-server binary (default: on PATH, else bench/build_llama_server.sh's cache)",
     )
     c.add_argument(
+        "--llama-server-wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="when llama-server's turn comes and no binary is there yet, wait up to S seconds "
+        "for one (a `bench/build_llama_server.sh` running in the background) (default: 0)",
+    )
+    c.add_argument(
         "--log-dir",
         default=None,
         help="keep every server's log in DIR/<server>/ (default: a temp dir, removed)",
@@ -495,14 +503,30 @@ def splitserve_server(
         mesh.check_alive()
 
 
+def llama_server_version(binary: str) -> str | None:
+    """`llama-server --version`'s first line, or None if the binary doesn't run (not built
+    yet, half linked, for another CPU)."""
+    try:
+        done = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (done.stdout + done.stderr).strip()
+    version = next((ln for ln in text.splitlines() if "version" in ln), "")
+    return version if done.returncode == 0 else None
+
+
 def find_llama_server(explicit: str | None) -> tuple[str | None, str]:
     """The binary to run, or None and why not."""
     if explicit:
         if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            if llama_server_version(explicit) is None:
+                return None, f"--llama-server {explicit} does not run (`--version` failed)"
             return explicit, ""
         return None, f"--llama-server {explicit} is not an executable file"
     on_path = shutil.which("llama-server")
-    if on_path:
+    if on_path and llama_server_version(on_path) is not None:
         return on_path, ""
     cache = os.environ.get("SPLITSERVE_LLAMA_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
@@ -510,7 +534,7 @@ def find_llama_server(explicit: str | None) -> tuple[str | None, str]:
         "llama-server",
     )
     built = os.path.join(cache, "build", "bin", "llama-server")
-    if os.access(built, os.X_OK):
+    if os.access(built, os.X_OK) and llama_server_version(built) is not None:
         return built, ""
     return None, (
         f"no llama-server on PATH nor at {built}; build it with `{LLAMA_BUILD}` (~12 min on 2 "
@@ -550,8 +574,10 @@ def llama_server(
         "-t", str(threads), "-tb", str(threads),
         "-np", str(slots), "-c", str(slots * per_slot), "-cb",
     ]  # fmt: skip
+    version = llama_server_version(binary) or "version unknown"
     run.description = (
-        f"llama.cpp llama-server: {slots} slots x {per_slot} tokens, -t {threads} -tb {threads}"
+        f"llama.cpp llama-server ({version}): {slots} slots x {per_slot} tokens, -t {threads} "
+        f"-tb {threads}"
     )
     os.makedirs(log_dir, exist_ok=True)
     with open(os.path.join(log_dir, "llama-server.log"), "w") as log:
@@ -630,6 +656,10 @@ def compare(
             log_dir = os.path.join(logs, name)
             if name == "llama-server":
                 binary, why = find_llama_server(args.llama_server)
+                deadline = time.monotonic() + args.llama_server_wait
+                while binary is None and time.monotonic() < deadline:
+                    time.sleep(10)
+                    binary, why = find_llama_server(args.llama_server)
                 if binary is None or not model.endswith(".gguf"):
                     run_.skipped = why or f"llama-server needs a .gguf file; --model is {model}"
                     print(f"skipping llama-server: {run_.skipped}", file=sys.stderr)

@@ -180,6 +180,14 @@ def test_llama_server_context_fits_the_longest_request_in_every_slot():
 def test_a_missing_llama_server_is_named_not_raised(tmp_path):
     binary, why = serve.find_llama_server(str(tmp_path / "nope"))
     assert binary is None and "not an executable" in why
+    broken = tmp_path / "llama-server"
+    broken.write_text("#!/bin/sh\nexit 3\n")
+    broken.chmod(0o755)
+    binary, why = serve.find_llama_server(str(broken))
+    assert binary is None and "does not run" in why
+    broken.write_text("#!/bin/sh\necho 'version: 1234 (abc)'\n")
+    assert serve.find_llama_server(str(broken)) == (str(broken), "")
+    assert serve.llama_server_version(str(broken)) == "version: 1234 (abc)"
 
 
 def test_engine_use_is_the_step_counter_delta_over_the_cell():
