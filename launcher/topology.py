@@ -445,6 +445,7 @@ class _Builder:
                 *(["--model", args.model] if args.model else []),
                 *pools,
                 *("--policy", args.policy, "--kv-dtype", args.dtype),
+                *("--kv-cache-dtype", args.kv_cache_dtype),
                 *("--block-size", str(args.block_size), "--log-level", args.log_level),
             ],
             ports={"grpc": args.grpc_port, "http": args.http_port, "internal": self.internal_port},

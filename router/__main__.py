@@ -161,6 +161,12 @@ def _add_routing_arguments(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="the workers' --dtype, for prefix hashes (default: %(default)s)",
     )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "int8", "fp8_e4m3"],
+        help="the workers' --kv-cache-dtype, for prefix hashes (default: %(default)s)",
+    )
     g.add_argument("--block-size", type=int, default=16, help="the workers' --block-size")
     g.add_argument(
         "--max-n",
@@ -192,6 +198,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         prefill_retries=args.prefill_retries,
         decode_retries=args.decode_retries,
         kv_dtype=args.kv_dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         block_size=args.block_size,
         max_inflight=args.max_inflight,
         max_body_bytes=args.max_body_bytes,

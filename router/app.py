@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from splitserve.engine.config import kv_cache_key
 from splitserve.engine.hashing import kv_namespace
 from splitserve.model.loader import Checkpoint, ModelLoadError, open_checkpoint
 from splitserve.services.tracing import inject_metadata, tracer
@@ -69,6 +70,7 @@ class RouterConfig:
     prefill_retries: int = 2
     decode_retries: int = 2  # other decode replicas tried when one fails before any token
     kv_dtype: str = "float32"  # must match the workers' --dtype, or no prefix ever matches
+    kv_cache_dtype: str = "auto"  # and their --kv-cache-dtype
     block_size: int = 16  # must match the workers' --block-size
     max_inflight: int = 256
     max_body_bytes: int = MIB
@@ -121,7 +123,11 @@ class Router:
         )
         dispatch = DispatchConfig(
             # Exactly the workers' namespace: the model id is the checkpoint's name.
-            kv_namespace=kv_namespace(ckpt.config.name, config.kv_dtype, config.block_size),
+            kv_namespace=kv_namespace(
+                ckpt.config.name,
+                kv_cache_key(config.kv_dtype, config.kv_cache_dtype),
+                config.block_size,
+            ),
             block_size=config.block_size,
             disagg_min_tokens=config.disagg_min_tokens,
             prefill_queue_max_tokens=config.prefill_queue_max_tokens,

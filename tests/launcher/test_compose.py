@@ -162,9 +162,10 @@ def test_the_kvstore_and_workers_take_the_flags_compose_gives_them():
     for module, flags in [
         ("splitserve.kvstore", ["--redis-password-file", "--tls-cert", "--tls-key", "--tls-ca"]),
         ("splitserve.prefill", ["--mesh-secret-file", "--tls-cert", "--router"]),
-        ("splitserve.decode", ["--mesh-secret-file", "--tls-ca"]),
+        ("splitserve.decode", ["--mesh-secret-file", "--tls-ca", "--kv-cache-dtype"]),
         ("splitserve.router", ["--internal-port", "--tls-cert", "--public-tls-cert"]),
-        ("splitserve.executors.pipeline.stage", ["--tls-cert", "--tls-key", "--tls-ca"]),
+        ("splitserve.router", ["--kv-dtype", "--kv-cache-dtype"]),
+        ("splitserve.executors.pipeline.stage", ["--tls-cert", "--tls-key", "--kv-cache-dtype"]),
     ]:
         proc = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
@@ -172,6 +173,14 @@ def test_the_kvstore_and_workers_take_the_flags_compose_gives_them():
         assert proc.returncode == 0, proc.stderr
         for flag in flags:
             assert flag in proc.stdout, (module, flag)
+
+
+def test_every_worker_and_the_router_get_the_kv_cache_dtype(compose):
+    """Workers must agree on the KV format to hand KV over, and the router to hash prompts
+    into their namespace."""
+    for name in ("prefill-0", "decode-0", "router"):
+        command = compose["services"][name]["command"]
+        assert command[command.index("--kv-cache-dtype") + 1] == "auto", name
 
 
 def test_the_router_needs_api_keys_from_the_environment(compose):

@@ -109,19 +109,25 @@ def test_redis_url_goes_to_kvstore_and_redis_is_not_launched():
 
 def test_engine_flags_reach_every_worker_and_the_router_agrees():
     t = topology(
-        "--model", "/m/x.gguf", "--dtype", "bfloat16", "--kv-cache-mib", "64", "--block-size", "32"
-    )
+        "--model", "/m/x.gguf", "--dtype", "bfloat16", "--kv-cache-mib", "64", "--block-size", "32",
+        "--kv-cache-dtype", "int8", "--pipeline-stages", "2", "--stage-services",
+    )  # fmt: skip
     t2 = topology("--no-prefix-caching", "--threads", "1")
     for w in t.workers:
         assert flag(w, "--model") == ["/m/x.gguf"]
         assert flag(w, "--dtype") == ["bfloat16"]
         assert flag(w, "--kv-cache-mib") == ["64"]
         assert flag(w, "--block-size") == ["32"]
+    for w in [*t.workers, *t.stages]:  # every process that holds a part of the KV pool
+        assert flag(w, "--kv-cache-dtype") == ["int8"]
+    assert len(t.stages) == len(t.workers)
     for w in t2.workers:
         assert "--no-prefix-caching" in w.args and flag(w, "--threads") == ["1"]
         assert flag(w, "--model") == []  # the default model: no flag at all
     # The router hashes blocks itself: its keys only match with the workers' dtype and size.
     assert flag(t.router, "--kv-dtype") == ["bfloat16"]
+    assert flag(t.router, "--kv-cache-dtype") == ["int8"]
+    assert flag(t2.router, "--kv-cache-dtype") == ["auto"]
     assert flag(t.router, "--block-size") == ["32"]
     assert flag(t.router, "--model") == ["/m/x.gguf"]
 
