@@ -165,7 +165,15 @@ def torch_paged_attention(
     decode=torch_decode,
     quant: KVQuant | None = None,
 ):
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping, quant)
+    if quant is None:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:
+        k, v = quant.quantize(k), quant.quantize(v)  # packed rows, as the pool holds them
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.prefills:
+            # Fresh chunks attend over the values any later reader of the pool gets, so a
+            # prompt gives the same answer chunked or not, prefilled here or elsewhere.
+            k, v = quant.dequantize(k, q.dtype), quant.dequantize(v, q.dtype)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     d = meta.num_decodes

@@ -40,7 +40,7 @@ def _engine(kv_cache_dtype, budget_bytes, backend="auto", **kw):
         kv_cache_memory_bytes=budget_bytes,
         attention_backend=backend,
         max_num_seqs=8,
-        max_num_batched_tokens=64,
+        max_num_batched_tokens=kw.pop("max_num_batched_tokens_override", 64),
         **kw,
     )
     return create_random_engine(WIDE_HEAD, cfg)
@@ -89,3 +89,16 @@ def test_kv_cache_dtype_changes_the_prefix_namespace_and_is_checked():
     assert int8.runner.kv_format == "kv_int8" and auto.runner.kv_format == "float32"
     with pytest.raises(ValueError, match="--kv-cache-dtype 'int4'"):
         EngineConfig(kv_cache_dtype="int4")
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8_e4m3"])
+def test_chunking_a_prompt_does_not_change_what_a_low_precision_cache_gives(kv):
+    """Every token attends over quantized K/V, its own chunk's included, so a prompt prefilled
+    in chunks of 8 gives what one chunk gives (and what a decode worker adopting it gets)."""
+    prompts = [[(j * 7) % 120 + 3 for j in range(40)]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    one = _engine(kv, MIB, "cpp").generate(prompts, params)[0]
+    chunked = _engine(kv, MIB, "cpp", max_num_batched_tokens_override=8)
+    out = chunked.generate(prompts, params)[0]
+    assert out.new_token_ids == one.new_token_ids
+    torch.testing.assert_close(out.new_logprobs, one.new_logprobs, atol=1e-4, rtol=0)
