@@ -75,6 +75,7 @@ class ServeSettings:
     datasets: tuple[DatasetSpec, ...] = (DatasetSpec(),)
     loads: tuple[LoadPoint, ...] = (LoadPoint(concurrency=1),)
     num_requests: int | None = None  # None: per load point, see requests_for
+    waves: int = 2  # without num_requests: conversations per cell = waves x concurrency
     arrival: str = "poisson"
     endpoint: str = "chat"
     slo_ttft_ms: float | None = None
@@ -86,11 +87,11 @@ class ServeSettings:
     servers: tuple[str, ...] = ()  # --compare: which peers
 
     def requests_for(self, load: LoadPoint) -> int:
-        """`num_requests`, or by default twice the concurrency within [8, 64] (enough to fill
-        every slot twice over), 32 at an uncapped rate."""
+        """`num_requests`, or `waves` times the concurrency (every slot filled that many times
+        over) within [4, 64]; 32 at an uncapped rate."""
         if self.num_requests is not None:
             return self.num_requests
-        return 32 if load.concurrency is None else min(64, max(8, 2 * load.concurrency))
+        return 32 if load.concurrency is None else min(64, max(4, self.waves * load.concurrency))
 
 
 # ---- the command line ----------------------------------------------------------------------
@@ -211,8 +212,15 @@ skipped with a message.""",
         type=int,
         default=None,
         metavar="N",
-        help="conversations per cell (default: 2x the concurrency within 8-64; 32 at an "
-        "uncapped rate)",
+        help="conversations per cell (default: --waves x the concurrency within 4-64; 32 at "
+        "an uncapped rate)",
+    )
+    w.add_argument(
+        "--waves",
+        type=int,
+        default=2,
+        metavar="K",
+        help="without --num-requests: K x the concurrency conversations per cell (default: 2)",
     )
     w.add_argument("--input-len", type=int, default=128, help="random: prompt words; chat: "
                    "words per user turn (default: %(default)s)")  # fmt: skip
@@ -296,6 +304,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     num = 4 if args.quick and args.num_requests is None else args.num_requests
     if num is not None and num < 1:
         raise ValueError("--num-requests must be >= 1")
+    if args.waves < 1:
+        raise ValueError("--waves must be >= 1")
     for key in ("slo_ttft_ms", "slo_tpot_ms"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise ValueError(f"--{key.replace('_', '-')} must be > 0")
@@ -310,6 +320,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         datasets=datasets,
         loads=loads,
         num_requests=num,
+        waves=args.waves,
         arrival=args.arrival,
         endpoint=args.endpoint,
         slo_ttft_ms=args.slo_ttft_ms,

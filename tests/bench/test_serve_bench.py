@@ -142,7 +142,9 @@ def _settings(*argv):
 def test_load_points_and_request_counts_from_the_flags():
     s = _settings("--concurrency", "1,8,32", "--dataset", "random,shared-prefix")
     assert [ld.concurrency for ld in s.loads] == [1, 8, 32]
-    assert [s.requests_for(ld) for ld in s.loads] == [8, 16, 64]
+    assert [s.requests_for(ld) for ld in s.loads] == [4, 16, 64]
+    one_wave = _settings("--concurrency", "1,8,32", "--waves", "1")
+    assert [one_wave.requests_for(ld) for ld in one_wave.loads] == [4, 8, 32]
     assert [d.name for d in s.datasets] == ["random", "shared-prefix"]
     s = _settings("--request-rate", "2,inf", "--concurrency", "4", "--num-requests", "10")
     assert [(ld.rate, ld.concurrency) for ld in s.loads] == [(2.0, 4), (math.inf, 4)]
@@ -167,6 +169,8 @@ def test_bad_values_are_value_errors():
         _settings("--num-requests", "0")
     with pytest.raises(ValueError):
         _settings("--slo-ttft-ms", "-5")
+    with pytest.raises(ValueError):
+        _settings("--waves", "0")
 
 
 def test_llama_server_context_fits_the_longest_request_in_every_slot():
