@@ -446,10 +446,16 @@ def endpoint_for(
     name: str, base_url: str, api_key: str | None, model: str | None, settings: ServeSettings
 ) -> Endpoint:
     if model is None:
-        try:
-            models = list_models(base_url, api_key)
-        except OSError as exc:
-            raise BenchError(f"{base_url}/models: {exc}; pass --model NAME") from None
+        # A server just started may not listen on HTTP yet (the router's health is its gRPC's).
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                models = list_models(base_url, api_key)
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{base_url}/models: {exc}; pass --model NAME") from None
+                time.sleep(0.5)
         if not models:
             raise BenchError(f"{base_url}/models lists no model; pass --model NAME")
         model = models[0]
