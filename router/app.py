@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
@@ -294,12 +295,17 @@ class Router:
             self.metrics.itl.observe(gap_s / num_tokens)
 
     def abort(self, request_id: str, tenant: str | None = None) -> bool:
-        """Abort the caller's own request `request_id` (`tenant`: the caller's)."""
+        """Abort the caller's own request `request_id` (`tenant`: the caller's), and with it
+        every choice of a request with several (router/choices.py: `<id>-<i>-<j>`)."""
         slot = self.active.get((tenant, request_id))
-        if slot is None:
-            return False
-        slot.abort()
-        return True
+        if slot is not None:
+            slot.abort()
+            return True
+        choice = re.compile(re.escape(request_id) + r"-\d+-\d+")
+        slots = [s for (t, rid), s in self.active.items() if t == tenant and choice.fullmatch(rid)]
+        for s in slots:
+            s.abort()
+        return bool(slots)
 
 
 def _metadata(span: trace.Span) -> Metadata:

@@ -99,6 +99,7 @@ class HttpApi:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/tokenizer_info", self.tokenizer_info)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
@@ -194,6 +195,24 @@ class HttpApi:
             raise RequestValidationError("invalid_value", "tokens is required", "tokens")
         ids = validator.check_token_ids(tokens, "tokens")
         return web.json_response({"prompt": validator.tokenizer.decode(ids)})
+
+    async def tokenizer_info(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenizer_info: what a client needs to tokenize as the server does (with
+        /tokenize and /detokenize, lm-evaluation-harness's `remote` tokenizer backend)."""
+        tok = self.router.tokenizer
+        special = tok.special_tokens_map
+        return web.json_response(
+            {
+                "tokenizer_class": "splitserve.Tokenizer",
+                "bos_token": tok.bos_token,
+                "eos_token": tok.eos_token,
+                "pad_token": special.get("pad_token"),
+                "unk_token": special.get("unk_token"),
+                "chat_template": tok.chat_template,
+                "model_max_length": self.router.model.max_model_len,
+                "vocab_size": self.router.model.vocab_size,
+            }
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         workers = {w.address: w.healthy for w in self.router.workers.workers}

@@ -1,5 +1,5 @@
 """Prompt logprobs and logit_bias in the engine, on the real SmolLM2 weights against
-transformers on the same GGUF (fp32): every prompt token's logprob within 1e-3 of HF's, alone,
+transformers on the same GGUF (fp32): every prompt token's logprob within 1e-3 of HF's,
 batched with other requests, chunked, and when the prompt's blocks are in the prefix cache (which
 must not skip positions whose logits are needed)."""
 
@@ -54,28 +54,23 @@ def check(outputs, prompts, hf_logprobs) -> None:
             assert len(top) == 1 and top[0][0] == int(ref[j].argmax())
 
 
-def test_alone_and_batched(engine, prompts, hf_logprobs):
-    check([engine.generate([p], ECHO)[0] for p in prompts], prompts, hf_logprobs)
+def test_batched_with_a_plain_request(engine, prompts, hf_logprobs):
     plain = SamplingParams(max_tokens=4, temperature=0)
     outs = engine.generate([*prompts, prompts[0][:5]], [ECHO, ECHO, ECHO, plain])
     check(outs[:3], prompts, hf_logprobs)
     assert outs[3].prompt_logprobs is None
 
 
-def test_prefix_cache_does_not_skip_positions(engine, prompts, hf_logprobs):
+def test_chunked_and_never_from_the_prefix_cache(engine, prompts, hf_logprobs):
     engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0))  # cached now
     hits = engine.stats.prefix_hit_tokens
-    check(engine.generate(prompts, ECHO), prompts, hf_logprobs)
-    assert engine.stats.prefix_hit_tokens == hits  # computed, not taken from the cache
-
-
-def test_chunked_prefill(engine, prompts, hf_logprobs):
     budget = engine.scheduler.max_num_batched_tokens
     engine.scheduler.max_num_batched_tokens = 7  # every prompt in chunks of at most 7
     try:
         check(engine.generate(prompts, ECHO), prompts, hf_logprobs)
     finally:
         engine.scheduler.max_num_batched_tokens = budget
+    assert engine.stats.prefix_hit_tokens == hits  # computed, not taken from the cache
 
 
 def test_logit_bias_forces_and_bans(engine, prompts):

@@ -7,6 +7,7 @@ same token ids; every bad input gets its 4xx and the router keeps serving; SIGTE
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import time
@@ -473,6 +474,22 @@ def test_tokenize_and_detokenize(mesh: Mesh, smollm2_checkpoint: Checkpoint) -> 
     assert status == 200 and back["prompt"] == tok.decode(out["tokens"])
     status, err = http_post(mesh, "/detokenize", json.dumps({"tokens": [10**9]}).encode())
     assert status == 400 and err["error"]["param"] == "tokens"
+    status, info = http_get(mesh, "/tokenizer_info")  # lm-eval's `remote` tokenizer reads it
+    info = json.loads(info)
+    assert status == 200 and info["eos_token"] == tok.eos_token and info["chat_template"]
+
+
+def test_abort_by_the_request_id_stops_every_choice(mesh: Mesh) -> None:
+    sampling = pb.SamplingOptions(max_tokens=400, temperature=1.0, seed=1, ignore_eos=True)
+    request = pb.GenerateRequest(request_id="abort-n", prompt="Count:", n=2, sampling=sampling)
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_port}") as channel:
+        stub = rpc.InferenceStub(channel)
+        stream = stub.Generate(request, timeout=120)
+        seen = {r.index for r in itertools.takewhile(lambda r: r.index != 1, stream)}
+        assert seen == {0}  # choice 1 streams too now: both are running
+        assert stub.Abort(pb.AbortRequest(request_id="abort-n"), timeout=5).found
+        ends = {r.index: r.finish_reason for r in stream if r.finish_reason}
+    assert ends == {0: pb.FINISH_REASON_ABORT, 1: pb.FINISH_REASON_ABORT}
 
 
 def test_bad_surface_inputs_name_their_param_on_both_doors(mesh: Mesh) -> None:
