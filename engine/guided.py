@@ -265,3 +265,39 @@ def grammar_mask(guides: Sequence[Guide], vocab_size: int, device: torch.device)
     if width < vocab_size:
         allowed = torch.nn.functional.pad(allowed, (0, vocab_size - width), value=False)
     return allowed.to(device, non_blocking=True) if allowed.device != device else allowed
+
+
+# ---- the wire (SamplingOptions' `guided` oneof; duck-typed, so the engine imports no stubs) ----
+def spec_from_proto(opts: Any) -> GuidedSpec | None:
+    """The spec a SamplingOptions message carries, None when it has none. `guided_strict` is
+    applied here (the schema is closed), so every side sees the same schema."""
+    which = opts.WhichOneof("guided")
+    if which == "guided_json":
+        if not opts.guided_strict:
+            return GuidedSpec("json_schema", opts.guided_json)
+        try:
+            schema = json.loads(opts.guided_json)
+        except ValueError as e:
+            raise GuidedSpecError(f"invalid json_schema: {_first_line(e)}") from e
+        return GuidedSpec("json_schema", json.dumps(closed_schema(schema)))
+    if which == "guided_regex":
+        return GuidedSpec("regex", opts.guided_regex)
+    if which == "guided_choice":
+        return GuidedSpec("choice", choices=tuple(opts.guided_choice.choices))
+    if which == "guided_json_object" and opts.guided_json_object:
+        return GuidedSpec("json_object")
+    return None
+
+
+def spec_to_proto(spec: GuidedSpec | None, opts: Any) -> None:
+    """Set `opts`' guided fields from the spec (nothing for None)."""
+    if spec is None:
+        return
+    if spec.kind == "json_schema":
+        opts.guided_json = spec.value
+    elif spec.kind == "regex":
+        opts.guided_regex = spec.value
+    elif spec.kind == "choice":
+        opts.guided_choice.choices.extend(spec.choices)
+    elif spec.kind == "json_object":
+        opts.guided_json_object = True

@@ -49,6 +49,7 @@ from typing import Any
 
 import grpc
 
+from splitserve.engine.guided import spec_to_proto
 from splitserve.engine.hashing import block_hashes
 from splitserve.services.tracing import inject_metadata
 from splitserve.v1 import pb
@@ -742,4 +743,5 @@ def _sampling_options(req: ValidatedRequest) -> pb.SamplingOptions:
         opts.prompt_logprobs = p.prompt_logprobs
     for token_id, bias in p.logit_bias:
         opts.logit_bias[token_id] = bias
+    spec_to_proto(p.guided, opts)
     return opts

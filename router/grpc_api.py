@@ -31,6 +31,7 @@ from .auth import Authenticator
 from .choices import Choices
 from .errors import AuthenticationError, RouterError
 from .generation import FINISH_CODES, GenerationDelta, LogprobInfo
+from .structured import guided_from_proto
 from .validation import GenerateInput
 
 log = logging.getLogger("splitserve.router")
@@ -160,6 +161,7 @@ def generate_input(request: pb.GenerateRequest, caller: str | None = None) -> Ge
         caller=caller,
         disaggregate=request.disaggregate if request.HasField("disaggregate") else None,
         sampling=_sampling_fields(request.sampling),
+        guided=guided_from_proto(request.sampling),
         body_bytes=request.ByteSize(),
         n=request.n or 1,
         best_of=request.best_of or None,

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import RequestValidationError
 from .generation import GenerationDelta, LogprobInfo, UsageInfo
+from .structured import parse_guided
 from .validation import GenerateInput
 
 # Body field -> SamplingParams field, shared by both endpoints.
@@ -72,6 +73,7 @@ class ParsedRequest:
 def parse_completion(body: dict[str, Any], body_bytes: int, caller: str | None) -> ParsedRequest:
     _reject_unsupported(body)
     raw = _common(body, body_bytes, caller, prefix="cmpl")
+    raw.guided = parse_guided(body)
     raw.best_of = body.get("best_of")
     raw.echo = body.get("echo", False)
     raw.sampling["max_tokens"] = body.get("max_tokens")
@@ -85,8 +87,8 @@ def parse_completion(body: dict[str, Any], body_bytes: int, caller: str | None) 
 
 def parse_chat(body: dict[str, Any], body_bytes: int, caller: str | None) -> ParsedRequest:
     _reject_unsupported(body)
-    _check_response_format(body.get("response_format"))
     raw = _common(body, body_bytes, caller, prefix="chatcmpl")
+    raw.guided = parse_guided(body)
     raw.echo = body.get("echo", False)  # the validator refuses it for chat, by name
     raw.default_max_tokens = None  # chat goes on until the model stops or the context ends
     max_tokens = body.get("max_completion_tokens")
@@ -144,15 +146,6 @@ def _chat_logprobs(body: dict[str, Any]) -> int | None:
             raise _invalid("top_logprobs", "top_logprobs needs logprobs: true")
         return None
     return 0 if top is None else top  # the validator checks the range
-
-
-def _check_response_format(value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
-        raise _invalid("response_format", 'response_format must be an object like {"type": "text"}')
-    if value["type"] != "text":
-        raise _invalid("response_format", "only text responses are supported")
 
 
 def _stream_options(body: dict[str, Any]) -> StreamOptions:

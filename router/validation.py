@@ -36,6 +36,7 @@ from .errors import (
     RequestValidationError,
     show,
 )
+from .structured import GuidedChecker
 
 __all__ = [
     "GenerateInput",
@@ -112,6 +113,7 @@ class GenerateInput:
     disaggregate: bool | None = None
     body_bytes: int = 0
     best_of: Any = None  # None: n
+    guided: Any = None  # structured output: a router/structured.py GuidedInput
     echo: Any = False  # completions only: the prompt (and its logprobs) before the output
 
 
@@ -167,9 +169,13 @@ class RequestValidator:
         self.tokenizer = tokenizer
         self.max_body_bytes = max_body_bytes
         self.max_n = max_n
+        self.guided = GuidedChecker(tokenizer, model.vocab_size)
 
     async def validate(self, raw: GenerateInput) -> ValidatedRequest:
         checked = self.check(raw)
+        if raw.guided is not None:  # compiled once here: a bad spec is this request's 400
+            spec = await self.guided.check(raw.guided)
+            checked = replace(checked, params=replace(checked.params, guided=spec))
         if checked.text is not None and len(checked.text) > THREAD_TOKENIZE_CHARS:
             ids = await asyncio.to_thread(self.tokenize, checked)
         else:

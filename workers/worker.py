@@ -23,6 +23,7 @@ from typing import NoReturn, Protocol
 import grpc
 
 from splitserve.engine.engine import CapacityError, RequestError
+from splitserve.engine.guided import spec_from_proto
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams, SamplingParamsError
 from splitserve.executors.build import create_engine
@@ -88,6 +89,7 @@ def sampling_params(opts: pb.SamplingOptions) -> SamplingParams:
         logprobs=opt("logprobs", None),
         logit_bias=tuple(sorted(opts.logit_bias.items())),
         prompt_logprobs=opt("prompt_logprobs", None),
+        guided=spec_from_proto(opts),
     )
 
 

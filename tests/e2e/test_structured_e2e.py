@@ -1,0 +1,211 @@
+"""Structured outputs through the real disaggregated mesh on SmolLM2, with unchanged clients.
+
+The official `openai` package's `chat.completions.parse` with pydantic models (the schemas in
+tests/e2e/structured_schemas.py, run at once so the decode worker batches them); vLLM's
+guided_regex / guided_choice and `json_object` over HTTP; the proto's guided fields over gRPC,
+forced through prefill -> decode (the first token is sampled under the grammar on the prefill
+worker, the rest on the decode worker from a matcher rebuilt from it) next to a free request
+whose greedy output must not change; and bad specs: 400 naming the field / INVALID_ARGUMENT,
+after which the mesh still serves and holds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import jsonschema
+import openai
+import pytest
+from mesh_fixtures import RPC_TIMEOUT_S, RunningMesh, assert_idle, stream_ids
+from openai.lib._parsing._completions import type_to_response_format_param
+from test_bad_input_e2e import check_error_body
+
+from splitserve.bench.structured_schemas import SCHEMAS, Person, prompt_for
+from splitserve.v1 import pb
+
+pytestmark = pytest.mark.slow
+
+# The pydantic models the CI test parses (all of SCHEMAS: bench/structured_clients.py runs the
+# same with a report).
+MAX_TOKENS = 160
+
+
+def _model(mesh: RunningMesh) -> str:
+    return mesh.openai().models.list().data[0].id
+
+
+def test_openai_parse_returns_valid_objects_for_every_schema(disagg_mesh: RunningMesh) -> None:
+    client, model = disagg_mesh.openai(), _model(disagg_mesh)
+
+    def parse(cls: type) -> object:
+        reply = client.chat.completions.parse(
+            model=model,
+            messages=[{"role": "user", "content": prompt_for(cls)}],
+            response_format=cls,
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+        )
+        message = reply.choices[0].message
+        assert reply.choices[0].finish_reason == "stop", message.content
+        return message.parsed
+
+    with ThreadPoolExecutor(len(SCHEMAS)) as pool:
+        parsed = list(pool.map(parse, SCHEMAS))
+    for cls, obj in zip(SCHEMAS, parsed, strict=True):
+        assert isinstance(obj, cls), (cls.__name__, obj)
+
+
+def test_regex_choice_and_json_object_over_http(disagg_mesh: RunningMesh) -> None:
+    client, model = disagg_mesh.openai(), _model(disagg_mesh)
+    out = client.completions.create(
+        model=model,
+        prompt="The date today is",
+        max_tokens=20,
+        temperature=0,
+        extra_body={"guided_regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"},
+    )
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", out.choices[0].text)
+    assert out.choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
+        max_tokens=5,
+        temperature=0,
+        extra_body={"guided_choice": ["yes", "no"]},
+    )
+    assert chat.choices[0].message.content in ("yes", "no")
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt_for(Person)}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        response_format=type_to_response_format_param(Person),
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    Person.model_validate_json(text)
+    # Any object: a small model may nest forever, so the object is checked only if it ended.
+    obj = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Describe a cat as a JSON object."}],
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_object"},
+    ).choices[0]
+    assert obj.message.content.startswith("{")
+    if obj.finish_reason == "stop":
+        assert isinstance(json.loads(obj.message.content), dict)
+
+
+def test_grpc_guided_through_prefill_and_decode_leaves_free_requests_alone(
+    disagg_mesh: RunningMesh,
+) -> None:
+    stub = disagg_mesh.inference()
+    free = pb.GenerateRequest(
+        prompt="The three primary colors are",
+        sampling=pb.SamplingOptions(max_tokens=24, temperature=0, ignore_eos=True),
+        disaggregate=True,
+    )
+    alone, *_ = stream_ids(stub.Generate(free, timeout=RPC_TIMEOUT_S))
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+        },
+        "required": ["name", "legs"],
+    }
+    guided = [
+        pb.GenerateRequest(
+            chat=pb.ChatMessages(
+                messages=[pb.ChatMessage(role="user", content="Describe a spider as JSON.")]
+            ),
+            sampling=pb.SamplingOptions(
+                max_tokens=60, temperature=0, guided_json=json.dumps(schema), guided_strict=True
+            ),
+            disaggregate=True,
+        ),
+        pb.GenerateRequest(
+            prompt="Pick a color:",
+            sampling=pb.SamplingOptions(
+                max_tokens=8,
+                temperature=0.8,
+                seed=5,
+                guided_choice=pb.GuidedChoice(choices=["red", "green", "blue"]),
+            ),
+            disaggregate=True,
+        ),
+    ]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [
+            pool.submit(lambda r: stream_ids(stub.Generate(r, timeout=RPC_TIMEOUT_S)), r)
+            for r in (free, *guided)
+        ]
+        (mixed, *_), (_, spider, _, finish, *_), (_, color, *_) = [f.result() for f in futures]
+    assert mixed == alone
+    obj = json.loads(spider)
+    jsonschema.validate(obj, {**schema, "additionalProperties": False})
+    assert finish == pb.FINISH_REASON_STOP
+    assert color in ("red", "green", "blue")
+
+
+BAD_HTTP = [
+    (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "objectx"}},
+            }
+        },
+        "response_format",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+        "response_format",
+    ),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_regex": "[a-"}, "guided_regex"),
+    ({"guided_regex": r"[^\s\S]"}, "guided_regex"),  # can never match
+    ({"guided_json": {"type": "string", "pattern": r"[^\s\S]"}}, "guided_json"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a" * 70_000}, "guided_regex"),  # over the 64 KiB limit
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),  # two at once
+]
+
+
+def test_bad_specs_get_400_naming_the_field_and_invalid_argument(disagg_mesh: RunningMesh) -> None:
+    for extra, param in BAD_HTTP:
+        body = {"prompt": "Hi", "max_tokens": 4, **extra}
+        status, reply = disagg_mesh.http_post("/v1/completions", json.dumps(body).encode())
+        assert status == 400, (extra, reply)
+        check_error_body(reply, "invalid_value", param)
+    client = disagg_mesh.openai()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=_model(disagg_mesh),
+            messages=[{"role": "user", "content": "Hi"}],
+            extra_body={"guided_regex": "(unclosed"},
+        )
+    assert err.value.body["param"] == "guided_regex"  # type: ignore[index]
+    stub = disagg_mesh.inference()
+    bad = [
+        pb.SamplingOptions(max_tokens=4, guided_json='{"type": '),
+        pb.SamplingOptions(max_tokens=4, guided_regex=r"[^\s\S]"),
+        pb.SamplingOptions(max_tokens=4, guided_choice=pb.GuidedChoice()),
+        pb.SamplingOptions(max_tokens=4, guided_json="{", guided_strict=True),
+    ]
+    for sampling in bad:
+        with pytest.raises(grpc.RpcError) as rpc_err:
+            list(stub.Generate(pb.GenerateRequest(prompt="Hi", sampling=sampling), timeout=30))
+        assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, sampling
+        assert "guided" in rpc_err.value.details()
+    # Still serving, nothing held.
+    out = client.completions.create(
+        model=_model(disagg_mesh), prompt="Hi", max_tokens=3, temperature=0
+    )
+    assert out.choices[0].text is not None
+    assert_idle(disagg_mesh)
