@@ -515,6 +515,7 @@ class Dispatcher:
             if run.relayed:  # the KV is redone there from prompt + what was relayed
                 decode_req = _decode_request(run.req)
                 decode_req.resume_token_ids.extend(run.relayed)
+                decode_req.sampling.ClearField("prompt_logprobs")  # relayed with the first
 
     def _gave_up(
         self, run: _Run, failure: _WorkerFailed, phase: str, why: str | None = None
