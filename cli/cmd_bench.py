@@ -23,6 +23,14 @@ def add_parser(sub) -> None:
 
     linear_bench.add_parser(bsub)
 
+    from splitserve.bench import quant_quality
+
+    quant_quality.add_parser(bsub)
+
+    from splitserve.bench import kv_cache_bench
+
+    kv_cache_bench.add_parser(bsub)
+
     from splitserve.bench import faults
 
     faults.add_parser(bsub)

@@ -18,8 +18,8 @@
 // A low-precision cache (--kv-cache-dtype int8|fp8_e4m3, model/kv_quant.py) is read in place
 // too: its pool is bytes, (num_blocks, block_size, num_kv_heads, head_dim + 2), each row
 // head_dim int8 or float8_e4m3fn values and then its bfloat16 scale. A row is widened to float
-// as it is read (int8 by a plain conversion, e4m3 through a 256-entry table: portable C++, no
-// intrinsics, vectorized by the compiler where it can), and the scale multiplies the row's dot
+// as it is read (int8 by a plain conversion, e4m3 by bit shifts: portable C++, no
+// intrinsics, vectorized by the compiler), and the scale multiplies the row's dot
 // product (K) or its probability (V) once, not every value. The format is an argument, chosen
 // at run time; the float path compiles to exactly the code it had before.
 #include <torch/extension.h>
@@ -84,19 +84,19 @@ inline float bf16_bits_to_float(const uint8_t* p) {
   return f;
 }
 
-// float8_e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities, 0x7f/0xff NaN.
-std::array<float, 256> make_e4m3_table() {
-  std::array<float, 256> t{};
-  for (int b = 0; b < 256; ++b) {
-    const int e = (b >> 3) & 15, m = b & 7;
-    float v = e == 0 ? std::ldexp(static_cast<float>(m), -9)
-                     : std::ldexp(1.f + static_cast<float>(m) / 8.f, e - 7);
-    if ((b & 0x7f) == 0x7f) v = NAN;
-    t[b] = (b & 0x80) ? -v : v;
-  }
-  return t;
+// float8_e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits, no infinities (0x7f/0xff are
+// NaN, which the writer never makes). A normal value is a float32 with the exponent rebased by
+// 120 and the mantissa moved up 20 bits; a subnormal one (exponent 0) is m * 2^-9. Integer
+// shifts and a select, so the compiler vectorizes the loop (a table lookup it would not).
+inline float e4m3_to_float(uint8_t b) {
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80) << 24;
+  const uint32_t em = b & 0x7f;
+  const uint32_t normal_bits = sign | ((em + (120u << 3)) << 20);
+  float normal;
+  std::memcpy(&normal, &normal_bits, 4);
+  const float sub = static_cast<float>(b & 7) * (1.f / 512.f);
+  return (em >> 3) ? normal : (b & 0x80 ? -sub : sub);
 }
-const std::array<float, 256> kE4M3 = make_e4m3_table();
 
 template <bool Fp8>
 struct PackedRows {
@@ -109,7 +109,7 @@ struct PackedRows {
       const uint8_t* in = src + h * (head_dim + 2);
       float* r = row + h * head_dim;
       if constexpr (Fp8) {
-        for (int64_t d = 0; d < head_dim; ++d) r[d] = kE4M3[in[d]];
+        for (int64_t d = 0; d < head_dim; ++d) r[d] = e4m3_to_float(in[d]);
       } else {
         const int8_t* v = reinterpret_cast<const int8_t*>(in);
         for (int64_t d = 0; d < head_dim; ++d) r[d] = static_cast<float>(v[d]);

@@ -130,3 +130,22 @@ def test_writes_quantize_and_prefill_reads_the_cached_prefix(backend, name):
         enable_gqa=True,
     )[0].transpose(0, 1)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_the_kernel_reads_every_code_as_torch_does(name):
+    """One token of context: the output is that token's V row, value by value, so every one of
+    the 256 codes (e4m3's nan codes aside) must come out exactly as torch converts it."""
+    assert load_kernel() is not None
+    quant = QUANTS[name]
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    if name == "fp8_e4m3":
+        codes[(codes & 0x7F) == 0x7F] = 0
+    v = torch.zeros(1, 1, 4, 66, dtype=torch.uint8)  # 1 block of 1 token, 4 heads of 64
+    v[0, 0, :, :64] = codes.view(4, 64)
+    v[0, 0, :, 64:] = torch.ones(4, 1, dtype=torch.bfloat16).view(torch.uint8)  # scale 1
+    k = torch.zeros_like(v)
+    meta = AttentionMetadata.build(1, [[0]], [0], [1])
+    out = cpp_decode(torch.randn(1, 4, 64), k, v, meta, 0.125, quant=quant)
+    want = codes.view(quant.value_dtype).float().view(1, 4, 64)
+    assert torch.equal(out, want)
