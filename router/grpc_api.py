@@ -32,6 +32,7 @@ from .choices import Choices
 from .errors import AuthenticationError, RouterError
 from .generation import FINISH_CODES, GenerationDelta, LogprobInfo
 from .structured import guided_from_proto
+from .tools import GrpcToolCalls, apply_grpc_tools
 from .validation import GenerateInput
 
 log = logging.getLogger("splitserve.router")
@@ -98,12 +99,13 @@ class InferenceServicer(rpc.InferenceServicer):
             with self.router.admit("grpc"), self.auth.admit(tenant):
                 raw = generate_input(request, caller=_caller(context))
                 raw.tenant = tenant
+                calls = GrpcToolCalls(apply_grpc_tools(raw, request))  # chat with tools
                 validated = await self.router.validate(raw)
                 parent = extract_context(context)
                 deltas = Choices(self.router, [validated]).stream(parent, arrival, timeout_s)
                 async with aclosing(deltas) as stream:
                     async for delta in stream:
-                        yield to_response(delta)
+                        yield calls.add(to_response(delta), delta)
         except RouterError as e:
             await context.abort(e.grpc_code, e.message)
         except grpc.aio.AbortError:

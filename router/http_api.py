@@ -50,6 +50,7 @@ from .errors import (
 from .generation import GenerationDelta
 from .http_guard import ConnectionGuard, connection_budget, raise_file_limit
 from .openai_protocol import Accumulator, Formatter, ParsedRequest, parse_chat, parse_completion
+from .tools import with_tools
 from .validation import RequestValidator
 
 log = logging.getLogger("splitserve.router")
@@ -243,6 +244,7 @@ class HttpApi:
             validated = [await self.router.validate(raw) for raw in parsed.inputs()]
             first = validated[0]
             fmt = Formatter(chat, first.request_id, self.router.model.name, parsed.top_logprobs)
+            fmt = with_tools(fmt, parsed.tools)  # chat with tools: calls parsed from the text
             # Trace context from the caller's W3C `traceparent` header, if it sent one.
             parent = propagate.extract(dict(request.headers))
             budget_s = request_timeout(request.headers, body)  # X-Request-Timeout, `timeout`

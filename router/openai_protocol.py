@@ -16,6 +16,7 @@ from typing import Any
 from .errors import RequestValidationError
 from .generation import GenerationDelta, LogprobInfo, UsageInfo
 from .structured import parse_guided
+from .tools import apply_tools
 from .validation import GenerateInput
 
 # Body field -> SamplingParams field, shared by both endpoints.
@@ -57,6 +58,7 @@ class ParsedRequest:
     stream: StreamOptions
     top_logprobs: int | None = None  # chat: how many alternatives to show
     prompts: list[Any] | None = None  # completions with a list of prompts: each one's input
+    tools: Any = None  # chat: router/tools.py ToolsRequest, when the request has tools
 
     def inputs(self) -> list[GenerateInput]:
         """One validator input per prompt."""
@@ -86,7 +88,7 @@ def parse_completion(body: dict[str, Any], body_bytes: int, caller: str | None) 
 
 
 def parse_chat(body: dict[str, Any], body_bytes: int, caller: str | None) -> ParsedRequest:
-    _reject_unsupported(body)
+    _reject_unsupported({k: v for k, v in body.items() if k != "tools"})  # chat takes tools
     raw = _common(body, body_bytes, caller, prefix="chatcmpl")
     raw.guided = parse_guided(body)
     raw.echo = body.get("echo", False)  # the validator refuses it for chat, by name
@@ -94,10 +96,11 @@ def parse_chat(body: dict[str, Any], body_bytes: int, caller: str | None) -> Par
     max_tokens = body.get("max_completion_tokens")
     raw.sampling["max_tokens"] = max_tokens if max_tokens is not None else body.get("max_tokens")
     raw.messages = body.get("messages")
+    tools = apply_tools(raw, body.get("tools"), body.get("tool_choice"))
     top = _chat_logprobs(body)
     if top is not None:
         raw.sampling["logprobs"] = top
-    return ParsedRequest(raw, _stream_options(body), top)
+    return ParsedRequest(raw, _stream_options(body), top, tools=tools)
 
 
 def _common(

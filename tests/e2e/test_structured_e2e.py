@@ -209,3 +209,115 @@ def test_bad_specs_get_400_naming_the_field_and_invalid_argument(disagg_mesh: Ru
     )
     assert out.choices[0].text is not None
     assert_idle(disagg_mesh)
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 24},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 16}},
+            "required": ["zone"],
+        },
+    },
+}
+
+
+def test_tool_calling_round_trip_with_the_openai_client(disagg_mesh: RunningMesh) -> None:
+    """call (named, then required and streamed) -> the tool's result -> the answer."""
+    client, model = disagg_mesh.openai(), _model(disagg_mesh)
+    messages: list = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=60,
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+
+    # required, streamed: the call arrives as tool_calls deltas the client can put together.
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+    )
+    names, arguments, finish = [], "", None
+    for chunk in stream:
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or ():
+                names += [tc.function.name] if tc.function.name else []
+                arguments += tc.function.arguments or ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and len(names) == 1
+    assert names[0] in ("get_weather", "get_time") and isinstance(json.loads(arguments), dict)
+
+    # The tool's result goes back; the model answers in text.
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "clear"}'},
+    ]
+    answer = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice="none",
+        temperature=0,
+        max_tokens=24,
+    )
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+def test_tools_over_grpc_and_bad_tools(disagg_mesh: RunningMesh) -> None:
+    stub = disagg_mesh.inference()
+    req = pb.GenerateRequest(
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Time in Tokyo?")]),
+        sampling=pb.SamplingOptions(max_tokens=40, temperature=0),
+        tools_json=json.dumps([TIME_TOOL]),
+        tool_choice_json="required",
+        disaggregate=True,
+    )
+    last = list(stub.Generate(req, timeout=RPC_TIMEOUT_S))[-1]
+    (call,) = last.tool_calls
+    assert call.name == "get_time" and "zone" in json.loads(call.arguments)
+
+    nameless = {"type": "function", "function": {"parameters": {"type": "object"}}}
+    client = disagg_mesh.openai()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=_model(disagg_mesh),
+            messages=[{"role": "user", "content": "Hi"}],
+            tools=[nameless],  # type: ignore[list-item]
+        )
+    assert err.value.body["param"] == "tools"  # type: ignore[index]
+    with pytest.raises(grpc.RpcError) as rpc_err:
+        list(stub.Generate(pb.GenerateRequest(chat=req.chat, tools_json=json.dumps([nameless]))))
+    assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert_idle(disagg_mesh)
