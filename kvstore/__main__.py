@@ -31,6 +31,7 @@ from splitserve.kvstore.backends import (
     RedisTLS,
 )
 from splitserve.kvstore.service import KVStoreServicer, Limits
+from splitserve.services.parent import follow_launcher
 from splitserve.services.security import TLSConfig, add_tls_arguments
 from splitserve.services.server import (
     ServiceServer,
@@ -143,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging("kvstore", args.log_level)
+    follow_launcher()
     init_tracing("kvstore")
     install_uvloop()
     try:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from splitserve.launcher.topology import ServiceSpec, Topology
+from splitserve.services.parent import PARENT_PID_ENV
 
 if TYPE_CHECKING:  # imported where used: `splitserve --help` shouldn't load gRPC
     from splitserve.services.security import TLSConfig
@@ -106,6 +107,17 @@ class Console:
 # --- one child -------------------------------------------------------------------------------
 
 
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment of a service we start: ours, the spec's, and our pid so that the child
+    dies with us (services.server.follow_launcher). Linux ties that to the thread that forks, so
+    it is set only when that is the main thread, which lives as long as we do."""
+    env = {**os.environ, **extra}
+    env.pop(PARENT_PID_ENV, None)
+    if threading.current_thread() is threading.main_thread():
+        env[PARENT_PID_ENV] = str(os.getpid())
+    return env
+
+
 class Child:
     def __init__(
         self, spec: ServiceSpec, host: str, console: Console, tls: TLSConfig | None = None
@@ -121,7 +133,7 @@ class Child:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **spec.env},
+            env=child_env(spec.env),
             process_group=0,  # our own group: the terminal's Ctrl-C reaches the launcher only
         )
         self._channel: Any = None

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from splitserve.model.loader import ModelLoadError
+from splitserve.services.parent import follow_launcher
 from splitserve.services.security import PublicTLS, TLSConfig, add_tls_arguments
 from splitserve.services.server import (
     CHANNEL_OPTIONS,
@@ -285,6 +286,7 @@ def _internal_server(
 
 def run(args: argparse.Namespace) -> int:
     configure_logging("router", args.log_level)
+    follow_launcher()
     install_uvloop()
     try:
         config = config_from_args(args)

@@ -30,6 +30,7 @@ from splitserve.executors.build import create_engine
 from splitserve.executors.flags import add_engine_args, engine_config
 from splitserve.executors.pipeline.executor import StageUnavailableError
 from splitserve.executors.tensor_parallel import ShardGroupError
+from splitserve.services.parent import follow_launcher
 from splitserve.services.security import TLSConfig, add_tls_arguments, open_channel
 from splitserve.services.server import (
     CHANNEL_OPTIONS,
@@ -466,6 +467,7 @@ def run_worker(
     args: argparse.Namespace, role: str, service_names: Sequence[str], build: Build
 ) -> int:
     configure_logging(role, args.log_level)
+    follow_launcher()
     init_tracing(role)
     install_uvloop()
     fast_gil_handoff()

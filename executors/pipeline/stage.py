@@ -47,6 +47,7 @@ from splitserve.executors.tensor_parallel import ShardGroupError
 from splitserve.model.kv_quant import kv_format_name, kv_row
 from splitserve.model.loader import ModelLoadError, open_checkpoint
 from splitserve.model.parallel import ParallelConfigError, stage_layer_ranges
+from splitserve.services.parent import follow_launcher
 from splitserve.services.security import TLSConfig, add_tls_arguments, open_channel
 from splitserve.services.server import (
     ServiceServer,
@@ -500,6 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging("stage", args.log_level)
+    follow_launcher()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the worker died before we got going
     fast_gil_handoff()
