@@ -14,8 +14,9 @@ itself is not used for them yet.)
 
 Constraining. `tool_choice: "required"` and a named function go through structured outputs: the
 output must be the call itself as JSON, `{"name": ..., "arguments": {...}}`, with the name one
-of the tools (or the named one) and the arguments matching that tool's `parameters` schema; so
-the call always parses. `"auto"` leaves the output free and parses `<tool_call>` blocks (or a
+of the tools (or the named one) and the arguments matching that tool's `parameters` schema
+(closed: no properties beyond the ones it names, as OpenAI's strict mode); so the call always
+parses. `"auto"` leaves the output free and parses `<tool_call>` blocks (or a
 bare call object) out of it; `"none"` leaves tools out of the prompt entirely.
 
 Output. The calls come back as `message.tool_calls` (`finish_reason: "tool_calls"`); streamed,
@@ -32,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve.engine.guided import GuidedSpec
+from splitserve.engine.guided import GuidedSpec, closed_schema
 
 from .errors import RequestValidationError, show
 from .generation import GenerationDelta
@@ -151,7 +152,9 @@ def guided_for(req: ToolsRequest) -> GuidedInput | None:
     calls = [
         {
             "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+            # Closed (no properties beyond the tool's): what OpenAI's strict function calling
+            # does, and a small model otherwise invents keys until max_tokens.
+            "properties": {"name": {"const": t.name}, "arguments": closed_schema(t.parameters)},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -233,12 +236,12 @@ def parse_calls(text: str, req: ToolsRequest) -> list[dict[str, Any]]:
     for obj in found:
         if not isinstance(obj, dict) or obj.get("name") not in names:
             continue
-        args = obj.get("arguments", obj.get("parameters", {}))
+        args = json.dumps(obj.get("arguments", obj.get("parameters", {})), ensure_ascii=False)
         calls.append(
             {
                 "id": f"call_{uuid.uuid4().hex[:24]}",
                 "type": "function",
-                "function": {"name": obj["name"], "arguments": json.dumps(args)},
+                "function": {"name": obj["name"], "arguments": args},
             }
         )
     return calls

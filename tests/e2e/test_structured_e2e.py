@@ -1,7 +1,7 @@
 """Structured outputs through the real disaggregated mesh on SmolLM2, with unchanged clients.
 
-The official `openai` package's `chat.completions.parse` with pydantic models (the schemas in
-tests/e2e/structured_schemas.py, run at once so the decode worker batches them); vLLM's
+The official `openai` package's `chat.completions.parse` with pydantic models (half of the 20 in
+bench/structured_schemas.py, run at once so the decode worker batches them); vLLM's
 guided_regex / guided_choice and `json_object` over HTTP; the proto's guided fields over gRPC,
 forced through prefill -> decode (the first token is sampled under the grammar on the prefill
 worker, the rest on the decode worker from a matcher rebuilt from it) next to a free request
@@ -28,8 +28,9 @@ from splitserve.v1 import pb
 
 pytestmark = pytest.mark.slow
 
-# The pydantic models the CI test parses (all of SCHEMAS: bench/structured_clients.py runs the
-# same with a report).
+# CI parses every other model of SCHEMAS (10 of 20, about half the time);
+# bench/structured_clients.py runs all 20 against any endpoint.
+CI_SCHEMAS = SCHEMAS[::2]
 MAX_TOKENS = 160
 
 
@@ -52,9 +53,9 @@ def test_openai_parse_returns_valid_objects_for_every_schema(disagg_mesh: Runnin
         assert reply.choices[0].finish_reason == "stop", message.content
         return message.parsed
 
-    with ThreadPoolExecutor(len(SCHEMAS)) as pool:
-        parsed = list(pool.map(parse, SCHEMAS))
-    for cls, obj in zip(SCHEMAS, parsed, strict=True):
+    with ThreadPoolExecutor(len(CI_SCHEMAS)) as pool:
+        parsed = list(pool.map(parse, CI_SCHEMAS))
+    for cls, obj in zip(CI_SCHEMAS, parsed, strict=True):
         assert isinstance(obj, cls), (cls.__name__, obj)
 
 
@@ -304,8 +305,11 @@ def test_tools_over_grpc_and_bad_tools(disagg_mesh: RunningMesh) -> None:
         tool_choice_json="required",
         disaggregate=True,
     )
-    last = list(stub.Generate(req, timeout=RPC_TIMEOUT_S))[-1]
-    (call,) = last.tool_calls
+    replies = list(stub.Generate(req, timeout=RPC_TIMEOUT_S))
+    text = "".join(r.text for r in replies)
+    calls = [c for r in replies for c in r.tool_calls]
+    assert len(calls) == 1, text
+    call = calls[0]
     assert call.name == "get_time" and "zone" in json.loads(call.arguments)
 
     nameless = {"type": "function", "function": {"parameters": {"type": "object"}}}
