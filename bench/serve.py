@@ -684,9 +684,15 @@ def compare(
                 server = llama_server(binary, model, threads, log_dir, settings, run_)
             else:
                 server = splitserve_server(name, flags, log_dir, settings, run_)
-            with server as ep:
-                asyncio.run(warm_up(ep, settings.warmup_requests))
-                run_.cells = run_cells(ep, settings, slo, run_.probe)
+            try:
+                with server as ep:
+                    asyncio.run(warm_up(ep, settings.warmup_requests))
+                    run_.cells = run_cells(ep, settings, slo, run_.probe)
+            except KeyboardInterrupt:
+                # Ctrl-C / SIGTERM: the servers measured so far are still reported.
+                run_.skipped = "interrupted"
+                print(f"\ninterrupted during {name}: reporting what was measured", file=sys.stderr)
+                break
     return runs
 
 
