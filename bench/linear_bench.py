@@ -4,8 +4,11 @@ A decode step's matmuls are every layer's QKV, O, gate/up and down plus the LM h
 once. This benchmark builds exactly those weights from the checkpoint (layer 0's, repeated
 once per layer so they stream from memory as a real pass does, and the head once) and times
 one pass through them with x of M rows, for the `blocks` backend (Q4_1/Q8_0 dequantized in the
-kernel), the oneDNN packed backend and `nn.Linear`. The ratios are against oneDNN in the same
-run; every backend's output is compared with `nn.Linear`'s on the same input.
+kernel), the oneDNN packed backend and `nn.Linear`, and for the weights `--quantization`
+makes at load (model/quant_linear.py: torch's `_weight_int8pack_mm` per channel and
+`_weight_int4pack_mm_for_cpu` in groups of 32, bfloat16 activations). The ratios are against
+oneDNN in the same run; every backend's output is compared with `nn.Linear`'s on the same input
+(int8/int4 differ by their rounding, not only the order of additions).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def add_parser(bsub: Any) -> None:
         "--quick", action="store_true", help="M=1,16, 2 layers, 0.1 s: a smoke test, no measure"
     )
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    p.add_argument(
+        "--backends",
+        default="int8,int4",
+        help="quantized backends to time besides blocks, onednn and torch (%(default)s)",
+    )
     p.set_defaults(run=run)
 
 
@@ -64,6 +72,7 @@ def _modules(weight, copies: int, backend: str):
 
     from splitserve.model.block_linear import to_blocks
     from splitserve.model.cpu_linear import PackedLinear
+    from splitserve.model.quant_linear import Int4Linear, Int8Linear
 
     out = []
     for _ in range(copies):
@@ -73,6 +82,10 @@ def _modules(weight, copies: int, backend: str):
             mod = to_blocks(lin)
             if mod is None:
                 return None
+        elif backend == "int8":
+            mod = Int8Linear(lin, use_kernel=True)
+        elif backend == "int4":
+            mod = Int4Linear(lin, 32, use_kernel=True)
         else:
             mod = PackedLinear(lin) if backend == "onednn" else lin
         out.append(mod)
@@ -108,7 +121,8 @@ def run(args: Any) -> int:
         return 1
     ckpt, fused, head = _weights(args.model)
     layers = ckpt.config.num_layers
-    backends = ["blocks", "onednn", "torch"]
+    extra = [b for b in args.backends.split(",") if b in ("int8", "int4")]
+    backends = ["blocks", "onednn", "torch", *extra]
     shapes = {**fused, "head": head}
     results: dict[str, dict[str, float]] = {b: {} for b in backends}
     errors: dict[str, float] = {}
@@ -124,7 +138,7 @@ def run(args: Any) -> int:
                 return 1
             for m in rows:
                 x = torch.randn(m, weight.shape[1], generator=torch.Generator().manual_seed(m))
-                want = mods["torch"][0](x)
+                want = x @ weight.t()
                 for b in backends:
                     sec = _time(mods[b], x, seconds)
                     results[b][str(m)] = results[b].get(str(m), 0.0) + sec
@@ -133,6 +147,7 @@ def run(args: Any) -> int:
                     bar.update()
             del mods
     lines = _report(ckpt.path, layers, rows, results, errors, args.threads, kernel_usable())
+    lines += _quant_report(rows, results)
     final = final_line(FINAL_KEY, _ratio(results, 16 if 16 in rows else rows[-1]))
     finish(args, lines, final, lambda: {"rows": rows, "seconds": results, "max_abs_err": errors})
     return 0
@@ -155,3 +170,23 @@ def _report(path, layers, rows, results, errors, threads, avx512) -> list[str]:
         lines.append(f"{m:>5}  {b:>10.1f}  {o:>10.1f}  {t:>9.1f}  {times(_ratio(results, m))}")
     errs = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
     return [*lines, f"largest |difference| from nn.Linear: {errs}"]
+
+
+def _quant_report(rows, results) -> list[str]:
+    """The quantized-at-load backends' times and their speed vs oneDNN float32 and blocks."""
+    kinds = [k for k in ("int8", "int4") if k in results]
+    if not kinds:
+        return []
+    header = "  ".join(f"{k + ' ms':>9}  {'vs onednn':>9}  {'vs blocks':>9}" for k in kinds)
+    lines = [
+        "quantized at load (--quantization): ms per pass, and speed vs onednn / vs blocks",
+        f"{'rows':>5}  {header}",
+    ]
+    for m in rows:
+        cells = []
+        for k in kinds:
+            t = results[k][str(m)]
+            o, b = results["onednn"][str(m)], results["blocks"][str(m)]
+            cells.append(f"{t * 1e3:>9.1f}  {times(o / t):>9}  {times(b / t):>9}")
+        lines.append(f"{m:>5}  " + "  ".join(cells))
+    return lines
