@@ -453,3 +453,19 @@ def test_any_valid_params_give_in_range_tokens_and_finite_logprobs(
         else:
             assert lp is not None and math.isfinite(lp)
             assert top is not None and len(top) == min(p.logprobs, vocab)
+
+
+def test_logit_bias_is_added_per_row_and_leaves_logprobs_raw() -> None:
+    logits = torch.randn(3, 50)
+    ban = int(logits[0].argmax())
+    rows = [
+        row(SamplingParams(temperature=0, logit_bias={ban: -100.0}, logprobs=0)),
+        row(SamplingParams(temperature=0.9, seed=4, logit_bias={7: 100.0})),
+        row(SamplingParams(temperature=0)),  # no bias: untouched in the same batch
+    ]
+    out = Sampler()(logits, rows)
+    biased = logits[0].clone()
+    biased[ban] -= 100.0
+    assert out.token_ids == [int(biased.argmax()), 7, int(logits[2].argmax())]
+    raw = torch.log_softmax(logits[0], -1)[out.token_ids[0]]  # the model's, not the biased
+    assert out.logprobs[0] == pytest.approx(float(raw), abs=1e-6)
