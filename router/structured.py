@@ -122,7 +122,7 @@ def guided_from_proto(sampling: Any) -> GuidedInput | None:
     try:
         spec = spec_from_proto(sampling)
     except GuidedSpecError as e:
-        raise _invalid(param, str(e)) from e
+        raise _invalid(param, f"{param}: {e}") from e
     return None if spec is None else GuidedInput(spec, param)
 
 
