@@ -55,6 +55,7 @@ class _Choice:
     deltas: list[GenerationDelta] = field(default_factory=list)  # kept for best_of
     score: float = 0.0
     usage: UsageInfo | None = None
+    aborted: bool = False
 
 
 class Choices:
@@ -120,6 +121,11 @@ class Choices:
         try:
             if choice is not leader:
                 await leader.started.wait()  # its prompt blocks are cached by now
+                if leader.aborted:  # Abort came before this choice started: it never runs
+                    end = GenerationDelta(choice.request.request_id, finish_reason="abort")
+                    queue.put_nowait((choice, end))
+                    queue.put_nowait((choice, None))
+                    return
             deltas = self.router.generate(choice.request, parent, arrival, timeout_s)
             async with aclosing(deltas) as stream:
                 async for delta in stream:
@@ -140,6 +146,7 @@ class Choices:
                 self._prompt_logprobs[choice.prompt] = delta.prompt_logprobs
             elif choice.request.echo and not delta.prompt_logprobs:
                 delta.prompt_logprobs = self._prompt_logprobs.get(choice.prompt, [])
+        choice.aborted = delta.finish_reason == "abort"
         choice.score += sum(lp.logprob or 0.0 for lp in delta.logprobs)
         choice.usage = delta.usage or choice.usage
 
