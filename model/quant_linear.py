@@ -81,11 +81,28 @@ def quantize_int4(weight: torch.Tensor, group_size: int):
         raise ValueError(f"int4: {k} inputs are not a multiple of the group size {group_size}")
     w = weight.detach().float().reshape(n, k // group_size, group_size)
     lo, hi = w.amin(-1), w.amax(-1)
-    scale = _bf16_round((hi - lo) / 15)
+    scale = _bf16_round((hi - lo) / _grid_steps(w, lo, hi))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = _bf16_round(lo + 8 * scale)
     q = torch.round((w - zero[..., None]) / scale[..., None]) + 8
     return q.clamp(0, 15).to(torch.uint8).reshape(n, k), scale, zero
+
+
+def _grid_steps(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Per group, the steps (<= 15) between min and max of values already on a 4-bit grid
+    (an AWQ/GPTQ or GGUF Q4 checkpoint, dequantized), else 15. Re-quantizing with the min-max
+    scale of a group whose codes span only 0..13 would put every value on another grid and
+    round it again; this keeps the checkpoint's own grid."""
+    span = (hi - lo)[..., None]
+    found = torch.full(lo.shape, 15.0)
+    todo = torch.ones(lo.shape, dtype=torch.bool)
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    for m in range(15, 0, -1):
+        r = (w - lo[..., None]) / safe * m
+        fits = (r - r.round()).abs().amax(-1) < 1e-3
+        found = torch.where(todo & fits, torch.full_like(found, m), found)
+        todo &= ~fits
+    return found
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,19 @@ def test_int4_linear_multiplies_by_its_dequantized_weight(kernel, n, k, group):
     assert (err <= step / 2 + step * 2**-7 + 1e-6).all()  # half a step, plus z's rounding
 
 
+def test_int4_keeps_a_checkpoints_own_grid():
+    """Values already on a 4-bit grid whose codes span only 1..13 (an AWQ/GPTQ or Q4_0 file,
+    dequantized) keep that grid: only the bfloat16 rounding of the scale moves them."""
+    torch.manual_seed(0)
+    step = torch.rand(8, 4, 1) * 0.1 + 0.01
+    codes = torch.randint(1, 14, (8, 4, 32)).float()
+    codes[..., 0], codes[..., 1] = 1, 13
+    w = ((codes - 7) * step).reshape(8, 128)
+    q, scale, zero = ql.quantize_int4(w, 32)
+    err = (ql.dequantize_int4(q, scale, zero) - w).abs().reshape(8, 4, 32)
+    assert (err <= step / 16).all()  # bfloat16 s and z; min-max over 15 steps: up to step/2
+
+
 def test_int4_error_is_worse_than_int8_and_both_small():
     lin = _linear(256, 512, bias=False)
     ref = lin.weight.detach()
