@@ -21,7 +21,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.executors.build import create_random_engine
 from splitserve.services.server import CHANNEL_OPTIONS
-from splitserve.v1 import rpc
+from splitserve.v1 import pb, rpc
 from splitserve.workers.engine_loop import AsyncEngine
 from splitserve.workers.kv_prefix import PrefixTier
 from splitserve.workers.metrics import WorkerMetrics
@@ -32,6 +32,19 @@ def tiny_engine(num_blocks: int = 32, **overrides) -> LLMEngine:
     """Random weights seeded by the config: two of these with the same seed are the same model."""
     cfg = {"num_kv_blocks": num_blocks, "block_size": 4, "max_num_batched_tokens": 32, **overrides}
     return create_random_engine(TINY, EngineConfig(**cfg))
+
+
+def tokens(responses: list[pb.DecodeResponse]) -> list[int]:
+    """Every token id a decode stream sent, in order."""
+    return [t for r in responses for t in r.token_ids]
+
+
+def assert_idle(served) -> None:
+    """A served worker holds no request and no KV block, and its block manager is sound."""
+    bm = served.worker.engine.engine.block_manager
+    bm.check_integrity()
+    assert bm.num_free_blocks == bm.num_blocks
+    assert served.worker.engine.num_live_requests == 0
 
 
 def prompt(n: int, offset: int = 0) -> list[int]:

@@ -9,11 +9,13 @@ import pytest
 from ports import free_port
 from workers_util import (
     aio_channel,
+    assert_idle,
     prompt,
     running,
     serve_decode,
     serve_prefill,
     tiny_engine,
+    tokens,
 )
 
 from splitserve.engine.sampling_params import SamplingParams
@@ -50,17 +52,6 @@ async def start_long(stub: rpc.DecodeStub, request_id: str) -> grpc.aio.UnaryStr
     call = stub.Generate(pb.DecodeRequest(request_id=request_id, prompt_token_ids=P, sampling=long))
     await call.read()
     return call
-
-
-def tokens(responses: list[pb.DecodeResponse]) -> list[int]:
-    return [t for r in responses for t in r.token_ids]
-
-
-def assert_idle(served) -> None:
-    bm = served.worker.engine.engine.block_manager
-    bm.check_integrity()
-    assert bm.num_free_blocks == bm.num_blocks
-    assert served.worker.engine.num_live_requests == 0
 
 
 async def prefill(address: str, sampling: pb.SamplingOptions = GREEDY) -> pb.PrefillResponse:

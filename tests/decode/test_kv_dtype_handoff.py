@@ -9,7 +9,16 @@ import logging
 
 import grpc
 import pytest
-from workers_util import aio_channel, prompt, running, serve_decode, serve_prefill, tiny_engine
+from workers_util import (
+    aio_channel,
+    assert_idle,
+    prompt,
+    running,
+    serve_decode,
+    serve_prefill,
+    tiny_engine,
+    tokens,
+)
 
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvstore.backends import MemoryBackend
@@ -25,16 +34,6 @@ GREEDY = pb.SamplingOptions(max_tokens=N, temperature=0, ignore_eos=True)
 def expected(kv: str) -> list[int]:
     params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
     return tiny_engine(kv_cache_dtype=kv).generate([P], params)[0].new_token_ids
-
-
-def tokens(responses: list[pb.DecodeResponse]) -> list[int]:
-    return [t for r in responses for t in r.token_ids]
-
-
-def assert_idle(served) -> None:
-    bm = served.worker.engine.engine.block_manager
-    bm.check_integrity()
-    assert bm.num_free_blocks == bm.num_blocks
 
 
 async def disaggregated(pre_kv: str, dec_kv: str):

@@ -9,7 +9,15 @@ import time
 
 import grpc
 import pytest
-from workers_util import aio_channel, prompt, running, serve_decode, serve_prefill, tiny_engine
+from workers_util import (
+    aio_channel,
+    prompt,
+    running,
+    serve_decode,
+    serve_prefill,
+    tiny_engine,
+    tokens,
+)
 
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvstore.backends import MemoryBackend
@@ -37,10 +45,6 @@ def reference(options: pb.SamplingOptions) -> list[int]:
 
 async def generate(stub: rpc.DecodeStub, req: pb.DecodeRequest, timeout: float = 30):
     return [r async for r in stub.Generate(req, timeout=timeout)]
-
-
-def tokens(responses: list[pb.DecodeResponse]) -> list[int]:
-    return [t for r in responses for t in r.token_ids]
 
 
 async def wait_idle(served, timeout_s: float = 10.0) -> None:

@@ -20,7 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
-from workers_util import WorkerProcess, health_status
+from workers_util import WorkerProcess, health_status, tokens
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
@@ -102,10 +102,6 @@ def decode_with_kv(prompt: list[int], first: pb.PrefillResponse, sampling=GREEDY
     return pb.DecodeRequest(
         prompt_token_ids=prompt, sampling=sampling, kv=first.kv, first_token_id=first.first_token_id
     )
-
-
-def tokens(responses: list[pb.DecodeResponse]) -> list[int]:
-    return [t for r in responses for t in r.token_ids]
 
 
 def metric(worker: WorkerProcess, name: str, **labels: str) -> float:
