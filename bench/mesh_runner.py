@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -49,8 +50,13 @@ if TYPE_CHECKING:
 
 HOST = "127.0.0.1"
 STOP_GRACE_S = 15.0  # idle workers exit at once; this only bounds a stuck one
-FIRST_PORT_OFFSET = 3000  # internal ports: kvstore 53060, prefill 53070+, metrics 12100+, ...
-PORT_OFFSET_STEP = 100
+# `--port-offset` values a bench mesh may take: its ports are fixed bases (9100 and up, 50051 and
+# up) plus the offset, so the highest (pipeline stages, 50200 and up) stays below 65536.
+PORT_OFFSETS = range(1000, 15000)
+PORT_OFFSET_STEP = 300  # wider than either cluster of bases in any plan a bench starts
+# "START-STOP": the offsets this process's meshes keep to (pytest gives each xdist worker a band
+# of its own, so two benchmarks started at once by two test processes never plan one port).
+PORT_OFFSETS_ENV = "SPLITSERVE_BENCH_PORT_OFFSETS"
 # No proxy may see loopback traffic; large KV never crosses this client, token streams only.
 CLIENT_CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
@@ -78,10 +84,25 @@ def _all_ports_free(topology: Topology) -> bool:
     return True
 
 
+def port_offsets() -> range:
+    """The offsets this process may plan a mesh at: $SPLITSERVE_BENCH_PORT_OFFSETS or all."""
+    band = os.environ.get(PORT_OFFSETS_ENV)
+    if not band:
+        return PORT_OFFSETS
+    start, _, stop = band.partition("-")
+    return range(int(start), int(stop))
+
+
 def place(build: Callable[[int], Topology], tries: int = 50) -> Topology:
-    """The first port offset at which every port the topology plans is free right now."""
-    for k in range(tries):
-        topology = build(FIRST_PORT_OFFSET + k * PORT_OFFSET_STEP)
+    """A port offset at which every port the topology plans is free right now.
+
+    Offsets are tried in a random order: two benchmarks started at the same moment must not
+    both find the same first plan free and then race each other to bind it."""
+    band = port_offsets()
+    candidates = list(range(band.start, band.stop, PORT_OFFSET_STEP))
+    random.shuffle(candidates)
+    for offset in candidates[:tries]:
+        topology = build(offset)
         if _all_ports_free(topology):
             return topology
     raise MeshError("no free set of ports for the benchmark's mesh; is another one running?")

@@ -141,6 +141,14 @@ LOADGROUP_BROKEN = (9, 2)  # pytest-xdist 3.8's group tag (a node id suffix) is 
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Benchmarks a test starts plan their meshes inside this worker's port band (tests/ports.py),
+    # as the tests' own meshes do: two workers' meshes never plan the same port.
+    from ports import offset_band
+
+    from splitserve.bench.mesh_runner import PORT_OFFSETS_ENV
+
+    band = offset_band()
+    os.environ[PORT_OFFSETS_ENV] = f"{band.start}-{band.stop}"
     if getattr(config.option, "dist", "no") == "loadgroup" and (
         tuple(pytest.version_tuple[:2]) >= LOADGROUP_BROKEN
     ):

@@ -151,6 +151,23 @@ def test_flag_helpers():
     assert mr.set_flag(args, "--a", "2")[:2] == ["--a", "2"]
 
 
+def test_place_keeps_to_the_band_in_a_random_order(monkeypatch):
+    """Two benchmarks started at once must not both try the same plan first."""
+    monkeypatch.setenv(mr.PORT_OFFSETS_ENV, "2000-5000")
+    assert mr.port_offsets() == range(2000, 5000)
+    monkeypatch.setattr(mr, "_all_ports_free", lambda topology: False)  # every plan is taken
+    orders: set[tuple[int, ...]] = set()
+    for _ in range(6):
+        tried: list[int] = []
+        with pytest.raises(mr.MeshError, match="no free set of ports"):
+            mr.place(tried.append)
+        assert sorted(tried) == list(range(2000, 5000, mr.PORT_OFFSET_STEP))
+        orders.add(tuple(tried))
+    assert len(orders) > 1
+    monkeypatch.delenv(mr.PORT_OFFSETS_ENV)
+    assert mr.port_offsets() == mr.PORT_OFFSETS
+
+
 def test_colocated_topology_has_no_kvstore_and_the_baseline_flags():
     flags = ["--dtype", "float32", "--max-num-batched-tokens", "256"]
     t = mr.colocated_topology(flags)
