@@ -128,6 +128,9 @@ def cpu_kernels_available() -> bool:
         return False
 
 
+INT8_KERNEL_K_ALIGN = 16
+
+
 class Int8Linear(nn.Module):
     """y = x (q * s)^T (+ b), q int8 per output channel. Inference only."""
 
@@ -140,8 +143,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(device), persistent=False)
         self.register_buffer("scale_bf16", scale.to(device, torch.bfloat16), persistent=False)
         self.weight_bytes = q.numel() + 2 * scale.numel()
-        # torch 2.13's kernel reads past the row (a segfault) when K is not a multiple of 8.
-        self.use_kernel = use_kernel and self.in_features % 8 == 0
+        # torch 2.13's kernel needs K to be a multiple of 16: otherwise it reads past the row
+        # (a segfault on AVX2 below 8) or, on AVX-512/AMX CPUs with 2+ rows, gives wrong sums
+        # or segfaults (K=104: both, depending on the row count).
+        self.use_kernel = use_kernel and self.in_features % INT8_KERNEL_K_ALIGN == 0
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 

@@ -46,11 +46,13 @@ def _check_matches(mod: nn.Module, lin: nn.Linear, kernel: bool) -> None:
 
 @pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
     not KERNEL, reason="this torch has no CPU int8/int4 kernels"))])  # fmt: skip
-@pytest.mark.parametrize("n,k", [(64, 96), (40, 104), (33, 20)])
+@pytest.mark.parametrize("n,k", [(64, 96), (40, 104), (33, 20), (48, 72)])
 def test_int8_linear_multiplies_by_its_dequantized_weight(kernel, n, k):
+    # K=104 and 72: multiples of 8, not 16, where torch's kernel fails on AVX-512/AMX CPUs
     lin = _linear(n, k)
     mod = ql.Int8Linear(lin, use_kernel=kernel)
-    _check_matches(mod, lin, kernel and k % 8 == 0)
+    assert mod.use_kernel == (kernel and k % 16 == 0)
+    _check_matches(mod, lin, mod.use_kernel)
     q, scale = ql.quantize_int8(lin.weight)
     assert torch.equal(mod.dequantized(), ql.dequantize_int8(q, scale))
     # symmetric rounding: within half a step of the float weight, scales exact in bfloat16
