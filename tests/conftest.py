@@ -58,6 +58,30 @@ def hf_reference(smollm2_path: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+@pytest.fixture(scope="session")
+def engine_prompts(smollm2_checkpoint: Checkpoint) -> list[list[int]]:
+    """The SmolLM2 engine tests' prompts (tests/hf_golden.py): five chats, three raw texts."""
+    from hf_golden import engine_prompts as make
+
+    return make(smollm2_checkpoint.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def engine_references(
+    request: pytest.FixtureRequest, smollm2_path: str, engine_prompts: list[list[int]]
+) -> list[tuple[list[int], list[float]]]:
+    """transformers' greedy tokens and logprobs for `engine_prompts`: from the golden file when
+    it was made for these weights and versions, else from transformers now (all of them)."""
+    import hf_golden
+    from hf_ref import hf_greedy
+
+    stored = hf_golden.load(smollm2_path, engine_prompts)
+    if stored is not None:
+        return stored
+    model, _ = request.getfixturevalue("hf_reference")
+    return [hf_greedy(model, p, hf_golden.NEW_TOKENS) for p in engine_prompts]
+
+
 def _save_tiny_model(path: str, smollm2_path: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -19,7 +19,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_generate_streams_a_greedy_answer(smollm2_checkpoint, hf_reference):
+def test_generate_streams_a_greedy_answer(smollm2_checkpoint):
     proc = run_cli("generate", "What is the capital of France?", "--max-tokens", "12")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
