@@ -21,6 +21,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+# Before torch loads (OpenMP reads it once), here and in every xdist worker and service the
+# tests start (they inherit it): OpenMP threads sleep between parallel regions instead of
+# spinning. Two xdist workers on 2 cores, each with 2 torch threads plus the meshes they start,
+# spent most of the CPU spinning: the SmolLM2 engine tests took 244 s spinning, 63 s passive.
+# (`splitserve up` does the same for its own processes when they outnumber the cores.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 from models import CHECKPOINT_TINY_HF
 
