@@ -582,7 +582,9 @@ def llama_server(
     binary: str, model: str, threads: int, log_dir: str, settings: ServeSettings, run: ServerRun
 ) -> Iterator[Endpoint]:
     from splitserve.bench.mesh_runner import HOST, http_get
+    from splitserve.launcher.supervisor import child_env
     from splitserve.launcher.up import free_ports
+    from splitserve.services.parent import wrapped
 
     slots, per_slot = llama_context(settings)
     (port,) = free_ports(1)
@@ -601,7 +603,14 @@ def llama_server(
         log.write(" ".join(cmd) + "\n")
         log.flush()
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # through services.parent with the launcher's pid: llama-server dies with this process
+        proc = subprocess.Popen(
+            wrapped(cmd),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env({}),
+        )
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while True:

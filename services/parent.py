@@ -35,3 +35,22 @@ def follow_launcher() -> None:
     if os.getppid() != int(expected):  # it died before we asked: nobody will signal us
         logging.getLogger("splitserve").error("launcher %s is gone; exiting", expected)
         raise SystemExit(1)
+
+
+def exec_following_launcher(argv: list[str]) -> None:
+    """Become `argv` (a program that isn't ours, like llama-server) after asking to die with
+    the launcher: the request survives exec. Never returns."""
+    follow_launcher()
+    os.execvp(argv[0], argv)
+
+
+def wrapped(argv: list[str]) -> list[str]:
+    """`argv` started through this module, so that it dies with the launcher (whose child_env
+    names it) even though it can't call follow_launcher itself."""
+    return [sys.executable, "-m", "splitserve.services.parent", *argv]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m splitserve.services.parent PROGRAM [ARG...]")
+    exec_following_launcher(sys.argv[1:])

@@ -8,7 +8,9 @@ these (`tiny(vocab_size=96, ...)`) instead of writing a new config out.
 - `TINY_HF` / `tiny()`: the smallest Llama (2 layers, hidden 32, vocab 128) as a Hugging Face
   config.json dict and as our `ModelConfig`; the engine, worker and kernel unit tests.
 - `TIED_TINY`: a tied head over vocab 96; the CPU kernel tests.
-- `LAYOUT_TINY`: 4 layers with 2 KV heads, for the TP/PP layouts to split.
+- `LAYOUT_TINY`: 4 layers with 2 KV heads, for the TP/PP layouts to split; `LAYOUT_ENGINE`:
+  the engine settings its layout tests run under (a pool and token budget that force chunking
+  and preemption).
 - `VARIANT_BASE`: config.json fields that the transformers-equivalence suites (engine, TP)
   complete with a variant's architecture fields.
 - `CHECKPOINT_TINY_HF`: the random Llama that `tiny_model_dir` saves with SmolLM2's tokenizer,
@@ -57,6 +59,17 @@ LAYOUT_TINY = tiny(
     num_hidden_layers=4,
     rms_norm_eps=1e-5,
     eos_token_id=None,
+)
+# EngineConfig fields for LAYOUT_TINY's layout tests. Small token budget: long prompts are
+# prefilled in chunks next to running decodes. Small pool: the batch doesn't fit, so the newest
+# requests are preempted and recomputed.
+LAYOUT_ENGINE: dict[str, Any] = dict(
+    num_kv_blocks=24,
+    block_size=4,
+    max_num_batched_tokens=24,
+    attention_backend="torch",
+    seed=5,
+    num_threads=1,
 )
 
 VARIANT_BASE: dict[str, Any] = dict(

@@ -6,22 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import LAYOUT_TINY
+from models import LAYOUT_ENGINE, LAYOUT_TINY
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.executors.build import create_random_engine
 from splitserve.model.kv_quant import QUANTS
 
-BASE = dict(
-    num_kv_blocks=24,
-    block_size=4,
-    max_num_batched_tokens=24,
-    attention_backend="torch",
-    seed=5,
-    num_threads=1,
-    kv_cache_dtype="int8",
-)
+BASE = dict(LAYOUT_ENGINE, kv_cache_dtype="int8")
 PROMPTS = [[(i * 13 + j * 5) % 290 + 3 for j in range(n)] for i, n in enumerate((3, 21, 9))]
 PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 LAYOUTS = {

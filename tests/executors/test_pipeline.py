@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from models import LAYOUT_TINY
+from models import LAYOUT_ENGINE, LAYOUT_TINY
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
@@ -41,16 +41,7 @@ from splitserve.wire.pipeline_codec import tensor_message, wire_bytes
 from splitserve.wire.step_wire import StepWire
 
 TINY = LAYOUT_TINY
-# Small token budget: long prompts are prefilled in chunks next to running decodes. Small
-# pool: the batch doesn't fit, so the newest requests are preempted and recomputed.
-TINY_BASE = dict(
-    num_kv_blocks=24,
-    block_size=4,
-    max_num_batched_tokens=24,
-    attention_backend="torch",
-    seed=5,
-    num_threads=1,
-)
+TINY_BASE = LAYOUT_ENGINE
 TINY_LAYOUTS = {
     "pp2": dict(pipeline_stages=2),
     "pp2-m4": dict(pipeline_stages=2, micro_batches=4),

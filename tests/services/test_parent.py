@@ -76,3 +76,45 @@ def test_a_child_whose_launcher_is_already_gone_exits():
     env = {**os.environ, PARENT_PID_ENV: "1"}  # not our parent: it died before we looked
     done = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
     assert done.returncode == 1
+
+
+def test_a_program_that_is_not_ours_dies_with_the_launcher_too():
+    """llama-server under `bench serve --compare`: started through services.parent's wrapper."""
+    launcher_code = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        from splitserve.launcher.supervisor import child_env
+        from splitserve.services.parent import wrapped
+        proc = subprocess.Popen(wrapped(["sleep", "120"]), env=child_env({}))
+        print(proc.pid, flush=True)
+        time.sleep(120)
+        """
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", launcher_code], stdout=subprocess.PIPE, text=True
+    )
+    assert launcher.stdout is not None
+    child = int(launcher.stdout.readline())
+    deadline = time.monotonic() + 20
+    while _comm(child) != "sleep":  # the wrapper execs the program in the same process
+        assert time.monotonic() < deadline, _comm(child)
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(10)
+    try:
+        assert _gone(child, 20), "the program outlived its SIGKILLed launcher"
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def test_the_wrapper_without_a_program_is_a_one_line_error():
+    done = subprocess.run(
+        [sys.executable, "-m", "splitserve.services.parent"], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and done.stderr.strip().startswith("usage:")
