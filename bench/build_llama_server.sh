@@ -13,13 +13,18 @@
 #   JOBS                     make -j (default 2)
 # Only llama-cpp-python itself is taken as source (--no-binary llama-cpp-python); `:all:` would
 # also build each of its build tools from source just to read its metadata.
-# AMX is off (its kernels need a newer assembler than many distributions ship and a CPU with
-# AMX); GGML_NATIVE=ON tunes for the machine that builds it, like the `blocks` kernels here.
+# GGML_NATIVE=ON tunes for the machine that builds it, like the `blocks` kernels here, but AMX
+# is off: on an AMX machine -march=native turns ggml's AMX kernels on even with GGML_AMX_*=OFF,
+# and they crash in these VMs (SIGSEGV at the first matmul, SIGILL elsewhere), so the compiler
+# is told -mno-amx-* as well (an explicit -mno- wins over -march=native in GCC and clang).
 set -euo pipefail
 CACHE="${SPLITSERVE_LLAMA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/splitserve/llama-server}"
 JOBS="${JOBS:-2}"
 BIN="$CACHE/build/bin/llama-server"
-if [[ -x "$BIN" ]]; then
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# A build made with other flags (an earlier version of this script) is built again.
+STAMP="$CACHE/build/.splitserve-flags"
+if [[ -x "$BIN" && "$(cat "$STAMP" 2>/dev/null)" == "$NO_AMX" ]]; then
   echo "$BIN"
   exit 0
 fi
@@ -39,7 +44,9 @@ if [[ ! -d src ]]; then
 fi
 cmake -S src -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF \
-  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_NATIVE=ON
+  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_NATIVE=ON \
+  -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX"
 cmake --build build --config Release --target llama-server -j "$JOBS"
 test -x "$BIN"
+echo "$NO_AMX" > "$STAMP"
 echo "$BIN"

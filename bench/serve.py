@@ -352,6 +352,7 @@ class ServerRun:
     cells: list[Cell] = field(default_factory=list)
     startup_s: float | None = None
     skipped: str = ""  # why it didn't run
+    failed: str = ""  # it was meant to run and broke (the run exits non-zero)
     # splitserve: each worker's engine step counter, (steps, seconds in steps), from its metrics
     probe: Callable[[], dict[str, tuple[float, float]]] | None = None
 
@@ -661,12 +662,17 @@ def run(args: argparse.Namespace) -> int:
     report.finish(
         args, report_lines(settings, runs, threads), final(runs), doc, partial(plot, runs=runs)
     )
+    broken = [r.name for r in runs if r.failed]
+    if broken:
+        print(f"splitserve: error: {', '.join(broken)} failed (see above)", file=sys.stderr)
+        return 1
     return 0
 
 
 def compare(
     args: argparse.Namespace, settings: ServeSettings, slo: SLO, threads: int
 ) -> list[ServerRun]:
+    from splitserve.bench.mesh_runner import MeshError
     from splitserve.launcher.topology import engine_argv
     from splitserve.model.loader import default_model_path
 
@@ -702,6 +708,12 @@ def compare(
                 run_.skipped = "interrupted"
                 print(f"\ninterrupted during {name}: reporting what was measured", file=sys.stderr)
                 break
+            except (BenchError, MeshError) as exc:
+                # One server that won't start or dies costs its column, not the others'; the
+                # run still ends non-zero (ServerRun.failed).
+                run_.skipped = run_.failed = " ".join(str(exc).split())[:300]
+                run_.cells = []
+                print(f"{name} failed: {run_.failed}", file=sys.stderr)
     return runs
 
 

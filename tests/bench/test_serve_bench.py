@@ -276,3 +276,24 @@ def test_quick_compare_against_a_real_colocated_mesh(tiny_model_dir, tmp_path, c
     second = [r["prompt_tokens"] for r in chat if r["turn"] == 1]
     assert len(first) == len(second) == 4 and min(second) > max(first)
     assert png.stat().st_size > 0
+
+
+def test_a_peer_that_crashes_at_startup_fails_the_run_but_is_reported(
+    smollm2_path, tmp_path, capsys
+):
+    """A llama-server that answers --version and then dies at startup (as an AMX build did
+    on an AMX machine): its column says why, the JSON is written, and the exit is non-zero."""
+    fake = tmp_path / "llama-server"
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "version: 0 (fake)" && exit 0\n'
+                    "echo crashed >&2\nexit 3\n")  # fmt: skip
+    fake.chmod(0o755)
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--compare", "--servers", "llama-server", "--quick",
+            "--llama-server", str(fake), "--model", smollm2_path, "--json", str(out)]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    assert args.run(args) == 1
+    err = capsys.readouterr().err
+    assert "llama-server failed: llama-server exited with status 3 at startup" in err
+    assert err.strip().splitlines()[-1] == "splitserve: error: llama-server failed (see above)"
+    run = json.loads(out.read_text())["servers"]["llama-server"]
+    assert run["skipped"].startswith("llama-server exited with status 3") and run["cells"] == []
