@@ -26,11 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         help="deadline for pulling a prompt's KV (plus 1 s per 64 MiB); past it, recompute",
     )
+    parser.add_argument(
+        "--kv-reserve-wait-s",
+        type=float,
+        default=10.0,
+        help="how long a remotely prefilled prompt waits for free KV blocks here before it is "
+        "recomputed here instead (queued like any prompt); never refused (default: 10)",
+    )
 
 
 def build(args: argparse.Namespace) -> Build:
     def make(worker: Worker, server: ServiceServer) -> DecodeServicer:
-        servicer = DecodeServicer(worker, pull_timeout_s=args.kv_pull_timeout_s)
+        servicer = DecodeServicer(
+            worker,
+            pull_timeout_s=args.kv_pull_timeout_s,
+            reserve_wait_s=args.kv_reserve_wait_s,
+        )
         rpc.add_DecodeServicer_to_server(servicer, server.grpc)
         return servicer
 

@@ -150,20 +150,50 @@ async def test_kv_from_a_differently_shaped_cache_is_rejected_before_allocation(
 
 
 @pytest.mark.asyncio
-async def test_no_blocks_for_the_kv_is_resource_exhausted():
+async def test_a_full_pool_waits_for_blocks_then_adopts_the_kv():
     async with (
         running(serve_prefill(tiny_engine())) as pre,
         running(serve_decode(tiny_engine(num_blocks=8))) as dec,
         aio_channel(dec.address) as channel,
     ):
-        first = await prefill(pre.address)  # 22 tokens: 6 blocks of 4
+        first = await prefill(pre.address)  # 22 tokens: 6 blocks of 4, only 5 free
         held = await dec.worker.engine.reserve_prefilled("hog", prompt(12), SamplingParams())
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await generate(rpc.DecodeStub(channel), with_kv(first))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        call = asyncio.ensure_future(generate(rpc.DecodeStub(channel), with_kv(first)))
+        await asyncio.sleep(0.3)
+        assert not call.done()  # waiting for blocks, not refused
+        held.close()  # a running request ends and frees its blocks
+        assert tokens(await call) == expected()
+        assert dec.worker.metrics.value("kv_transfer_bytes_total", direction="received") > 0
+        assert dec.worker.metrics.value("kv_transfer_fallbacks_total") == 0
+        assert len(pre.servicer.leases) == 0
+        await asyncio.sleep(0.05)
+        assert_idle(dec)
+
+
+@pytest.mark.asyncio
+async def test_a_pool_that_stays_full_recomputes_the_prompt_here():
+    async with (
+        running(serve_prefill(tiny_engine())) as pre,
+        running(serve_decode(tiny_engine(num_blocks=8), reserve_wait_s=0.2)) as dec,
+        aio_channel(dec.address) as channel,
+    ):
+        first = await prefill(pre.address)
+        held = await dec.worker.engine.reserve_prefilled("hog", prompt(12), SamplingParams())
+        call = asyncio.ensure_future(generate(rpc.DecodeStub(channel), with_kv(first)))
+        for _ in range(200):  # past the wait: the remote KV is let go, the prompt queued here
+            if dec.worker.metrics.value("kv_transfer_fallbacks_total") == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert dec.worker.metrics.value("kv_transfer_fallbacks_total") == 1
+        assert not call.done()  # queued in the engine until blocks free, never refused
         held.close()
-        assert len(pre.servicer.leases) == 1  # still there for a retry elsewhere
-        assert tokens(await generate(rpc.DecodeStub(channel), with_kv(first))) == expected()
+        assert tokens(await call) == expected()
+        assert dec.worker.metrics.value("kv_transfer_bytes_total", direction="received") == 0
+        for _ in range(100):  # the release reaches the prefill worker asynchronously
+            if not pre.servicer.leases:
+                break
+            await asyncio.sleep(0.02)
+        assert len(pre.servicer.leases) == 0
         await asyncio.sleep(0.05)
         assert_idle(dec)
 
