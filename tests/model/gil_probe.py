@@ -4,6 +4,8 @@ import sys
 import threading
 import time
 
+REPEAT_S = 1.0  # half the switch interval below
+
 
 def ticks_during(call) -> int:
     """How many times another Python thread got to count while `call()` ran.
@@ -11,8 +13,10 @@ def ticks_during(call) -> int:
     The counter waits on an event that is set just before the call, and the switch interval is
     made long, so it can only get the GIL during the call if the call releases it: a call that
     holds the GIL gives 0, exactly, because the counter is told to stop before the interpreter
-    would ever force a switch. Calls too short for the counter to wake up in may read 0 too:
-    repeat them inside `call`."""
+    would ever force a switch. A call too short for the counter to wake up in (the OS may not
+    run it at once on a busy machine) is made again until the counter has ticked or
+    REPEAT_S has passed, well inside the switch interval, so a call that holds the GIL still
+    gives 0."""
     go, stop = threading.Event(), [False]
     ticks = [0]
 
@@ -29,7 +33,10 @@ def ticks_during(call) -> int:
     try:
         counter.start()
         go.set()
+        end = time.monotonic() + REPEAT_S
         call()
+        while ticks[0] == 0 and time.monotonic() < end:
+            call()
         stop[0] = True
     finally:
         stop[0] = True
