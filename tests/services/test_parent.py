@@ -47,19 +47,24 @@ def _gone(pid: int, within_s: float) -> bool:
     return True
 
 
+def _gone_with(launcher: subprocess.Popen, child: int) -> bool:
+    """SIGKILL the launcher; did `child` go within 20 s? (Killed here if not.)"""
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(10)
+    try:
+        return _gone(child, 20)
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_a_child_dies_when_its_launcher_is_sigkilled():
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, text=True)
     assert launcher.stdout is not None
     child = int(launcher.stdout.readline())
     assert launcher.stdout.readline().split() == ["grandchild", "env", "None"]  # not passed on
     assert not _gone(child, 0.5)  # alive while the launcher is
-    launcher.send_signal(signal.SIGKILL)
-    launcher.wait(10)
-    try:
-        assert _gone(child, 20), "the child outlived its SIGKILLed launcher"
-    finally:
-        if _running(child):
-            os.kill(child, signal.SIGKILL)
+    assert _gone_with(launcher, child), "the child outlived its SIGKILLed launcher"
 
 
 def test_only_the_main_thread_asks_for_it():
@@ -99,13 +104,7 @@ def test_a_program_that_is_not_ours_dies_with_the_launcher_too():
     while _comm(child) != "sleep":  # the wrapper execs the program in the same process
         assert time.monotonic() < deadline, _comm(child)
         time.sleep(0.05)
-    launcher.send_signal(signal.SIGKILL)
-    launcher.wait(10)
-    try:
-        assert _gone(child, 20), "the program outlived its SIGKILLed launcher"
-    finally:
-        if _running(child):
-            os.kill(child, signal.SIGKILL)
+    assert _gone_with(launcher, child), "the program outlived its SIGKILLed launcher"
 
 
 def _comm(pid: int) -> str:
