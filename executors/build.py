@@ -35,25 +35,7 @@ def create_engine(config: EngineConfig, checkpoint: Checkpoint | None = None) ->
     ckpt = checkpoint or open_checkpoint(config.model)
     config = resolve_quantization(config, ckpt)
     runner = ModelRunner(ckpt.config, config, ckpt.refs(), ckpt.num_tensors)
-    release_load_memory()
     return LLMEngine(config, ckpt.config, runner, ckpt.tokenizer, model_id=ckpt.config.name)
-
-
-def release_load_memory() -> bool:
-    """Give the heap that loading freed back to the OS (glibc keeps it otherwise).
-
-    Reading and repacking a checkpoint frees as much as it keeps; glibc holds on to freed
-    pages for reuse, so a worker's resident size carried the load's garbage for its whole
-    life: ~90 MiB of 610 for SmolLM2 (Q4_1) with a 64 MiB KV pool, measured. False where
-    there is no glibc `malloc_trim` (musl, macOS): nothing to do there."""
-    import ctypes
-
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return False
-    trim(0)
-    return True
 
 
 def create_random_engine(model_config: ModelConfig, config: EngineConfig) -> LLMEngine:

@@ -1,4 +1,4 @@
-"""create_engine gives the heap that loading freed back to the OS (release_load_memory)."""
+"""Loading a model shard gives the heap that loading freed back to the OS (release_load_memory)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import textwrap
 # but the last, which pins the heap's top so that free() can't shrink it by itself.
 PROBE = textwrap.dedent(
     """
-    from splitserve.executors.build import release_load_memory
+    from splitserve.executors.shard import release_load_memory
 
     def rss_mib():
         status = open("/proc/self/status").read()
