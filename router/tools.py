@@ -19,9 +19,13 @@ of the tools (or the named one) and the arguments matching that tool's `paramete
 parses. `"auto"` leaves the output free and parses `<tool_call>` blocks (or a
 bare call object) out of it; `"none"` leaves tools out of the prompt entirely.
 
-Output. The calls come back as `message.tool_calls` (`finish_reason: "tool_calls"`); streamed,
-the text of a request with tools is held back and the calls (or the text, if it held none)
-come as one delta at the end, each call with its index, id, name and whole arguments.
+Output. The calls come back as `message.tool_calls` (`finish_reason: "tool_calls"`), with any
+text outside them as `content`. Streamed, as OpenAI streams them: a call's first delta carries
+its index, id, type and name once the name has been generated (and is one of the tools), the
+next ones `{"index", "function": {"arguments": <fragment>}}` as the arguments are generated;
+text that turns out to be no call streams as content. `ToolCallParser` does both, so the
+fragments of a stream add up to exactly the non-streamed call. Over gRPC the calls come whole on
+a choice's last message (`GenerateResponse.tool_calls`), parsed the same way.
 """
 
 from __future__ import annotations
@@ -222,29 +226,376 @@ def _system_prompt(req: ToolsRequest) -> str:
 
 
 # ---- responses ----------------------------------------------------------------------------
+_TAG_OPEN, _TAG_CLOSE = "<tool_call>", "</tool_call>"
+_ARGUMENT_KEYS = ("arguments", "parameters")  # some models write the latter
+
+
+@dataclass
+class OutputDelta:
+    """What a piece of a choice's output adds: content text, and `tool_calls` entries in the
+    shape of OpenAI's stream deltas (a call's first entry has its id, type and name)."""
+
+    content: str = ""
+    tool_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def merge(self, other: OutputDelta) -> OutputDelta:
+        self.content += other.content
+        for entry in other.tool_calls:
+            self.add(entry["index"], entry)
+        return self
+
+    def add(self, index: int, entry: dict[str, Any]) -> None:
+        last = self.tool_calls[-1] if self.tool_calls else None
+        if last is not None and last["index"] == index:  # one entry per call per delta
+            last["function"]["arguments"] += entry["function"]["arguments"]
+        else:
+            self.tool_calls.append(entry)
+
+
+_TOOK, _REREAD, _REJECT, _STOP = range(4)
+
+
+class _Value:
+    """Where one JSON value ends, a character at a time (strings and nesting respected)."""
+
+    GOES_ON, LAST, ENDED_BEFORE, BAD = range(4)
+
+    def __init__(self) -> None:
+        self.kind = ""  # "container" | "string" | "primitive"
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def push(self, c: str) -> int:
+        if not self.kind:
+            if c in "{[":
+                self.kind, self.depth = "container", 1
+            elif c == '"':
+                self.kind, self.in_string = "string", True
+            elif c == "-" or c.isdigit() or c in "tfn":
+                self.kind = "primitive"
+            else:
+                return self.BAD
+            return self.GOES_ON
+        if self.kind == "primitive":
+            return self.GOES_ON if c.isalnum() or c in "+-." else self.ENDED_BEFORE
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif c == "\\":
+                self.escaped = True
+            elif c == '"':
+                self.in_string = False
+                if self.kind == "string":
+                    return self.LAST
+            return self.GOES_ON
+        if c == '"':
+            self.in_string = True
+        elif c in "{[":
+            self.depth += 1
+        elif c in "}]":
+            self.depth -= 1
+            if self.depth == 0:
+                return self.LAST
+        return self.GOES_ON
+
+
+class ToolCallParser:
+    """A choice's output, fed as it is generated, split into content and tool calls.
+
+        parser = ToolCallParser(req)
+        for text in deltas:
+            out = parser.feed(text)      # OutputDelta: content, tool_calls entries
+        out = parser.close()             # the end of the output
+        parser.calls                     # every call, whole (OpenAI's tool_calls shape)
+
+    A call is a JSON object `{"name": ..., "arguments": ...}` (or "parameters") inside a
+    `<tool_call>` block anywhere in the output, or bare at its start (the whole output under
+    `required` / a named function). It becomes a call once its name is read and is one of the
+    request's tools: from then on its arguments stream as they come, as the raw JSON text the
+    model wrote (so a stream's fragments add up to exactly the non-streamed `arguments`; no
+    arguments key: "{}"). Until then the candidate's text is held back, and whatever turns out
+    not to be a call (an unknown name, not an object, not JSON) is content after all, exactly as
+    written. Also held back: the end of the content while it could be the start of a
+    `<tool_call>` tag, and trailing whitespace (dropped before a call, after one, and at the
+    end of an output that made calls). A call the output ends inside (max_tokens) keeps the
+    arguments it has, as OpenAI's do.
+    """
+
+    def __init__(self, req: ToolsRequest) -> None:
+        self._names = {t.name for t in req.tools}
+        self.calls: list[dict[str, Any]] = []
+        self._buf = ""  # text not looked at yet, or not decided
+        self._mode = "start"  # start | content | tag_open | object | tag_close
+        self._ws = ""  # content's trailing whitespace, held
+        self._after_call = False  # drop the whitespace that follows a call
+        self._out = OutputDelta()
+        self._reset_object("", tagged=False)
+
+    # ---- public -----------------------------------------------------------------------------
+    def feed(self, text: str) -> OutputDelta:
+        self._buf += text
+        while self._buf and self._step():
+            pass
+        return self._take()
+
+    def close(self) -> OutputDelta:
+        rest, self._buf = self._buf, ""
+        if self._mode == "object" and self._started:
+            self._end_call()
+        elif self._mode in ("tag_open", "object"):
+            self._content(self._held + rest)
+        elif self._mode != "tag_close":
+            self._content(rest)
+        if not self.calls:
+            self._out.content += self._ws
+        self._ws = ""
+        self._mode = "closed"
+        return self._take()
+
+    # ---- modes ------------------------------------------------------------------------------
+    def _step(self) -> bool:
+        """Moves on as far as the buffer allows; False: more text is needed."""
+        if self._mode == "start":  # a bare call object may open the output
+            body = self._buf.lstrip()
+            if not body:
+                return False
+            if body[0] == "{":
+                self._reset_object(self._buf[: len(self._buf) - len(body)], tagged=False)
+                self._buf = body
+                self._mode = "object"
+            else:
+                self._mode = "content"
+            return True
+        if self._mode == "content":
+            return self._scan_content()
+        if self._mode == "tag_open":
+            body = self._buf.lstrip()
+            self._held += self._buf[: len(self._buf) - len(body)]
+            self._buf = body
+            if not body:
+                return False
+            if body[0] == "{":
+                self._mode = "object"
+            else:
+                self._fail()
+            return True
+        if self._mode == "tag_close":  # "</tool_call>" after the call's object, if it is there
+            body = self._buf.lstrip()
+            self._buf = body
+            if len(body) < len(_TAG_CLOSE) and _TAG_CLOSE.startswith(body):
+                return False  # empty, or the tag's start: wait
+            if body.startswith(_TAG_CLOSE):
+                self._buf = body[len(_TAG_CLOSE) :]
+            self._mode = "content"
+            return True
+        return self._scan_object()
+
+    def _scan_content(self) -> bool:
+        at = self._buf.find(_TAG_OPEN)
+        if at >= 0:
+            self._content(self._buf[:at])
+            self._reset_object(_TAG_OPEN, tagged=True)
+            self._buf = self._buf[at + len(_TAG_OPEN) :]
+            self._mode = "tag_open"
+            return True
+        keep = _partial_suffix(self._buf, _TAG_OPEN)
+        self._content(self._buf[: len(self._buf) - keep])
+        self._buf = self._buf[len(self._buf) - keep :]
+        return False
+
+    def _content(self, text: str) -> None:
+        if self._after_call:
+            text = text.lstrip()
+            if not text:
+                return
+            self._after_call = False
+        body = text.rstrip()
+        if body:
+            self._out.content += self._ws + body
+            self._ws = text[len(body) :]
+        else:
+            self._ws += text
+
+    # ---- the call object --------------------------------------------------------------------
+    def _reset_object(self, held: str, tagged: bool) -> None:
+        self._held = held  # the candidate's text so far: content again if it is no call
+        self._tagged = tagged
+        self._phase = "open"
+        self._key = ""  # the current key's raw JSON, then its value's role
+        self._value: _Value | None = None
+        self._name_raw = ""
+        self._args_pending = ""  # arguments read before the name
+        self._args_seen = False
+        self._started = False
+        self._sink = ""  # "name" | "args" | "skip"
+
+    def _scan_object(self) -> bool:
+        buf, i = self._buf, 0
+        while i < len(buf):
+            took = self._object_char(buf[i])
+            if took == _REREAD:  # a number ended just before this character: look again
+                continue
+            if took == _REJECT:  # the character can't go on the candidate: content again
+                self._buf = buf[i:]
+                self._fail()
+                return True
+            if took == _STOP:  # it did, and showed the candidate is no call
+                self._buf = buf[i + 1 :]
+                self._fail()
+                return True
+            i += 1
+            if self._phase == "done":
+                self._buf = buf[i:]
+                self._end_call()
+                return True
+        self._buf = ""
+        return False
+
+    def _object_char(self, c: str) -> int:
+        """Takes one character of the candidate object: _TOOK, _REREAD (a value ended before
+        it; the object goes on), _REJECT (not the object's), _STOP (taken; no call after all)."""
+        phase = self._phase
+        if phase == "value_start" and not c.isspace():
+            self._phase = "value"
+            self._start_value()
+        if self._phase == "value":
+            return self._value_char(c)
+        if phase == "key":
+            self._key += c
+            if c == '"' and _closes_string(self._key):
+                self._phase = "colon"
+        elif phase == "open":  # the "{" itself
+            self._phase = "key_or_end"
+        elif c.isspace():
+            pass
+        elif phase == "key_or_end" and c == '"':
+            self._phase, self._key = "key", c
+        elif phase in ("key_or_end", "after_value") and c == "}":
+            if not self._started:
+                return _REJECT
+            self._phase = "done"
+        elif phase == "colon" and c == ":":
+            self._phase = "value_start"
+        elif phase == "after_value" and c == ",":
+            self._phase = "key_or_end"
+        else:
+            return _REJECT
+        self._held += c
+        return _TOOK
+
+    def _key_name(self) -> str | None:
+        try:
+            key = json.loads(self._key)
+        except ValueError:
+            return None
+        return key if isinstance(key, str) else None
+
+    def _start_value(self) -> None:
+        key = self._key_name()
+        self._value = _Value()
+        if key == "name" and not self._name_raw:
+            self._sink = "name"
+        elif key in _ARGUMENT_KEYS and not self._args_seen:
+            self._sink, self._args_seen = "args", True
+        else:
+            self._sink = "skip"
+
+    def _value_char(self, c: str) -> int:
+        assert self._value is not None
+        status = self._value.push(c)
+        if status == _Value.BAD or (self._sink == "name" and self._value.kind != "string"):
+            return _REJECT
+        if status == _Value.ENDED_BEFORE:  # only numbers and literals: never the name
+            self._phase = "after_value"
+            return _REREAD
+        self._held += c
+        if self._sink == "name":
+            self._name_raw += c
+        elif self._sink == "args":
+            if self._started:
+                self._args(c)
+            else:
+                self._args_pending += c
+        if status == _Value.LAST:
+            self._phase = "after_value"
+            if self._sink == "name" and not self._started:
+                name = _loads(self._name_raw)
+                if name not in self._names:
+                    return _STOP
+                self._start_call(name)
+        return _TOOK
+
+    # ---- calls ------------------------------------------------------------------------------
+    def _start_call(self, name: str) -> None:
+        self._started = True
+        self._ws = ""  # whitespace before a call is no content
+        index = len(self.calls)
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        self.calls.append(
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        )
+        entry = {"index": index, "id": call_id, "type": "function"}
+        self._out.add(index, {**entry, "function": {"name": name, "arguments": ""}})
+        pending, self._args_pending = self._args_pending, ""
+        if pending:
+            self._args(pending)
+
+    def _args(self, text: str) -> None:
+        index = len(self.calls) - 1
+        self.calls[index]["function"]["arguments"] += text
+        self._out.add(index, {"index": index, "function": {"arguments": text}})
+
+    def _end_call(self) -> None:
+        if not self._args_seen:
+            self._args("{}")
+        self._mode = "tag_close" if self._tagged else "content"
+        self._after_call = True
+        self._reset_object("", tagged=False)
+
+    def _fail(self) -> None:
+        """The candidate is no call (or, once started, the call ends where its text stops
+        making sense); what is left in the buffer is content again."""
+        if self._started:
+            self._end_call()
+            self._mode = "content"
+            return
+        held = self._held
+        self._reset_object("", tagged=False)
+        self._mode = "content"
+        self._content(held)
+
+    def _take(self) -> OutputDelta:
+        out, self._out = self._out, OutputDelta()
+        return out
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """How many of `text`'s last characters could be the start of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _closes_string(raw: str) -> bool:
+    """Whether the quote that ends `raw` (a JSON string being read) closes it: it does unless
+    an odd run of backslashes comes before it."""
+    body = raw[:-1]
+    return (len(body) - len(body.rstrip("\\"))) % 2 == 0
+
+
+def parse_output(text: str, req: ToolsRequest) -> tuple[str, list[dict[str, Any]]]:
+    """A whole output's content and OpenAI `tool_calls` entries ([] when it holds none): what
+    a stream of it adds up to."""
+    parser = ToolCallParser(req)
+    out = parser.feed(text).merge(parser.close())
+    return out.content, parser.calls
+
+
 def parse_calls(text: str, req: ToolsRequest) -> list[dict[str, Any]]:
     """OpenAI `tool_calls` entries found in the output; [] when it holds none."""
-    names = {t.name for t in req.tools}
-    found: list[Any] = []
-    if req.constrained:
-        found = [_loads(text)]
-    else:
-        found = [_loads(b) for b in _CALL_BLOCK.findall(text)]
-        if not found:
-            found = [_loads(text.strip())]
-    calls = []
-    for obj in found:
-        if not isinstance(obj, dict) or obj.get("name") not in names:
-            continue
-        args = json.dumps(obj.get("arguments", obj.get("parameters", {})), ensure_ascii=False)
-        calls.append(
-            {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {"name": obj["name"], "arguments": args},
-            }
-        )
-    return calls
+    return parse_output(text, req)[1]
 
 
 def _loads(text: str) -> Any:
@@ -256,12 +607,13 @@ def _loads(text: str) -> Any:
 
 class ToolFormatter:
     """Wraps an endpoint's Formatter for a chat request with tools: calls parsed out of each
-    choice's text, in whole responses and in streams (the text held back until the end)."""
+    choice's text (ToolCallParser), in whole responses and in streams, where a call's
+    arguments stream as fragments once its name is known, and content as content."""
 
     def __init__(self, inner: Any, req: ToolsRequest) -> None:
         self.inner = inner
         self.req = req
-        self._texts: dict[int, str] = {}
+        self._parsers: dict[int, ToolCallParser] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -270,31 +622,32 @@ class ToolFormatter:
         body = self.inner.response(*args, **kwargs)
         for choice in body["choices"]:
             message = choice["message"]
-            calls = parse_calls(message.get("content") or "", self.req)
+            content, calls = parse_output(message.get("content") or "", self.req)
             if calls:
-                message["content"] = None
+                message["content"] = content or None
                 message["tool_calls"] = calls
-                choice["finish_reason"] = "tool_calls"
+                choice["finish_reason"] = _finish(choice["finish_reason"])
         return body
 
     def chunk(self, delta: GenerationDelta) -> dict[str, Any]:
-        index = getattr(delta, "index", 0)
-        self._texts[index] = self._texts.get(index, "") + delta.text
-        finish = delta.finish_reason
-        out = self.inner.chunk(dataclasses.replace(delta, text=""))
-        if finish is None:
-            return out
-        text = self._texts.pop(index, "")
-        calls = parse_calls(text, self.req)
-        choice = out["choices"][0]
-        if calls:
-            choice["delta"] = {
-                "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)],
-            }
-            choice["finish_reason"] = "tool_calls"
-        elif text:
-            choice["delta"] = {"content": text}
-        return out
+        index = delta.index
+        parser = self._parsers.setdefault(index, ToolCallParser(self.req))
+        out = parser.feed(delta.text)
+        if delta.finish_reason is not None:
+            out.merge(parser.close())
+            del self._parsers[index]
+        chunk = self.inner.chunk(dataclasses.replace(delta, text=out.content))
+        choice = chunk["choices"][0]
+        if out.tool_calls:
+            choice["delta"]["tool_calls"] = out.tool_calls
+        if delta.finish_reason is not None and parser.calls:
+            choice["finish_reason"] = _finish(choice["finish_reason"])
+        return chunk
+
+
+def _finish(reason: str | None) -> str | None:
+    """A choice that made calls ends with "tool_calls", unless it was cut off (length, abort)."""
+    return "tool_calls" if reason == "stop" else reason
 
 
 def with_tools(formatter: Any, req: ToolsRequest | None) -> Any:

@@ -4,17 +4,22 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from splitserve.router.errors import RequestValidationError
 from splitserve.router.generation import GenerationDelta
 from splitserve.router.openai_protocol import Accumulator, Formatter, parse_chat
 from splitserve.router.structured import parse_guided
 from splitserve.router.tools import (
+    ToolCallParser,
     ToolFormatter,
     guided_for,
     parse_calls,
+    parse_output,
     parse_tools,
     render_messages,
 )
@@ -138,11 +143,121 @@ def test_the_formatter_turns_text_into_tool_calls_whole_and_streamed() -> None:
     assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"a": 5}
     fmt = ToolFormatter(Formatter(True, "id", "m", None), req)
     first = fmt.chunk(GenerationDelta("id", [1], text[:10]))
-    assert first["choices"][0]["delta"] == {}  # held back
+    assert first["choices"][0]["delta"] == {}  # held back: no name yet
     last = fmt.chunk(GenerationDelta("id", [2], text[10:], finish_reason="stop"))["choices"][0]
     assert last["finish_reason"] == "tool_calls"
     (delta,) = last["delta"]["tool_calls"]
-    assert delta["index"] == 0 and delta["function"]["name"] == "add"
+    assert delta["index"] == 0 and delta["function"] == {"name": "add", "arguments": '{"a": 5}'}
+
+
+# Outputs a model may write, each fed to the parser whole and in pieces of every size.
+OUTPUTS = [
+    'Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>',
+    '{"name":"add","arguments":{"a":5}}',
+    '  {"arguments": {"a": 1, "b": "x\\"}{"}, "name": "add"}',  # arguments first; } in a string
+    '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "noop"}\n</tool_call>\n',
+    '<tool_call>{"name": "add", "arguments": {"a": 1',  # cut off by max_tokens
+    '{"name": "a\\u0064d", "parameters": 5 }',
+    # Not calls: content, exactly as written.
+    "just text with { braces } and <tool stuff",
+    '{"answer": 42, "x": [1, 2, {"y": "}"}]}',
+    '{"name": "unknown", "arguments": {}} trailing',
+    "text <tool_call> not json </tool_call> more",
+    "\n\nHello\n\n",
+    "ends with <tool_call",
+    '{"name"',
+]
+EXPECTED = [
+    ("Sure.", [("add", '{"a": 2}')]),
+    ("", [("add", '{"a":5}')]),
+    ("", [("add", '{"a": 1, "b": "x\\"}{"}')]),
+    ("", [("add", '{"a": 1}'), ("noop", "{}")]),
+    ("", [("add", '{"a": 1')]),
+    ("", [("add", "5")]),
+]
+
+
+def _in_pieces(parser: ToolCallParser, text: str, rng: random.Random) -> tuple[str, list]:
+    """Feeds `text` in random pieces; the content and the calls its deltas add up to, each
+    call's entries checked to have OpenAI's stream shape."""
+    pieces, i = [], 0
+    while i < len(text):
+        n = rng.randint(1, 4)
+        pieces.append(text[i : i + n])
+        i += n
+    content, calls = "", {}
+    for out in [*(parser.feed(p) for p in pieces), parser.close()]:
+        content += out.content
+        for entry in out.tool_calls:
+            if entry["index"] not in calls:  # a call's first entry: id, type, name
+                assert entry["type"] == "function" and entry["id"].startswith("call_")
+                calls[entry["index"]] = [entry["function"]["name"], ""]
+            else:
+                assert set(entry) == {"index", "function"} and set(entry["function"]) == {
+                    "arguments"
+                }
+            calls[entry["index"]][1] += entry["function"]["arguments"]
+    return content, [tuple(calls[i]) for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("index", range(len(OUTPUTS)))
+def test_calls_and_content_streamed_in_pieces_add_up_to_the_whole(index: int) -> None:
+    text = OUTPUTS[index]
+    req = parse_tools([TOOL, OTHER], "auto")
+    assert req is not None
+    content, calls = parse_output(text, req)
+    whole = (content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls])
+    assert whole == (EXPECTED[index] if index < len(EXPECTED) else (text, []))
+    rng = random.Random(index)
+    for _ in range(50):
+        assert _in_pieces(ToolCallParser(req), text, rng) == whole
+
+
+def test_a_stream_sends_the_call_as_argument_fragments_the_openai_client_puts_together() -> None:
+    """Token-sized deltas through the formatter: the name first (arguments ""), then the
+    arguments in fragments; the openai package's ChatCompletionStreamState accumulates them
+    into the non-streamed response's call. Text that is no call streams as content."""
+    req = parse_tools([TOOL, OTHER], {"type": "function", "function": {"name": "add"}})
+    assert req is not None
+    tokens = ['{"', "name", '":"', "add", '","', "arguments", '":{"', "a", '":', "12", "}}"]
+    text = "".join(tokens)
+    acc = Accumulator()
+    acc.add(GenerationDelta("id", [1], text, finish_reason="stop"))
+    whole = ToolFormatter(Formatter(True, "id", "m", None), req).response(acc)["choices"][0]
+    (call,) = whole["message"]["tool_calls"]
+    assert call["function"] == {"name": "add", "arguments": '{"a":12}'}
+
+    fmt = ToolFormatter(Formatter(True, "id", "m", None), req)
+    chunks = [fmt.first_chunk(0)]
+    for i, token in enumerate(tokens):
+        finish = "stop" if i == len(tokens) - 1 else None
+        chunks.append(fmt.chunk(GenerationDelta("id", [i], token, finish_reason=finish)))
+    entries = [e for c in chunks for e in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert entries[0]["function"] == {"name": "add", "arguments": ""}  # once "add" closed
+    assert entries[0]["id"] and entries[0]["type"] == "function"
+    fragments = [e["function"]["arguments"] for e in entries[1:]]
+    assert all(set(e) == {"index", "function"} for e in entries[1:])
+    assert len(fragments) >= 4 and "".join(fragments) == '{"a":12}'
+    state = ChatCompletionStreamState(input_tools=[TOOL, OTHER])
+    for chunk in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    final = state.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls" and not final.message.content
+    (streamed,) = final.message.tool_calls
+    assert (streamed.function.name, streamed.function.arguments) == ("add", '{"a":12}')
+
+    # Not a call (auto, an unknown name): every character comes back as content.
+    auto = parse_tools([TOOL], "auto")
+    assert auto is not None
+    fmt = ToolFormatter(Formatter(True, "id", "m", None), auto)
+    text = '{"name": "other", "x": 1} and <tool_ca'
+    out = [fmt.chunk(GenerationDelta("id", [i], ch)) for i, ch in enumerate(text)]
+    out.append(fmt.chunk(GenerationDelta("id", [99], "", finish_reason="stop")))
+    deltas = [c["choices"][0]["delta"] for c in out]
+    assert "".join(d.get("content", "") for d in deltas) == text
+    assert not any("tool_calls" in d for d in deltas)
+    assert out[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 @pytest.mark.parametrize(
