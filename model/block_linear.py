@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,8 +28,20 @@ log = logging.getLogger("splitserve")
 
 BLOCK = 32  # inputs per quantization block
 TILE = 16  # output columns per packed tile
-Q4_1, Q8_0 = 0, 1
-FORMAT_NAMES = {Q4_1: "Q4_1", Q8_0: "Q8_0"}
+# The kernel's formats (block_linear.cpp has their layouts); Q4_0 and Q5_0 travel as Q4_1/Q5_1.
+Q4_1, Q8_0, Q5_1, Q4_K, Q5_K, Q6_K = range(6)
+FORMAT_NAMES = {Q4_1: "Q4_1", Q8_0: "Q8_0", Q5_1: "Q5_1", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+TILE_BYTES = {Q4_1: 320, Q8_0: 544, Q5_1: 384, Q4_K: 352, Q5_K: 416, Q6_K: 448}
+# per-block fields in the order a tile stores them (float16 scales, integer sub-scales)
+HEADER_FIELDS = {
+    Q4_1: ("d", "m"),
+    Q8_0: ("d",),
+    Q5_1: ("d", "m"),
+    Q4_K: ("d", "dmin", "sc", "mn"),
+    Q5_K: ("d", "dmin", "sc", "mn"),
+    Q6_K: ("d", "sc"),
+}
+PLANES = {Q4_1: (), Q8_0: (), Q5_1: (4,), Q4_K: (), Q5_K: (4,), Q6_K: (4, 5)}
 # fp16 steps tried around the first guess of a block's scale; more never helped on real files.
 _SCALE_STEPS = (0, 1, -1, 2, -2)
 
@@ -44,6 +57,16 @@ def load_kernel():
         "block_linear.cpp",
         KERNEL_FLAGS,
         "C++ block-quantized linear kernel",
+    )
+
+
+def load_portable_kernel():
+    """The same kernel built without AVX-512: what a CPU without it runs (tests use it)."""
+    return cpp_ext.build(
+        "splitserve_block_linear_portable",
+        "block_linear.cpp",
+        [*KERNEL_FLAGS, "-mno-avx512f"],
+        "portable block kernel",
     )
 
 
@@ -137,64 +160,106 @@ def _tiles(x: torch.Tensor, n_pad: int) -> torch.Tensor:
     return x.reshape(n_pad // TILE, TILE, *x.shape[1:]).transpose(1, 2)
 
 
-def pack(fmt: int, weight: torch.Tensor) -> torch.Tensor | None:
-    """The kernel's tile layout (see block_linear.cpp) for an exactly encodable weight."""
-    n, k = weight.shape
+def _plane(q: torch.Tensor, bit: int) -> torch.Tensor:
+    """Bit `bit` of tiled codes (T, B, 16 col, 32 input) as 32 uint16 masks per tile and
+    block, bit c of mask r = that bit of column c's code at input r."""
+    bits = ((q.to(torch.int32) >> bit) & 1) << torch.arange(TILE, dtype=torch.int32)[:, None]
+    masks = bits.sum(-2)  # (T, B, 32), values < 2**16
+    return masks.to(torch.int32).numpy().astype(np.uint16).view(np.uint8)
+
+
+def layout(fmt: int, fields: dict[str, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """The kernel's tile layout (block_linear.cpp) of codes `q` (N, K) and a format's per
+    block fields, each (N, K/32) or, for Q6_K's `sc`, (N, K/32, 2)."""
+    n, k = q.shape
     n_pad = -(-n // TILE) * TILE
-    nblk = k // BLOCK if k % BLOCK == 0 else 0
+    nblk = k // BLOCK
+    heads = [_tiles(fields[name], n_pad) for name in HEADER_FIELDS[fmt]]
+    heads = [h.transpose(-1, -2) if h.dim() == 4 else h for h in heads]  # sc[2][16]
+    qt = _tiles(q.reshape(n, nblk, BLOCK), n_pad)  # (T, B, 16 col, 32 input)
+    raw = [h.contiguous().view(torch.uint8).reshape(*h.shape[:2], -1).numpy() for h in heads]
+    if fmt == Q8_0:
+        raw.append(qt.transpose(-1, -2).contiguous().to(torch.int8).view(torch.uint8).numpy())
+    else:
+        low = (qt & 15).to(torch.uint8).reshape(*qt.shape[:3], BLOCK // 2, 2)  # input pairs
+        nib = (low[..., 0] | (low[..., 1] << 4)).transpose(-1, -2)  # (T, B, pair, col)
+        raw.append(nib.contiguous().numpy())
+        raw += [_plane(qt, bit) for bit in PLANES[fmt]]
+    tiles = [r.reshape(*r.shape[:2], -1) for r in raw]
+    packed = np.concatenate(tiles, axis=-1)
+    assert packed.shape[-1] == TILE_BYTES[fmt], (fmt, packed.shape)
+    return torch.from_numpy(np.ascontiguousarray(packed).reshape(-1))
+
+
+def pack(fmt: int, weight: torch.Tensor) -> torch.Tensor | None:
+    """The kernel's tile layout for a weight that re-encodes exactly as Q4_1 or Q8_0."""
     if fmt == Q4_1:
         enc = encode_q4_1(weight)
         if enc is None:
             return None
         d, m, q = enc
-        # q (N, K) -> per tile and block: 16 row pairs x 16 columns, low nibble = even input.
-        q = _tiles(q.reshape(n, nblk, BLOCK // 2, 2), n_pad)  # (T, B, 16 col, 16 pair, 2)
-        qs = (q[..., 0] | (q[..., 1] << 4)).transpose(-1, -2)  # (T, B, pair, col)
-        parts = [_tiles(d, n_pad), _tiles(m, n_pad)]
-    else:
-        enc = encode_q8_0(weight)
-        if enc is None:
-            return None
-        d, q = enc
-        qs = _tiles(q.reshape(n, nblk, BLOCK), n_pad).transpose(-1, -2)  # (T, B, row, col)
-        parts = [_tiles(d, n_pad)]
-    raw = [p.contiguous().view(torch.uint8).reshape(*p.shape[:2], -1) for p in parts]
-    raw.append(qs.contiguous().view(torch.uint8).reshape(*qs.shape[:2], -1))
-    return torch.cat(raw, dim=-1).reshape(-1).contiguous()
+        return layout(fmt, {"d": d, "m": m}, q)
+    enc = encode_q8_0(weight)
+    if enc is None:
+        return None
+    d, q = enc
+    return layout(fmt, {"d": d}, q)
 
 
 class BlockLinear(nn.Module):
-    """y = x W^T (+ b) with W kept in Q4_1 or Q8_0 tiles. Inference only, float32."""
+    """y = x W^T (+ b) with W kept in the kernel's block tiles. Inference only, float32.
 
-    def __init__(self, linear: nn.Module, fmt: int, packed: torch.Tensor, weight_bytes: int):
+    `parts`: [(rows, format, packed)] down the output rows; one part unless a fused weight's
+    pieces came from the file in different types (a Q4_K q/k beside a Q6_K v)."""
+
+    def __init__(
+        self, linear: nn.Module, parts: list[tuple[int, int, torch.Tensor]], weight_bytes: int
+    ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.fmt = fmt
-        self.register_buffer("packed", packed, persistent=False)
-        self.weight_bytes = packed.numel()
+        assert sum(rows for rows, _, _ in parts) == self.out_features
+        self.rows = [rows for rows, _, _ in parts]
+        self.formats = [fmt for _, fmt, _ in parts]
+        for i, (_, _, packed) in enumerate(parts):
+            self.register_buffer(f"packed{i}", packed, persistent=False)
+        self.weight_bytes = sum(p.numel() for _, _, p in parts)
         self.dense_bytes = weight_bytes
         bias = getattr(linear, "bias", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self._kernel = load_kernel()
 
+    @property
+    def fmt(self) -> int:
+        return self.formats[0]
+
+    @property
+    def packed(self) -> torch.Tensor:
+        return self.packed0
+
+    def _parts(self):
+        return [
+            (rows, fmt, getattr(self, f"packed{i}"))
+            for i, (rows, fmt) in enumerate(zip(self.rows, self.formats, strict=True))
+        ]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
-        out = self._kernel.block_linear(x2, self.packed, self.fmt, self.out_features)
+        outs = [self._kernel.block_linear(x2, p, fmt, rows) for rows, fmt, p in self._parts()]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if self.bias is not None:
             out += self.bias
         return out.view(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        return self._kernel.block_dequantize(
-            self.packed, self.fmt, self.out_features, self.in_features
+        k = self.in_features
+        return torch.cat(
+            [self._kernel.block_dequantize(p, fmt, rows, k) for rows, fmt, p in self._parts()]
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"{FORMAT_NAMES[self.fmt]}"
-        )
+        names = "+".join(FORMAT_NAMES[f] for f in self.formats)
+        return f"in_features={self.in_features}, out_features={self.out_features}, {names}"
 
 
 class BlockEmbedding(nn.Module):
@@ -221,14 +286,30 @@ class BlockEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {FORMAT_NAMES[self.fmt]}"
 
 
-def to_blocks(linear: nn.Linear) -> BlockLinear | None:
-    """A BlockLinear for `linear` if its weight re-encodes exactly as Q4_1 or Q8_0."""
+def to_blocks(linear: nn.Linear, stored: list | None = None) -> BlockLinear | None:
+    """A BlockLinear for `linear`: from the file's blocks `stored` (model/gguf_blocks.py) when
+    given and exact, else if its weight re-encodes exactly as Q4_1 or Q8_0."""
     w = linear.weight.detach()
+    dense = w.numel() * w.element_size()
+    if stored:
+        from splitserve.model import gguf_blocks  # it builds on this module
+
+        parts = gguf_blocks.pack_stored(w, stored)
+        if parts is not None:
+            return BlockLinear(linear, parts, dense)
     for fmt in (Q4_1, Q8_0):
         packed = pack(fmt, w)
         if packed is not None:
-            return BlockLinear(linear, fmt, packed, w.numel() * w.element_size())
+            return BlockLinear(linear, [(w.shape[0], fmt, packed)], dense)
     return None
+
+
+def _stored_parts(model: nn.Module, weight: torch.Tensor) -> list | None:
+    """The file's blocks a weight was loaded from, in row order (fused pieces by shard index)."""
+    by_shard = getattr(model, "stored_blocks", {}).get(id(weight))
+    if not by_shard:
+        return None
+    return [by_shard[k] for k in sorted(by_shard, key=lambda s: -1 if s is None else s)]
 
 
 def children_of_type(model: nn.Module, kind: type) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -250,7 +331,7 @@ def block_linears(model: nn.Module) -> int:
     done = 0
     by_weight: dict[int, BlockLinear] = {}  # id of the dense weight a BlockLinear replaced
     for parent, name, child in children_of_type(model, nn.Linear):
-        block = to_blocks(child)
+        block = to_blocks(child, _stored_parts(model, child.weight))
         if block is not None:
             by_weight[id(child.weight)] = block
             setattr(parent, name, block)
@@ -261,9 +342,15 @@ def block_linears(model: nn.Module) -> int:
         if head is not None:
             setattr(parent, name, BlockEmbedding(num, dim, head.fmt, head.packed, shared=True))
             continue
-        for fmt in (Q4_1, Q8_0):
-            packed = pack(fmt, child.weight.detach())
-            if packed is not None:
-                setattr(parent, name, BlockEmbedding(num, dim, fmt, packed, shared=False))
-                break
+        table = to_blocks(_as_linear(child), _stored_parts(model, child.weight))
+        if table is not None and len(table.formats) == 1:
+            setattr(parent, name, BlockEmbedding(num, dim, table.fmt, table.packed, shared=False))
     return done
+
+
+def _as_linear(embedding: nn.Embedding) -> nn.Module:
+    """An embedding table seen as the weight of a linear layer (rows = tokens), for packing."""
+    lin = nn.Module()
+    lin.weight = embedding.weight
+    lin.in_features, lin.out_features = embedding.embedding_dim, embedding.num_embeddings
+    return lin

@@ -123,9 +123,18 @@ def prepare_linears(
 
     With `quantization` int8/int4 every linear and embedding is quantized at load
     (model/quant_linear.py) and `backend` only has to be a known one. Otherwise 'blocks' (and
-    'auto' where it can) keeps each weight that re-encodes exactly as Q4_1/Q8_0 in blocks;
+    'auto' where it can) keeps each weight in the file's GGUF blocks (or, from a float
+    checkpoint, one that re-encodes exactly as Q4_1/Q8_0);
     every other linear is packed for oneDNN when that is available, else left as is.
     """
+    try:
+        return _prepare(model, backend, device, dtype, quantization, group_size)
+    finally:
+        if hasattr(model, "stored_blocks"):
+            model.stored_blocks.clear()  # views of the file map and their copies
+
+
+def _prepare(model, backend, device, dtype, quantization, group_size) -> str:
     if quantization not in ("none", "auto"):  # "auto" unresolved (no checkpoint): none
         if backend not in LINEAR_BACKENDS:
             raise ValueError(
@@ -135,10 +144,22 @@ def prepare_linears(
     blocks = block_linear.block_linears(model) if use_blocks(backend, device, dtype) else 0
     packed = pack_linears(model) if use_onednn(backend, device, dtype) else 0
     if backend == "blocks" and not blocks:
-        log.warning("--linear-backend blocks: no weight re-encodes exactly as Q4_1/Q8_0")
+        log.warning(
+            "--linear-backend blocks: no weight came in GGUF blocks, "
+            "and no weight re-encodes exactly"
+        )
+    kinds = sorted(
+        {
+            block_linear.FORMAT_NAMES[f]
+            for m in model.modules()
+            if isinstance(m, block_linear.BlockLinear)
+            for f in m.formats
+        }
+    )
     embeds = sum(isinstance(m, block_linear.BlockEmbedding) for m in model.modules())
     in_blocks = f" and {embeds} embedding" if embeds else ""
-    return f"{blocks} linears{in_blocks} in Q4_1/Q8_0 blocks, {packed} packed for oneDNN"
+    fmts = "/".join(kinds) + " " if kinds else ""
+    return f"{blocks} linears{in_blocks} in {fmts}blocks, {packed} packed for oneDNN"
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -23,7 +23,14 @@ from gguf.quants import dequantize
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.model.gguf_file import GGUFFile, GGUFTensor
-from splitserve.model.loader import Checkpoint, ModelLoadError, Region, TensorRef, cut
+from splitserve.model.loader import (
+    Checkpoint,
+    ModelLoadError,
+    Region,
+    StoredBlocks,
+    TensorRef,
+    cut,
+)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -132,7 +139,8 @@ def open_gguf(path: str) -> Checkpoint:
         for hf_name, tensor in tensors.items():
             shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
             reader = functools.partial(_read_region, tensor, hf_name, config)
-            yield hf_name, TensorRef(shape, reader)
+            blocks = functools.partial(_read_blocks, tensor, hf_name, config)
+            yield hf_name, TensorRef(shape, reader, blocks)
 
     return Checkpoint(path, config, tokenizer, len(tensors), source, refs)
 
@@ -216,6 +224,33 @@ def _read_region(
         # head by head.
         weight = unpermute_qk(weight, weight.shape[0] // hd)
     return weight
+
+
+def _read_blocks(
+    tensor: GGUFTensor, hf_name: str, config: ModelConfig, rows: Region, cols: Region
+) -> StoredBlocks | None:
+    """The same part `_read_region` reads, as the file's blocks (no copy unless q/k rows must
+    be un-interleaved); None for float tensors and for cuts off the block grid."""
+    qtype = GGMLQuantizationType(tensor.tensor_type)
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if qtype in (Q.F32, Q.F16, Q.BF16) or qtype not in SUPPORTED_TENSOR_TYPES or len(shape) != 2:
+        return None
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    heads = _qk_heads(hf_name, config)
+    r0, r1 = rows if rows is not None else (0, shape[0])
+    c0, c1 = cols if cols is not None else (0, shape[1])
+    if (
+        c0 % block
+        or c1 % block
+        or (heads is not None and (r0 % config.head_dim or r1 % config.head_dim))
+    ):
+        return None
+    raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], -1)
+    raw = raw[r0:r1, c0 // block * block_bytes : c1 // block * block_bytes]
+    if heads is not None:  # the same row moves as unpermute_qk, on bytes
+        per_head = (r1 - r0) // config.head_dim
+        raw = unpermute_qk(torch.from_numpy(np.array(raw)), per_head).numpy()
+    return StoredBlocks(int(qtype), raw, (r1 - r0, c1 - c0))
 
 
 def _model_name(path: str) -> str:

@@ -25,7 +25,7 @@ from torch import nn
 
 from splitserve.engine.config import ModelConfig, RopeScaling
 from splitserve.model.attention import AttentionMetadata, PagedAttentionBackend
-from splitserve.model.loader import Region, TensorRef, cut
+from splitserve.model.loader import Region, StoredBlocks, TensorRef, cut
 from splitserve.model.parallel import ShardSpec
 
 
@@ -184,6 +184,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.shard = shard = shard or ShardSpec()
+        # id(parameter) -> {fused shard index or None: the file's blocks for it}, filled by
+        # load_weights from GGUF files, read and emptied by prepare_linears
+        self.stored_blocks: dict[int, dict[int | None, StoredBlocks]] = {}
         self.comm = comm or SingleRank()
         self.first_layer, self.last_layer = shard.layers(cfg)
         self.is_first, self.is_last = shard.is_first(cfg), shard.is_last(cfg)
@@ -246,6 +249,9 @@ class LlamaModel(nn.Module):
                     continue
                 if isinstance(tensor, TensorRef):
                     piece = tensor.read(rows, cols)
+                    stored = tensor.read_blocks(rows, cols)
+                    if stored is not None:  # for the block kernel; dropped once it has run
+                        self.stored_blocks.setdefault(id(params[name]), {})[shard] = stored
                 else:
                     piece = cut(tensor, rows, cols)
                 dst = params[name]

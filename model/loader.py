@@ -12,7 +12,7 @@ import importlib.util
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,20 @@ def cut(tensor: torch.Tensor, rows: Region = None, cols: Region = None) -> torch
 
 
 @dataclass(frozen=True)
+class StoredBlocks:
+    """Part of a tensor as the checkpoint stores it at low precision: GGUF blocks, whole rows.
+
+    `data` is (rows, bytes per row) uint8, rows in HF order (q/k rows already un-interleaved),
+    columns cut only on the type's block grid. What the block kernel repacks without a float
+    copy (model/gguf_blocks.py).
+    """
+
+    qtype: int  # gguf.GGMLQuantizationType value
+    data: Any = field(repr=False)  # numpy uint8 (rows, row_bytes); often a view of the file map
+    shape: tuple[int, int]  # (rows, columns) of the float tensor these blocks hold
+
+
+@dataclass(frozen=True)
 class TensorRef:
     """A checkpoint tensor not read yet: its full (HF) shape, and a reader of any part of it.
 
@@ -48,9 +62,16 @@ class TensorRef:
 
     shape: tuple[int, ...]
     reader: Callable[[Region, Region], torch.Tensor] = field(repr=False, compare=False)
+    # the same part as stored blocks, or None where the file holds floats or the cut splits a block
+    blocks_reader: Callable[[Region, Region], StoredBlocks | None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def read(self, rows: Region = None, cols: Region = None) -> torch.Tensor:
         return self.reader(rows, cols)
+
+    def read_blocks(self, rows: Region = None, cols: Region = None) -> StoredBlocks | None:
+        return None if self.blocks_reader is None else self.blocks_reader(rows, cols)
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> TensorRef:

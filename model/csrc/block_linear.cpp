@@ -1,20 +1,31 @@
-// y = x W^T for a weight kept in 4- or 8-bit blocks of 32 along the input dimension, the
-// layouts llama.cpp calls Q4_1 (w = d*q + m, q in 0..15) and Q8_0 (w = d*q, q in -128..127),
-// with d and m in float16. The weight is dequantized inside the kernel, a strip of 32 output
-// columns at a time, to exactly the float32 values a dequantize-then-matmul would use; the
-// products and sums are float32. Decode on a CPU is bound by how fast the weights stream from
-// memory, and these blocks are 5-6x smaller than float32.
+// y = x W^T for a weight kept in 4- to 8-bit blocks of 32 along the input dimension: the
+// codes and scale factors of llama.cpp's GGUF types, rearranged into tiles of 16 output
+// columns, with d, m and the sub-block scales in float16 / 6-8-bit integers as the file has
+// them. The weight is dequantized inside the kernel, a strip of 32 output columns at a time, to
+// exactly the float32 values gguf-py's dequantization gives; products and sums are float32.
+// Decode on a CPU is bound by how fast the weights stream from memory, and these blocks are
+// 4-7x smaller than float32.
 //
-// Packed layout (built in model/block_linear.py), per tile of 16 output columns and 32 inputs:
-//   Q4_1: d[16] f16, m[16] f16, then 16 row pairs of 16 bytes: byte c of pair p holds column
-//         c's q for input 2p (low nibble) and 2p+1 (high nibble)               -> 320 bytes
-//   Q8_0: d[16] f16, then 32 rows of 16 int8                                   -> 544 bytes
-// Tiles are ordered [column tile][input block]. N is padded to 16 with zero tiles.
+// Packed layout (built in model/block_linear.py and model/gguf_blocks.py), per tile of 16
+// output columns and 32 inputs; "nib" is 16 row pairs of 16 bytes, byte c of pair p holding
+// column c's low 4 bits of input 2p (low nibble) and 2p+1 (high nibble); a "plane" is 32
+// uint16, bit c of entry r one more bit of column c's code at input r:
+//   Q4_1: d[16] f16, m[16] f16, nib                        w = d*q + m      -> 320 bytes
+//   Q8_0: d[16] f16, then 32 rows of 16 int8               w = d*q          -> 544 bytes
+//   Q5_1: d[16] f16, m[16] f16, nib, plane (bit 4)         w = d*q + m      -> 384 bytes
+//   Q4_K: d[16] f16, dmin[16] f16, sc[16] u8, mn[16] u8, nib
+//                                                          w = (d*sc)*q - dmin*mn -> 352 bytes
+//   Q5_K: Q4_K's fields, then a plane (bit 4)              as Q4_K          -> 416 bytes
+//   Q6_K: d[16] f16, sc[2][16] i8 (inputs 0-15, 16-31), nib, plane (bit 4), plane (bit 5)
+//                                                          w = (d*sc)*(q-32) -> 448 bytes
+// Tiles are ordered [column tile][input block]. N is padded to 16 with zero tiles. Q4_0 and
+// Q5_0 travel as Q4_1/Q5_1 with m = -8d / -16d (exact: a power-of-two multiple of d).
 //
-// Exactness: gguf-py rounds d*q and then d*q + m. With d a float16 (11 significant bits) and
-// |q| < 256, d*q is exact in float32, so one fused multiply-add rounds the same way and the
-// AVX-512 path uses it. The portable path spells out the multiply and the add, and the file is
-// built with -ffp-contract=off so that the compiler does not fuse anything on its own.
+// Exactness: gguf-py rounds d*q and then d*q + m (K types: d*sc, dmin*mn, then D*q - M).
+// Every product here has at most 24 significant bits (float16 d: 11, sc: <= 7, q: <= 6), so
+// each is exact in float32 and one fused multiply-add rounds the same way as the two steps;
+// the AVX-512 path uses it. The portable path spells out the multiply and the add, and the
+// file is built with -ffp-contract=off so that the compiler does not fuse anything on its own.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -38,9 +49,11 @@ constexpr int64_t kRowBlock = 96;  // rows per outer block, so x stays in L2 acr
 // chunk of rows passes over it; partial sums go through y between inner blocks.
 constexpr int64_t kInner = 192;
 
-enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1 };
+enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1, kQ5_1 = 2, kQ4_K = 3, kQ5_K = 4, kQ6_K = 5 };
+constexpr int64_t kFormats = 6;
+constexpr int64_t kTileBytes[kFormats] = {320, 544, 384, 352, 416, 448};
 
-inline int64_t tile_bytes(int64_t fmt) { return fmt == kQ4_1 ? 320 : 544; }
+inline int64_t tile_bytes(int64_t fmt) { return kTileBytes[fmt]; }
 
 inline float half_to_float(uint16_t h) {
   // IEEE half -> float, exact (subnormals included).
@@ -68,42 +81,109 @@ inline float half_to_float(uint16_t h) {
 void dequant_tile(const uint8_t* tile, int64_t fmt, float* out, int64_t ld) {
   const uint16_t* dh = reinterpret_cast<const uint16_t*>(tile);
 #if defined(__AVX512F__)
-  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dh)));
-  if (fmt == kQ4_1) {
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dh + 16)));
-    const uint8_t* qs = tile + 64;
-    const __m512i low = _mm512_set1_epi32(0x0f);
-    for (int p = 0; p < 16; ++p) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p)));
-      const __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-      const __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-      _mm512_storeu_ps(out + (2 * p) * ld, _mm512_fmadd_ps(d, q0, m));
-      _mm512_storeu_ps(out + (2 * p + 1) * ld, _mm512_fmadd_ps(d, q1, m));
-    }
-  } else {
+  auto half16 = [](const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  };
+  auto bytes16 = [](const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  };
+  const __m512 d = half16(dh);
+  if (fmt == kQ8_0) {
     const int8_t* qs = reinterpret_cast<const int8_t*>(tile + 32);
     for (int r = 0; r < 32; ++r) {
       const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * r)));
       _mm512_storeu_ps(out + r * ld, _mm512_mul_ps(d, _mm512_cvtepi32_ps(v)));
     }
+    return;
+  }
+  // Every other format: 4-bit codes in `nib`, up to two planes of higher bits, and per
+  // column (and, for Q6_K, per half block) a scale and an offset: w = s*q + o.
+  const uint8_t* nib;
+  const uint16_t *plane4 = nullptr, *plane5 = nullptr;
+  __m512 s0, s1, o0, o1;
+  if (fmt == kQ4_1 || fmt == kQ5_1) {
+    s0 = s1 = d;
+    o0 = o1 = half16(dh + 16);
+    nib = tile + 64;
+    if (fmt == kQ5_1) plane4 = reinterpret_cast<const uint16_t*>(tile + 320);
+  } else if (fmt == kQ4_K || fmt == kQ5_K) {
+    const __m512 sc = _mm512_cvtepi32_ps(bytes16(tile + 64));
+    const __m512 mn = _mm512_cvtepi32_ps(bytes16(tile + 80));
+    s0 = s1 = _mm512_mul_ps(d, sc);
+    o0 = o1 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(half16(dh + 16), mn));
+    nib = tile + 96;
+    if (fmt == kQ5_K) plane4 = reinterpret_cast<const uint16_t*>(tile + 352);
+  } else {  // kQ6_K
+    const int8_t* sc = reinterpret_cast<const int8_t*>(tile + 32);
+    s0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)))));
+    s1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 16)))));
+    o0 = o1 = _mm512_setzero_ps();
+    nib = tile + 64;
+    plane4 = reinterpret_cast<const uint16_t*>(tile + 320);
+    plane5 = reinterpret_cast<const uint16_t*>(tile + 384);
+  }
+  const __m512i low = _mm512_set1_epi32(0x0f), sixteen = _mm512_set1_epi32(16);
+  const __m512i thirty_two = _mm512_set1_epi32(32);
+  for (int p = 0; p < 16; ++p) {
+    const __m512i v = bytes16(nib + 16 * p);
+    __m512i q[2] = {_mm512_and_si512(v, low), _mm512_srli_epi32(v, 4)};
+    for (int j = 0; j < 2; ++j) {
+      const int r = 2 * p + j;
+      if (plane4) q[j] = _mm512_mask_add_epi32(q[j], static_cast<__mmask16>(plane4[r]), q[j], sixteen);
+      if (plane5) {
+        q[j] = _mm512_mask_add_epi32(q[j], static_cast<__mmask16>(plane5[r]), q[j], thirty_two);
+        q[j] = _mm512_sub_epi32(q[j], thirty_two);  // Q6_K codes are centred on 32
+      }
+      const __m512 s = r < 16 ? s0 : s1, o = r < 16 ? o0 : o1;
+      _mm512_storeu_ps(out + r * ld, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(q[j]), o));
+    }
   }
 #else
-  float d[16], m[16];
+  float d[16];
   for (int c = 0; c < 16; ++c) d[c] = half_to_float(dh[c]);
-  if (fmt == kQ4_1) {
-    for (int c = 0; c < 16; ++c) m[c] = half_to_float(dh[16 + c]);
-    const uint8_t* qs = tile + 64;
-    for (int p = 0; p < 16; ++p) {
-      for (int c = 0; c < 16; ++c) {
-        const uint8_t b = qs[16 * p + c];
-        out[(2 * p) * ld + c] = d[c] * static_cast<float>(b & 0x0f) + m[c];
-        out[(2 * p + 1) * ld + c] = d[c] * static_cast<float>(b >> 4) + m[c];
-      }
-    }
-  } else {
+  if (fmt == kQ8_0) {
     const int8_t* qs = reinterpret_cast<const int8_t*>(tile + 32);
     for (int r = 0; r < 32; ++r)
       for (int c = 0; c < 16; ++c) out[r * ld + c] = d[c] * static_cast<float>(qs[16 * r + c]);
+    return;
+  }
+  float s[2][16], o[2][16];
+  const uint8_t* nib;
+  const uint16_t *plane4 = nullptr, *plane5 = nullptr;
+  for (int c = 0; c < 16; ++c) {
+    if (fmt == kQ4_1 || fmt == kQ5_1) {
+      s[0][c] = s[1][c] = d[c];
+      o[0][c] = o[1][c] = half_to_float(dh[16 + c]);
+    } else if (fmt == kQ4_K || fmt == kQ5_K) {
+      s[0][c] = s[1][c] = d[c] * static_cast<float>(tile[64 + c]);
+      o[0][c] = o[1][c] = -(half_to_float(dh[16 + c]) * static_cast<float>(tile[80 + c]));
+    } else {
+      const int8_t* sc = reinterpret_cast<const int8_t*>(tile + 32);
+      s[0][c] = d[c] * static_cast<float>(sc[c]);
+      s[1][c] = d[c] * static_cast<float>(sc[16 + c]);
+      o[0][c] = o[1][c] = 0.0f;
+    }
+  }
+  if (fmt == kQ4_1 || fmt == kQ5_1) {
+    nib = tile + 64;
+    if (fmt == kQ5_1) plane4 = reinterpret_cast<const uint16_t*>(tile + 320);
+  } else if (fmt == kQ4_K || fmt == kQ5_K) {
+    nib = tile + 96;
+    if (fmt == kQ5_K) plane4 = reinterpret_cast<const uint16_t*>(tile + 352);
+  } else {
+    nib = tile + 64;
+    plane4 = reinterpret_cast<const uint16_t*>(tile + 320);
+    plane5 = reinterpret_cast<const uint16_t*>(tile + 384);
+  }
+  for (int r = 0; r < 32; ++r) {
+    const int h = r < 16 ? 0 : 1;
+    for (int c = 0; c < 16; ++c) {
+      const uint8_t b = nib[16 * (r / 2) + c];
+      int q = (r % 2 == 0) ? (b & 0x0f) : (b >> 4);
+      if (plane4 && ((plane4[r] >> c) & 1)) q += 16;
+      if (plane5) q += ((plane5[r] >> c) & 1) ? 0 : -32;
+      out[r * ld + c] = s[h][c] * static_cast<float>(q) + o[h][c];
+    }
   }
 #endif
 }
@@ -158,7 +238,7 @@ const StripFn kStripFns[kRows + 1] = {
     strip_kernel<10>, strip_kernel<11>, strip_kernel<12>};
 
 void check_packed(const torch::Tensor& packed, int64_t fmt, int64_t n, int64_t k) {
-  TORCH_CHECK(fmt == kQ4_1 || fmt == kQ8_0, "block_linear: unknown format ", fmt);
+  TORCH_CHECK(fmt >= 0 && fmt < kFormats, "block_linear: unknown format ", fmt);
   TORCH_CHECK(n > 0 && k > 0 && k % kBlock == 0, "block_linear: K must be a multiple of 32");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 1,
               "block_linear: packed weight must be a contiguous uint8 vector");
@@ -291,7 +371,7 @@ bool has_openmp() {
 // pipeline stage's event loop) then run while a step computes, instead of waiting for the
 // interpreter's switch interval between two calls.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("block_linear", &block_linear, "y = x W^T with W in Q4_1/Q8_0 tiles (float32 math)",
+  m.def("block_linear", &block_linear, "y = x W^T with W in GGUF-type tiles (float32 math)",
         py::call_guard<py::gil_scoped_release>());
   m.def("block_dequantize", &block_dequantize, "the packed weight as dense float32 (N, K)",
         py::call_guard<py::gil_scoped_release>());

@@ -15,7 +15,6 @@ from torch import nn
 from splitserve.engine.config import EngineConfig
 from splitserve.executors.shard import ModelShard
 from splitserve.model import block_linear as bl
-from splitserve.model import cpp_ext
 from splitserve.model.cpu_linear import (
     PackedLinear,
     matmul_weight_bytes,
@@ -200,12 +199,7 @@ def test_backend_choice():
 def test_the_portable_path_without_avx512():
     # Built here with AVX-512 switched off: what a CPU without it runs (correct, slow, and
     # never chosen by 'auto').
-    mod = cpp_ext.build(
-        "splitserve_block_linear_portable",
-        "block_linear.cpp",
-        [*bl.KERNEL_FLAGS, "-mno-avx512f"],
-        "portable block kernel",
-    )
+    mod = bl.load_portable_kernel()
     assert mod is not None and not mod.has_avx512()
     for qtype, fmt in [(Q.Q4_1, bl.Q4_1), (Q.Q8_0, bl.Q8_0)]:
         w = gguf_weight(40, 416, qtype)
