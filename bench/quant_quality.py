@@ -112,6 +112,30 @@ def default_options(
     converted = names is None or any(n.startswith(("awq", "gptq")) for n in names)
     if work_dir is not None and converted:
         rows += converted_options(work_dir, reference_model)
+    requantized = names is None or any(n.startswith("gguf") for n in names)
+    if work_dir is not None and requantized:
+        rows += gguf_options(work_dir, reference_model, names)
+    return rows
+
+
+def gguf_options(work_dir: str, reference_model: str | None, names: list | None) -> list[Option]:
+    """The reference's GGUF file with its layers written again in each llama.cpp type
+    (model/gguf_convert.py, round-to-nearest from the reference's values), served from blocks;
+    only those in `names` are written when it is given."""
+    from splitserve.model import gguf_convert
+    from splitserve.model.loader import default_model_path
+
+    src = reference_model or default_model_path()
+    if not src.endswith(".gguf"):
+        return []
+    rows = []
+    for type_name, qtype in gguf_convert.TYPES.items():
+        name = f"gguf {type_name}"
+        if names is not None and name not in names:
+            continue
+        path = os.path.join(work_dir, f"{type_name}.gguf")
+        gguf_convert.convert(src, path, qtype)
+        rows.append(Option(name, {}, path))
     return rows
 
 
