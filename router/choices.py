@@ -5,6 +5,9 @@
         ...                                       # delta.index: prompt i's choice j is i * n + j
     choices.usage                                 # the whole request's, once the stream ended
 
+    requests = await validate_prompts(router, inputs, "prompt")   # one per prompt of a list
+
+
 Each choice is a request of its own through the dispatcher (so admission, deadlines and
 migration hold for each), with the id `<id>-<i>-<j>` when there is more than one.
 
@@ -19,9 +22,14 @@ Seeds: choice j of a request with `seed` s samples with seed s + j (wrapped to i
 
 `best_of` > n: every candidate's tokens are scored by their cumulative logprob (the model's
 raw distribution, as the `logprobs` field reports it); the n best are returned, in the order
-of their scores, and only once all candidates have finished (so a stream of them arrives at
-the end). Prompt logprobs (`echo` with `logprobs`) are computed by choice 0 only, and copied
-to the others.
+of their scores, and only once all candidates have finished. So with `stream` the winners
+are buffered, on both front doors: the stream (SSE, or the gRPC Generate stream) carries
+nothing until every candidate has finished, then each winner's deltas, one choice after
+another. vLLM does the same (it does not stream when best_of != n; OpenAI documents that
+best_of results cannot be streamed): the request is served, not refused.
+
+Prompt logprobs (`echo` with `logprobs`) are computed by choice 0 only, and copied to the
+others.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .app import Router
+from .errors import RequestValidationError
 from .generation import GenerationDelta, LogprobInfo, UsageInfo
-from .validation import ValidatedRequest
+from .validation import GenerateInput, ValidatedRequest
 
 _INT64 = 1 << 64
 
@@ -44,6 +53,23 @@ def choice_seed(seed: int | None, j: int) -> int | None:
     if seed is None or j == 0:
         return seed
     return (seed + j + (1 << 63)) % _INT64 - (1 << 63)
+
+
+async def validate_prompts(
+    router: Router, inputs: list[GenerateInput], param: str | None = None
+) -> list[ValidatedRequest]:
+    """One validated request per prompt. With a list of prompts (`param`: the front door's
+    field for it), an error about one prompt says which: `prompt[2]: token ids must be ...`."""
+    out = []
+    for i, raw in enumerate(inputs):
+        try:
+            out.append(await router.validate(raw))
+        except RequestValidationError as e:
+            if param is None or e.param != "prompt" or type(e) is not RequestValidationError:
+                raise
+            message = f"{param}[{i}]: {e.message}"
+            raise RequestValidationError(e.code or "invalid_value", message, param) from e
+    return out
 
 
 @dataclass

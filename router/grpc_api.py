@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -28,12 +29,12 @@ from splitserve.v1 import pb, rpc
 
 from .app import Router
 from .auth import Authenticator
-from .choices import Choices
+from .choices import Choices, validate_prompts
 from .errors import AuthenticationError, RouterError
 from .generation import FINISH_CODES, GenerationDelta, LogprobInfo
 from .structured import guided_from_proto
 from .tools import GrpcToolCalls, apply_grpc_tools
-from .validation import GenerateInput
+from .validation import GenerateInput, check_prompt_list
 
 log = logging.getLogger("splitserve.router")
 
@@ -97,12 +98,13 @@ class InferenceServicer(rpc.InferenceServicer):
             tenant = await self._authenticate(context)
             await _check_decoded(request, context)
             with self.router.admit("grpc"), self.auth.admit(tenant):
-                raw = generate_input(request, caller=_caller(context))
-                raw.tenant = tenant
-                calls = GrpcToolCalls(apply_grpc_tools(raw, request))  # chat with tools
-                validated = await self.router.validate(raw)
+                raws = generate_inputs(request, caller=_caller(context))
+                for raw in raws:
+                    raw.tenant = tenant
+                calls = GrpcToolCalls(apply_grpc_tools(raws[0], request))  # chat with tools
+                validated = await validate_prompts(self.router, raws, _list_field(request))
                 parent = extract_context(context)
-                deltas = Choices(self.router, [validated]).stream(parent, arrival, timeout_s)
+                deltas = Choices(self.router, validated).stream(parent, arrival, timeout_s)
                 async with aclosing(deltas) as stream:
                     async for delta in stream:
                         yield calls.add(to_response(delta), delta)
@@ -153,8 +155,42 @@ def _caller(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+_LISTS = ("prompts", "token_id_lists")  # the input oneof's members that hold several prompts
+
+
+def _list_field(request: pb.GenerateRequest) -> str | None:
+    kind = request.WhichOneof("input")
+    return kind if kind in _LISTS else None
+
+
+def generate_inputs(request: pb.GenerateRequest, caller: str | None = None) -> list[GenerateInput]:
+    """One validator input per prompt: `prompts` / `token_id_lists` give one each (checked: at
+    least one, at most MAX_PROMPTS, none empty; INVALID_ARGUMENT naming the field), every
+    other input one. The prompts share the request's id, so Abort finds all their choices."""
+    kind = _list_field(request)
+    if kind is None:
+        return [generate_input(request, caller)]
+    if kind == "prompts":
+        prompts: list[object] = list(request.prompts.texts)
+    else:
+        prompts = [list(t.ids) for t in request.token_id_lists.lists]
+    check_prompt_list(prompts, kind)
+    first = generate_input(request, caller)
+    first.request_id = first.request_id or f"cmpl-{uuid.uuid4().hex}"
+    out = []
+    for prompt in prompts:
+        raw = replace(first, sampling=dict(first.sampling))
+        if isinstance(prompt, str):
+            raw.prompt = prompt
+        else:
+            raw.prompt_token_ids = prompt
+        out.append(raw)
+    return out
+
+
 def generate_input(request: pb.GenerateRequest, caller: str | None = None) -> GenerateInput:
-    """The proto's fields as the validator's input (proto3 has no null: unset = default)."""
+    """The proto's fields as the validator's input (proto3 has no null: unset = default); for
+    a list of prompts, all but the prompt (generate_inputs sets each)."""
     kind = request.WhichOneof("input")
     raw = GenerateInput(
         model=request.model or None,

@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from .admission import RETRY_AFTER_S, request_timeout
 from .app import Router
 from .auth import Authenticator, HttpLimits, RateLimitedLog
-from .choices import Choices
+from .choices import Choices, validate_prompts
 from .errors import (
     AuthenticationError,
     ModelNotFoundError,
@@ -241,7 +241,8 @@ class HttpApi:
                 raise
             parsed = parse(body, size, request.headers.get("Authorization"))
             parsed.raw.tenant = tenant
-            validated = [await self.router.validate(raw) for raw in parsed.inputs()]
+            param = "prompt" if parsed.prompts is not None else None  # a list: name the one
+            validated = await validate_prompts(self.router, parsed.inputs(), param)
             first = validated[0]
             fmt = Formatter(chat, first.request_id, self.router.model.name, parsed.top_logprobs)
             fmt = with_tools(fmt, parsed.tools)  # chat with tools: calls parsed from the text
@@ -252,6 +253,8 @@ class HttpApi:
             deltas = choices.stream(parent, arrival, budget_s)
             async with aclosing(deltas) as stream:
                 if parsed.stream.stream:
+                    # best_of > n streams too, buffered: its first event comes once every
+                    # candidate has finished (router/choices.py), as vLLM does.
                     return await _stream(request, stream, fmt, parsed.stream.include_usage, choices)
                 accs = [Accumulator(index=i) for i in range(choices.num_choices)]
                 async for delta in stream:

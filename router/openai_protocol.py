@@ -17,7 +17,7 @@ from .errors import RequestValidationError
 from .generation import GenerationDelta, LogprobInfo, UsageInfo
 from .structured import parse_guided
 from .tools import apply_tools
-from .validation import GenerateInput
+from .validation import GenerateInput, check_prompt_list
 
 # Body field -> SamplingParams field, shared by both endpoints.
 _SAMPLING_FIELDS = {
@@ -47,9 +47,6 @@ _UNSUPPORTED = {
 class StreamOptions:
     stream: bool = False
     include_usage: bool = False
-
-
-MAX_PROMPTS = 256  # prompts in one completions request
 
 
 @dataclass(frozen=True)
@@ -122,8 +119,7 @@ def _set_prompt(raw: GenerateInput, prompt: Any) -> list[Any] | None:
     if prompt is None:
         raise _invalid("prompt", "prompt is required")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) > MAX_PROMPTS:
-            raise _invalid("prompt", f"at most {MAX_PROMPTS} prompts in one request")
+        prompt = check_prompt_list(prompt, "prompt")
         if len(prompt) > 1:
             _set_one_prompt(raw, prompt[0])
             return list(prompt)

@@ -54,6 +54,7 @@ MAX_SALT_CHARS = 256
 THREAD_TOKENIZE_CHARS = 32_768
 MAX_STOP_CHARS = 1024  # each stop string; the router matches them against every delta
 DEFAULT_MAX_N = 16  # choices per prompt (n, best_of) unless the router says otherwise (--max-n)
+MAX_PROMPTS = 256  # prompts in one request (a completions list, gRPC prompts / token_id_lists)
 
 # Each SamplingOptions field's type in the wire format (protos/splitserve/v1): a value must
 # fit it before SamplingParams judges its range, or building the worker's request would fail.
@@ -326,6 +327,20 @@ class RequestValidator:
             echo_text=echo_text,
             prompt_only=checked.prompt_only,
         )
+
+
+def check_prompt_list(prompts: Any, param: str) -> list[Any]:
+    """A request's list of prompts (texts or token-id lists), as either front door got it: at
+    least one, at most MAX_PROMPTS, none empty (400 / INVALID_ARGUMENT naming `param`, and the
+    element). Each element's own checks are the validator's, one request per prompt."""
+    if not isinstance(prompts, list | tuple) or not prompts:
+        raise _empty(param)
+    if len(prompts) > MAX_PROMPTS:
+        raise _invalid(param, f"{param} may hold at most {MAX_PROMPTS} prompts; got {len(prompts)}")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str | list | tuple) and not prompt:
+            raise RequestValidationError("empty_prompt", f"{param}[{i}] must not be empty", param)
+    return list(prompts)
 
 
 def _check_echo(raw: GenerateInput) -> bool:

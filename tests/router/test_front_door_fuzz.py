@@ -339,13 +339,24 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateRequest:
         cache_salt=draw(st.just("") | PROTO_TEXT | st.text(max_size=300)),
         sampling=draw(SAMPLING),
     )
-    kind = draw(st.sampled_from(["prompt", "chat", "token_ids", "none"]))
+    kinds = ["prompt", "chat", "token_ids", "prompts", "token_id_lists", "none"]
+    kind = draw(st.sampled_from(kinds))
+    token_ids = st.lists(UINT32 | st.integers(0, 50_000), max_size=6)
     if kind == "prompt":
         req.prompt = draw(PROTO_TEXT)
     elif kind == "chat":
         req.chat.CopyFrom(draw(CHAT))
     elif kind == "token_ids":
-        req.token_ids.ids.extend(draw(st.lists(UINT32 | st.integers(0, 50_000), max_size=6)))
+        req.token_ids.ids.extend(draw(token_ids))
+    elif kind == "prompts":  # a list of prompts: empty, too long, an empty one, ...
+        req.prompts.SetInParent()
+        req.prompts.texts.extend(draw(st.lists(PROTO_TEXT, max_size=3) | st.just(["a"] * 257)))
+    elif kind == "token_id_lists":
+        req.token_id_lists.SetInParent()
+        for ids in draw(st.lists(token_ids, max_size=3)):
+            req.token_id_lists.lists.add().ids.extend(ids)
+    if draw(st.booleans()):
+        req.n, req.best_of = draw(st.integers(0, 20)), draw(st.integers(0, 20))
     disaggregate = draw(st.none() | st.booleans())
     if disaggregate is not None:
         req.disaggregate = disaggregate

@@ -523,6 +523,110 @@ def test_bad_surface_inputs_name_their_param_on_both_doors(mesh: Mesh) -> None:
     assert completion(mesh, ok)["choices"][0]["finish_reason"]  # still serving
 
 
+def test_a_list_of_prompts_over_grpc_is_the_same_list_over_http(mesh: Mesh) -> None:
+    """GenerateRequest.prompts and .token_id_lists: choice i * n + j of prompt i, the text HTTP
+    gives that choice of the same list with the same seed (the long prompt disaggregated)."""
+    prompts = [COMPLETION_PROMPT, "Once upon a time", LONG_PROMPT]
+    kw = {"max_tokens": 4, "temperature": 1.0, "seed": 7, "n": 2}
+    http = completion(mesh, {**kw, "prompt": prompts})
+    expected = [c["text"] for c in sorted(http["choices"], key=lambda c: c["index"])]
+    assert len(expected) == 6 and len(set(expected)) > 1
+    sampling = pb.SamplingOptions(max_tokens=4, temperature=1.0, seed=7)
+    ids = [mesh_tokens(mesh, p) for p in prompts]
+    for request in (
+        pb.GenerateRequest(prompts=pb.PromptList(texts=prompts), n=2, sampling=sampling),
+        pb.GenerateRequest(
+            token_id_lists=pb.TokenIdsList(lists=[pb.TokenIds(ids=i) for i in ids]),
+            n=2,
+            sampling=sampling,
+        ),
+    ):
+        by_index = grpc_generate(mesh, request)
+        assert sorted(by_index) == list(range(6)), request.WhichOneof("input")
+        assert ["".join(r.text for r in by_index[i]) for i in range(6)] == expected
+        for i in range(6):  # each choice ends once, with the usage of its own prompt
+            (last,) = [r for r in by_index[i] if r.finish_reason]
+            assert last.usage.prompt_tokens == len(ids[i // 2])
+
+
+def test_bad_prompt_lists_name_their_field_on_both_doors(mesh: Mesh) -> None:
+    """Empty, too long, an empty element, an element out of the vocabulary: 400 naming
+    `prompt` (and the element) over HTTP, INVALID_ARGUMENT naming the field over gRPC; then
+    both doors still serve."""
+    http_cases = [
+        ([], "prompt must not be empty"),
+        (["a"] * 257, "prompt may hold at most 256 prompts; got 257"),
+        (["a", ""], "prompt[1] must not be empty"),
+        ([[1, 2], []], "prompt[1] must not be empty"),
+        ([[1, 2], [10**7]], "prompt[1]: token ids must be in"),
+    ]
+    for prompt, message in http_cases:
+        body = {"model": mesh.model, "prompt": prompt, "max_tokens": 2}
+        status, err = http_post(mesh, "/v1/completions", json.dumps(body).encode())
+        assert (status, err["error"]["param"]) == (400, "prompt"), prompt
+        assert err["error"]["message"].startswith(message), err
+    ids = pb.TokenIds(ids=[1, 2])
+    grpc_cases = [
+        (pb.GenerateRequest(prompts=pb.PromptList()), "prompts must not be empty"),
+        (
+            pb.GenerateRequest(prompts=pb.PromptList(texts=["a"] * 257)),
+            "prompts may hold at most 256 prompts; got 257",
+        ),
+        (pb.GenerateRequest(prompts=pb.PromptList(texts=["a", ""])), "prompts[1] must not be"),
+        (
+            pb.GenerateRequest(token_id_lists=pb.TokenIdsList(lists=[ids, pb.TokenIds()])),
+            "token_id_lists[1] must not be empty",
+        ),
+        (
+            pb.GenerateRequest(
+                token_id_lists=pb.TokenIdsList(lists=[ids, pb.TokenIds(ids=[10**7])])
+            ),
+            "token_id_lists[1]: token ids must be in",
+        ),
+        (
+            pb.GenerateRequest(prompts=pb.PromptList(texts=["a"]), tools_json="[]"),
+            "tools need chat messages",
+        ),
+    ]
+    for request, message in grpc_cases:
+        assert request.WhichOneof("input") in ("prompts", "token_id_lists")
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_generate(mesh, request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+        assert info.value.details().startswith(message), info.value.details()
+    sampling = pb.SamplingOptions(max_tokens=2)
+    ok = grpc_generate(
+        mesh, pb.GenerateRequest(prompts=pb.PromptList(texts=["Hi"]), sampling=sampling)
+    )
+    assert list(ok) == [0] and ok[0][-1].finish_reason
+    assert completion(mesh, {"prompt": ["Hi", "Yo"], "max_tokens": 2})["choices"][1]["text"]
+
+
+def test_best_of_over_n_streams_buffered_on_both_doors(mesh: Mesh) -> None:
+    """best_of > n with stream: served (as vLLM does), not refused; nothing streams until every
+    candidate has finished, then each winner's deltas one after another (indices never go
+    back), the same winners and text as without stream; and over gRPC, whose Generate always
+    streams, the same."""
+    body = {"prompt": COMPLETION_PROMPT, "max_tokens": 5, "temperature": 1.0, "seed": 5}
+    body |= {"n": 2, "best_of": 3}
+    whole = completion(mesh, body)
+    expected = [c["text"] for c in sorted(whole["choices"], key=lambda c: c["index"])]
+    chunks = list(mesh.client().completions.create(model=mesh.model, stream=True, **body))
+    indices = [c.choices[0].index for c in chunks if c.choices]
+    assert indices == sorted(indices) and set(indices) == {0, 1}  # one winner, then the other
+    streamed = ["", ""]
+    for c in chunks:
+        for choice in c.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == expected
+    sampling = pb.SamplingOptions(max_tokens=5, temperature=1.0, seed=5)
+    request = pb.GenerateRequest(prompt=COMPLETION_PROMPT, n=2, best_of=3, sampling=sampling)
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_port}") as channel:
+        replies = list(rpc.InferenceStub(channel).Generate(request, timeout=120))
+    assert [r.index for r in replies] == sorted(r.index for r in replies)
+    assert ["".join(r.text for r in replies if r.index == i) for i in (0, 1)] == expected
+
+
 def test_sigterm_drains_and_exits_zero(mesh: Mesh) -> None:
     """Last in this module: the router goes away."""
     assert mesh.router.stop() == 0
