@@ -260,6 +260,29 @@ def test_tool_calling_round_trip_with_the_openai_client(disagg_mesh: RunningMesh
     args = json.loads(call.function.arguments)
     assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
 
+    # The same call streamed, through the openai package's streaming helper: the name first,
+    # then the arguments in fragments as they are generated, which it accumulates into the
+    # non-streamed call.
+    fragments = []
+    with client.chat.completions.stream(
+        model=model,
+        messages=messages,
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=60,
+    ) as events:
+        for event in events:
+            if event.type == "tool_calls.function.arguments.delta" and event.arguments_delta:
+                assert event.name == "get_weather"
+                fragments.append(event.arguments_delta)
+        streamed = events.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls" and not streamed.message.content
+    (streamed_call,) = streamed.message.tool_calls
+    assert streamed_call.function.name == "get_weather" and streamed_call.id
+    assert streamed_call.function.arguments == call.function.arguments
+    assert len(fragments) > 1 and "".join(fragments) == call.function.arguments
+
     # required, streamed: the call arrives as tool_calls deltas the client can put together.
     stream = client.chat.completions.create(
         model=model,
@@ -270,14 +293,16 @@ def test_tool_calling_round_trip_with_the_openai_client(disagg_mesh: RunningMesh
         max_tokens=60,
         stream=True,
     )
-    names, arguments, finish = [], "", None
+    names, arguments, finish, entries = [], "", None, 0
     for chunk in stream:
         for c in chunk.choices:
             for tc in c.delta.tool_calls or ():
+                entries += 1
                 names += [tc.function.name] if tc.function.name else []
                 arguments += tc.function.arguments or ""
+                assert (tc.id is not None) == (entries == 1)  # id and name on the first only
             finish = c.finish_reason or finish
-    assert finish == "tool_calls" and len(names) == 1
+    assert finish == "tool_calls" and len(names) == 1 and entries > 2
     assert names[0] in ("get_weather", "get_time") and isinstance(json.loads(arguments), dict)
 
     # The tool's result goes back; the model answers in text.
