@@ -40,6 +40,7 @@ from splitserve.services.security import TLSConfig, open_channel
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.services.tracing import inject_metadata, stream_span
 from splitserve.v1 import pb, rpc
+from splitserve.wire.kv_chunks import ChunkView, parse_chunk
 from splitserve.wire.kv_codec import (
     KVAssembler,
     KVCodecError,
@@ -67,6 +68,7 @@ Ctx = grpc.aio.ServicerContext
 
 MIN_PULL_BYTES_PER_S = 64 * 1024 * 1024  # the pull deadline grows with the KV's size
 MAX_CHANNELS = 64
+PULL_KV_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Prefill'].full_name}/PullKV"
 RESERVE_POLL_S = 0.05  # how often a prompt waiting for blocks tries again, at most
 
 
@@ -269,8 +271,13 @@ class DecodeServicer(rpc.DecodeServicer):
         if time_left is not None:
             timeout = max(0.001, min(timeout, time_left))
         start = time.perf_counter()
-        stub = rpc.PrefillStub(self._channel(handle.prefill_address))
-        call = stub.PullKV(
+        # PullKV with kv_chunks' parser: each chunk's data stays a view of what gRPC received
+        pull = self._channel(handle.prefill_address).unary_stream(
+            PULL_KV_METHOD,
+            request_serializer=pb.PullKVRequest.SerializeToString,
+            response_deserializer=parse_chunk,
+        )
+        call = pull(
             pb.PullKVRequest(lease_id=handle.lease_id), timeout=timeout, metadata=inject_metadata()
         )
         assembler: KVAssembler | None = None
@@ -278,7 +285,8 @@ class DecodeServicer(rpc.DecodeServicer):
             async for chunk in call:
                 if assembler is None:
                     assembler = _assembler(chunk, llm.runner.kv_format, expected_shape, num_tokens)
-                assembler.add(chunk.offset, chunk.data)
+                # copy, checksum and finite-check off the loop, while the next chunk arrives
+                await asyncio.to_thread(assembler.add, chunk.offset, chunk.data)
                 self.w.metrics.transfer_bytes("received", len(chunk.data))
         except grpc.RpcError as exc:
             raise TransferError(f"PullKV failed: {_describe(exc)}") from None
@@ -286,7 +294,7 @@ class DecodeServicer(rpc.DecodeServicer):
             call.cancel()  # a rejected header stops the sender too
         if assembler is None:
             raise TransferError("PullKV sent no chunks")
-        data = await asyncio.to_thread(assembler.finish)  # checksums tens of MB
+        data = assembler.finish()  # checked as it came: what is left is the last rows
         self.w.metrics.kv_transfer_seconds.observe(time.perf_counter() - start)
         return KVExport(data, num_tokens)
 
@@ -355,10 +363,10 @@ class DecodeServicer(rpc.DecodeServicer):
 
 
 def _assembler(
-    chunk: pb.KVChunk, dtype: object, expected_shape: tuple[int, ...], num_tokens: int
+    chunk: ChunkView, dtype: object, expected_shape: tuple[int, ...], num_tokens: int
 ) -> KVAssembler:
     """Check the header against exactly what the reservation can take, before allocating."""
-    if not chunk.HasField("header"):
+    if chunk.header is None:
         raise TransferError("the first KV chunk has no header")
     h = chunk.header
     header = TransferHeader(h.dtype, tuple(h.shape), h.num_tokens, h.total_bytes, h.crc32)

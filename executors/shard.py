@@ -135,7 +135,7 @@ class ModelShard:
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
         """(local_layers, 2, n, block_size, local_kv_heads, head_dim), a copy."""
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return self.kv_cache[:, :, ids].clone()
+        return self.kv_cache[:, :, ids]  # indexing with a tensor copies: no clone on top
 
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
         expected = (*self.kv_cache.shape[:2], len(block_ids), *self.kv_cache.shape[3:])

@@ -11,9 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from splitserve.prefill.leases import LeaseTable
-from splitserve.prefill.service import PrefillServicer
+from splitserve.prefill.service import PrefillServicer, add_prefill_service
 from splitserve.services.server import ServiceServer, full_service_name
-from splitserve.v1 import rpc
 from splitserve.workers.worker import Build, Worker, add_worker_arguments, run_worker
 
 MIB = 1024 * 1024
@@ -36,7 +35,7 @@ def build(args: argparse.Namespace) -> Build:
             args.max_lease_mib * MIB, args.lease_ttl_s, on_change=worker.metrics.lease_bytes.set
         )
         servicer = PrefillServicer(worker, leases, expire_interval_s=min(1.0, args.lease_ttl_s / 4))
-        rpc.add_PrefillServicer_to_server(servicer, server.grpc)
+        add_prefill_service(servicer, server.grpc)
         return servicer
 
     return make

@@ -25,7 +25,7 @@ class LeaseCapacityError(Exception):
 class Lease:
     lease_id: str
     header: TransferHeader
-    data: bytes
+    data: bytes | memoryview  # the exported KV's bytes (a view of its tensor)
     expires_at: float
     block_ids: tuple[int, ...] = ()
     pulling: bool = False
@@ -34,10 +34,12 @@ class Lease:
     def num_bytes(self) -> int:
         return len(self.data)
 
-    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview]]:
+        """(offset, view) pieces of the KV: views, not copies (wire/kv_chunks.py copies each
+        once, into the message it sends)."""
         view = memoryview(self.data)
         for off in range(0, len(view), chunk_bytes):
-            yield off, bytes(view[off : off + chunk_bytes])
+            yield off, view[off : off + chunk_bytes]
 
 
 class Reservation:
@@ -48,7 +50,9 @@ class Reservation:
         self.num_bytes = num_bytes
         self.done = False
 
-    def commit(self, header: TransferHeader, data: bytes, block_ids: tuple[int, ...] = ()) -> Lease:
+    def commit(
+        self, header: TransferHeader, data: bytes | memoryview, block_ids: tuple[int, ...] = ()
+    ) -> Lease:
         self._end()
         return self.table._add(header, data, block_ids)
 

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -28,7 +29,8 @@ from splitserve.executors.runner import kv_block_bytes
 from splitserve.prefill.leases import Lease, LeaseCapacityError, LeaseTable, Reservation
 from splitserve.services.tracing import extract_context, stream_span, tracer
 from splitserve.v1 import pb, rpc
-from splitserve.wire.kv_codec import CHUNK_BYTES, split_transfer
+from splitserve.wire.kv_chunks import as_wire, encode_chunk
+from splitserve.wire.kv_codec import CHUNK_BYTES, export_transfer
 from splitserve.workers.kv_prefix import PrefixPlan
 from splitserve.workers.worker import (
     OverloadedError,
@@ -114,7 +116,7 @@ class PrefillServicer(rpc.PrefillServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed")
         await abort_with(context, error)
 
-    async def PullKV(self, request: pb.PullKVRequest, context: Ctx) -> AsyncIterator[pb.KVChunk]:
+    async def PullKV(self, request: pb.PullKVRequest, context: Ctx) -> AsyncIterator[bytes]:
         lease = self.leases.begin_pull(request.lease_id)
         if lease is None:
             await context.abort(
@@ -124,10 +126,9 @@ class PrefillServicer(rpc.PrefillServicer):
         with stream_span("prefill.PullKV", context):
             try:
                 for i, (offset, data) in enumerate(lease.chunks(self.chunk_bytes)):
-                    chunk = pb.KVChunk(offset=offset, data=data)
-                    if i == 0:
-                        chunk.header.CopyFrom(self._header(lease))
-                    yield chunk
+                    # the message's wire bytes, built from a view of the lease in one copy;
+                    # registered with kv_chunks.as_wire, which sends them as they are
+                    yield encode_chunk(offset, data, self._header(lease) if i == 0 else None)
                     self.w.metrics.transfer_bytes("sent", len(data))
             finally:
                 self.leases.release(lease.lease_id)  # pulled, or the puller went away
@@ -189,11 +190,11 @@ class PrefillServicer(rpc.PrefillServicer):
         return pb.FINISH_REASON_UNSPECIFIED
 
     async def _lease(self, reservation: Reservation, kv: KVExport) -> Lease:
-        # Serializing and checksumming tens of MB would stall every other RPC on the loop.
-        header, chunks = await asyncio.to_thread(
-            split_transfer, kv.data, kv.num_tokens, 1 << 62, self.kv_format
+        # Checksumming tens of MB would stall every other RPC on the loop. The lease holds a
+        # view of the exported tensor (read_kv's own copy), not another copy of it.
+        header, data = await asyncio.to_thread(
+            export_transfer, kv.data, kv.num_tokens, self.kv_format
         )
-        data = b"".join(c for _, c in chunks)
         return reservation.commit(header, data)
 
     def _response(
@@ -254,3 +255,27 @@ class PrefillServicer(rpc.PrefillServicer):
         m = self.w.metrics
         m.prompt_tokens(out.num_prompt_tokens - out.num_cached_tokens, out.num_cached_tokens)
         m.request_done("prefilled")
+
+
+def add_prefill_service(servicer: PrefillServicer, server: Any) -> None:
+    """The generated registration, except that PullKV's responses go out through
+    `kv_chunks.as_wire`: the chunks are already wire bytes (one copy of the KV, not four)."""
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+            self.service, self.handlers = service, dict(handlers)
+
+    capture = Capture()
+    rpc.add_PrefillServicer_to_server(servicer, capture)
+    pull = capture.handlers["PullKV"]
+    capture.handlers["PullKV"] = grpc.unary_stream_rpc_method_handler(
+        servicer.PullKV,
+        request_deserializer=pull.request_deserializer,
+        response_serializer=as_wire,
+    )
+    generic = grpc.method_handlers_generic_handler(capture.service, capture.handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(capture.service, capture.handlers)

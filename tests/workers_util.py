@@ -154,13 +154,13 @@ async def running(served: Awaitable[Served]) -> AsyncIterator[Served]:
 
 async def serve_prefill(engine: LLMEngine, store=None, max_lease_bytes=1 << 30, ttl_s=30.0, **kw):
     from splitserve.prefill.leases import LeaseTable
-    from splitserve.prefill.service import PrefillServicer
+    from splitserve.prefill.service import PrefillServicer, add_prefill_service
 
     def make(worker: Worker) -> PrefillServicer:
         leases = LeaseTable(max_lease_bytes, ttl_s, on_change=worker.metrics.lease_bytes.set)
         return PrefillServicer(worker, leases, **kw)
 
-    return await _serve("prefill", engine, store, make, rpc.add_PrefillServicer_to_server)
+    return await _serve("prefill", engine, store, make, add_prefill_service)
 
 
 async def serve_decode(engine: LLMEngine, store=None, role: str = "decode", **kw) -> Served:

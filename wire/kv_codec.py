@@ -71,6 +71,15 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.view(_SAME_WIDTH_INT.get(t.dtype, t.dtype)).numpy().tobytes()
 
 
+def tensor_view(t: torch.Tensor) -> memoryview:
+    """`t`'s elements in C order as a flat byte view, without a copy when `t` is contiguous
+    (the view keeps `t` alive); a non-contiguous `t` is copied once, as `tensor_bytes` does."""
+    t = t.detach().cpu()
+    if not t.is_contiguous():
+        return memoryview(tensor_bytes(t))
+    return memoryview(t.view(_SAME_WIDTH_INT.get(t.dtype, t.dtype)).numpy()).cast("B")
+
+
 def bytes_to_tensor(
     data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: Sequence[int]
 ) -> torch.Tensor:
@@ -235,6 +244,18 @@ def split_transfer(
     return header, chunks()
 
 
+def export_transfer(
+    kv: torch.Tensor, num_tokens: int, fmt: str | None = None
+) -> tuple[TransferHeader, memoryview]:
+    """A header and `kv`'s bytes as a view (no copy): what a prefill worker holds under a
+    lease and cuts into chunks as it sends them (wire/kv_chunks.py)."""
+    name = fmt or dtype_name(kv.dtype)
+    if DTYPE_NAMES.get(name) != kv.dtype:
+        raise KVCodecError(f"a {kv.dtype} tensor can't be sent as {name}", "dtype")
+    data = tensor_view(kv)
+    return TransferHeader(name, tuple(kv.shape), num_tokens, len(data), zlib.crc32(data)), data
+
+
 class KVAssembler:
     """Reassembles one transfer; validates the header against what the receiver can accept."""
 
@@ -267,23 +288,36 @@ class KVAssembler:
         self.header, self.dtype, self.format = header, dtype, header.dtype
         self._buf = bytearray(nbytes)
         self._received = 0
+        # Checked as the chunks come (while the next one is on its way), not all at the end:
+        # the running CRC-32, and the finite check up to the last whole row received.
+        self._crc = 0
+        self._checked = 0
+        self._row = header.shape[-1] if header.dtype in PACKED_FORMATS else dtype.itemsize
 
-    def add(self, offset: int, data: bytes) -> None:
+    def add(self, offset: int, data: bytes | memoryview) -> None:
         if offset != self._received or offset + len(data) > len(self._buf):
             raise KVCodecError(
                 f"KV chunk at offset {offset} (+{len(data)}) out of order", "truncated"
             )
         self._buf[offset : offset + len(data)] = data
         self._received += len(data)
+        self._crc = zlib.crc32(data, self._crc)
+        self._check_rows(self._received - self._received % self._row)
+
+    def _check_rows(self, end: int) -> None:
+        if end > self._checked:
+            view = memoryview(self._buf)[self._checked : end]
+            check_finite(view, self.format, self.header.shape[-1])
+            self._checked = end
 
     def finish(self) -> torch.Tensor:
         if self._received != len(self._buf):
             raise KVCodecError(
                 f"KV transfer ended after {self._received} of {len(self._buf)} bytes", "truncated"
             )
-        if zlib.crc32(self._buf) != self.header.crc32:
+        if self._crc != self.header.crc32:
             raise KVCodecError("KV transfer checksum mismatch", "checksum")
-        check_finite(self._buf, self.format, self.header.shape[-1])
+        self._check_rows(len(self._buf))
         return (
             torch.frombuffer(self._buf, dtype=torch.uint8)
             .view(self.dtype)

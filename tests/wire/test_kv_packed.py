@@ -70,3 +70,19 @@ def test_bad_scales_and_fp8_nans_are_refused():
     int8 = packed("int8").numpy().reshape(-1, 10).copy()
     int8[:, :8] = 0x7F  # 127 is a fine int8 value
     check_finite(int8.tobytes(), "kv_int8", 10)
+
+
+def test_a_bad_row_across_a_chunk_boundary_is_refused():
+    # rows of 10 bytes in chunks of 64: the assembler checks whole rows as they complete, so
+    # a row cut in two by a chunk boundary is checked once its second half arrives
+    kv = packed("int8", (2, 2, 5, 4, 3, 8)).clone()
+    flat = kv.view(-1, 10)
+    row = 64 // 10  # bytes 60..69: across the first boundary
+    flat[row, 8:] = torch.tensor([0x80, 0x7F], dtype=torch.uint8)  # a nan bfloat16 scale
+    header, chunks = split_transfer(kv, 17, chunk_bytes=64, fmt="kv_int8")
+    asm = KVAssembler(header, "kv_int8", (2, 2, 64, 4, 3, 10))
+    chunks = list(chunks)
+    asm.add(*chunks[0])  # the bad row is not whole yet
+    with pytest.raises(KVCodecError) as err:
+        asm.add(*chunks[1])
+    assert err.value.reason == "nonfinite"
