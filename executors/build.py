@@ -35,6 +35,7 @@ def create_engine(config: EngineConfig, checkpoint: Checkpoint | None = None) ->
     ckpt = checkpoint or open_checkpoint(config.model)
     config = resolve_quantization(config, ckpt)
     runner = ModelRunner(ckpt.config, config, ckpt.refs(), ckpt.num_tensors)
+    ckpt.drop_file_pages()
     return LLMEngine(config, ckpt.config, runner, ckpt.tokenizer, model_id=ckpt.config.name)
 
 

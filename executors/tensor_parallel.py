@@ -628,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         comm = _LateComm()
         spec = ShardSpec(rank, args.size, *layers)
         shard = ModelShard(model_cfg, engine_cfg, spec, num_blocks, tensors, num_tensors, comm)
+        if not random_weights:
+            ckpt.drop_file_pages()
     except Exception as exc:
         if not isinstance(exc, ValueError):  # not a plain bad-input error: keep the trace
             log.exception("could not start")

@@ -104,6 +104,7 @@ class GGUFFile:
             raise ValueError(f"bad general.alignment {alignment}")
         start = -(-self._pos // alignment) * alignment
         whole = np.memmap(self.path, dtype=np.uint8, mode="r") if infos else None
+        self._whole = whole
         self.tensors: list[GGUFTensor] = []
         seen: set[str] = set()
         for name, dims, kind, offset in infos:
@@ -119,6 +120,15 @@ class GGUFFile:
             self.tensors.append(
                 GGUFTensor(name, qtype, dims, n_elements, n_bytes, start + offset, whole)
             )
+
+    def drop_pages(self) -> None:
+        """Let the file's pages go from this process's resident memory (they stay in the page
+        cache, and come back on the next read): once a model is loaded its weights live in
+        the model's own tensors, and the mapped file would otherwise count its full size in
+        the worker's RSS for as long as the checkpoint is open."""
+        mm = getattr(getattr(self, "_whole", None), "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     # ---- primitive reads --------------------------------------------------------------------
     def _take(self, n: int) -> memoryview:

@@ -142,7 +142,9 @@ def open_gguf(path: str) -> Checkpoint:
             blocks = functools.partial(_read_blocks, tensor, hf_name, config)
             yield hf_name, TensorRef(shape, reader, blocks)
 
-    return Checkpoint(path, config, tokenizer, len(tensors), source, refs)
+    return Checkpoint(
+        path, config, tokenizer, len(tensors), source, refs, _drop_pages=reader.drop_pages
+    )
 
 
 def _open_reader(path: str) -> GGUFFile:

@@ -95,6 +95,14 @@ class Checkpoint:
     # how the file itself stores its linears at low precision, served that way under
     # `--quantization auto`: None (float or GGUF), or ("int4", group size) for AWQ/GPTQ
     quantization: tuple[str, int] | None = None
+    # gives the file's mapped pages back once the weights are loaded (GGUF); None: nothing to do
+    _drop_pages: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def drop_file_pages(self) -> None:
+        """Call once the model's weights are in place: the file's mapped pages stop counting
+        in this process's resident memory (safe: a later read maps them in again)."""
+        if self._drop_pages is not None:
+            self._drop_pages()
 
     def tensors(self, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(hf_name, tensor)` one at a time, restricted to `names` when given.

@@ -449,6 +449,8 @@ def load_runtime(args: argparse.Namespace) -> StageRuntime:
         cfg, tensors, num = ckpt.config, ckpt.refs(), ckpt.num_tensors
     layers = (spec.first_layer, spec.last_layer)
     shard = build_stage_shard(cfg, spec.engine, layers, spec.num_blocks, tensors, num)
+    if ckpt is not None:
+        ckpt.drop_file_pages()
     return StageRuntime(spec, cfg, shard)
 
 
