@@ -28,14 +28,67 @@ TB = 1e12
 
 WEIGHT_DTYPE_BYTES = {name: float(c.mid) for name, c in DTYPE_BYTES.items()}
 KV_DTYPE_BYTES = {name: int(DTYPE_BYTES[name].mid) for name in KV_DTYPES}
+# What splitserve allocates beside the values, so that a plan is what the engine holds:
+# 8-bit KV rows carry one bfloat16 scale per token, KV head and K/V (model/kv_quant.py);
+# int8 weights one bfloat16 scale per output row; int4 weights a bfloat16 scale and zero per
+# group of 32 inputs, with the embedding and LM head kept in int8 (model/quant_linear.py).
+KV_ROW_SCALE_BYTES = 2
+INT8_ROW_SCALE_BYTES = 2
+INT4_GROUP, INT4_GROUP_BYTES = 32, 4
+NORM_DTYPE = "fp16"  # under int8/int4 the norms stay in the model's 16-bit dtype
 # Tensor parallelism stays inside a node of MAX_TP GPUs; beyond that, pipeline stages.
 TP_DEGREES = tuple(2**i for i in range(int(math.log2(data.MAX_TP.mid)) + 1))
 KV_READS_NOTE_BELOW = 0.75  # a note when full-context KV reads cut the ceiling below this share
 
 
+def kv_row_bytes(head_dim: int, kv_dtype: str) -> int:
+    """One token's K (or V) of one KV head as the engine stores it: the values, and an 8-bit
+    cache's scale."""
+    size = KV_DTYPE_BYTES[kv_dtype]
+    return head_dim * size + (KV_ROW_SCALE_BYTES if size == 1 else 0)
+
+
 def kv_bytes_per_token(a: Architecture, kv_dtype: str = "fp16") -> int:
-    """K and V of one token: 2 x layers x kv_heads x head_dim x bytes per element."""
-    return 2 * a.num_layers * a.num_kv_heads * a.head_dim * KV_DTYPE_BYTES[kv_dtype]
+    """K and V of one token: 2 x layers x kv_heads x (head_dim x bytes per element + an
+    8-bit cache's scale)."""
+    return 2 * a.num_layers * a.num_kv_heads * kv_row_bytes(a.head_dim, kv_dtype)
+
+
+def bytes_per_param(a: Architecture, weight_dtype: str) -> dict[str, float]:
+    """Bytes a parameter takes, by kind ("matrix": the layers' linears, "table": embedding
+    and LM head, "norm"), scales included."""
+    wb = WEIGHT_DTYPE_BYTES[weight_dtype]
+    if weight_dtype not in ("int8", "int4"):
+        return {"matrix": wb, "table": wb, "norm": wb}
+    int8_table = 1 + INT8_ROW_SCALE_BYTES / a.hidden_size
+    norm = WEIGHT_DTYPE_BYTES[NORM_DTYPE]
+    if weight_dtype == "int8":
+        # a scale per output row: over one row's inputs (hidden or intermediate wide), on average
+        matrix = 1 + INT8_ROW_SCALE_BYTES * _rows_per_param(a)
+    else:
+        matrix = wb + INT4_GROUP_BYTES / INT4_GROUP
+    return {"matrix": matrix, "table": int8_table, "norm": norm}
+
+
+def _rows_per_param(a: Architecture) -> float:
+    """Output rows per parameter over one layer's linears (each row has one int8 scale)."""
+    q, kv, h, f = (
+        a.num_heads * a.head_dim,
+        a.num_kv_heads * a.head_dim,
+        a.hidden_size,
+        a.intermediate_size,
+    )
+    rows = q + 2 * kv + h + 2 * f + h  # q, k, v, o; gate, up; down
+    params = h * q + 2 * h * kv + q * h + 3 * h * f
+    return rows / params
+
+
+def weight_bytes(a: Architecture, weight_dtype: str) -> float:
+    """The whole model's weights as the engine holds them."""
+    p, b = count_params(a), bytes_per_param(a, weight_dtype)
+    matrices = p.num_layers * (p.attention_per_layer + p.mlp_per_layer)
+    norms = p.num_layers * p.norms_per_layer + p.final_norm
+    return matrices * b["matrix"] + (p.embeddings + p.lm_head) * b["table"] + norms * b["norm"]
 
 
 def valid_tp_degrees(a: Architecture) -> list[int]:
@@ -73,7 +126,7 @@ def layout_stages(
     and pp > 1 the last stage keeps its own copy of the embedding matrix).
     """
     p = count_params(a)
-    wb = WEIGHT_DTYPE_BYTES[weight_dtype]
+    b = bytes_per_param(a, weight_dtype)
     kv_heads_per_gpu = a.num_kv_heads // tp if tp <= a.num_kv_heads else 1
     # Per token per layer: 2 FLOPs per weight of q, k, v, o and the MLP, plus QK^T and AV
     # over the whole context (2 x 2 x heads x head_dim x context).
@@ -84,24 +137,17 @@ def layout_stages(
     stages = []
     for i in range(pp):
         layers = base + (1 if i < extra else 0)
-        split = layers * (p.attention_per_layer + p.mlp_per_layer)
-        replicated = layers * p.norms_per_layer
+        split = layers * (p.attention_per_layer + p.mlp_per_layer) * b["matrix"]
+        replicated = layers * p.norms_per_layer * b["norm"]
         flops = layers * layer_flops
         if i == 0:
-            split += p.embeddings  # a lookup: memory, no FLOPs
+            split += p.embeddings * b["table"]  # a lookup: memory, no FLOPs
         if i == pp - 1:
-            replicated += p.final_norm
-            split += p.lm_head if (p.lm_head or pp == 1) else p.embeddings
+            replicated += p.final_norm * b["norm"]
+            split += (p.lm_head if (p.lm_head or pp == 1) else p.embeddings) * b["table"]
             flops += 2 * p.embeddings  # the lm_head matmul (tied or not: vocab x hidden)
-        kv = batch * context * 2 * layers * kv_heads_per_gpu * a.head_dim
-        stages.append(
-            Stage(
-                layers,
-                (split / tp + replicated) * wb,
-                float(kv * KV_DTYPE_BYTES[kv_dtype]),
-                flops / tp,
-            )
-        )
+        kv = batch * context * 2 * layers * kv_heads_per_gpu * kv_row_bytes(a.head_dim, kv_dtype)
+        stages.append(Stage(layers, split / tp + replicated, float(kv), flops / tp))
     return stages
 
 
@@ -181,7 +227,7 @@ def plan(
     arch = model if isinstance(model, Architecture) else resolve_model(model)
 
     p = count_params(arch)
-    weight_bytes = p.total * WEIGHT_DTYPE_BYTES[weight_dtype]
+    weights = weight_bytes(arch, weight_dtype)
     kv_tok = kv_bytes_per_token(arch, kv_dtype)
     kv_bytes = kv_tok * context * batch
     usable = g.memory_gb * (1 - headroom)
@@ -207,14 +253,14 @@ def plan(
             "mlp": p.num_layers * p.mlp_per_layer,
             "norms": p.num_layers * p.norms_per_layer + p.final_norm,
         },
-        weight_bytes=weight_bytes,
+        weight_bytes=weights,
         kv_bytes_per_token=kv_tok,
         kv_bytes=float(kv_bytes),
-        total_bytes=weight_bytes + kv_bytes,
+        total_bytes=weights + kv_bytes,
         gpu_memory_gb=g.memory_gb,
         usable_gb_per_gpu=usable,
-        fits_one_gpu=weight_bytes + kv_bytes <= usable * GB,
-        single_gpu_passes_per_s=g.bandwidth_tbs * TB / weight_bytes,
+        fits_one_gpu=weights + kv_bytes <= usable * GB,
+        single_gpu_passes_per_s=g.bandwidth_tbs * TB / weights,
         layout=layout,
     )
     result.notes = plan_notes(result, arch, g)
@@ -352,15 +398,17 @@ def _quantization_notes(r: Plan) -> list[str]:
         fp16_total = r.params["total"] * WEIGHT_DTYPE_BYTES["fp16"] + r.kv_bytes
         less = 1 - r.total_bytes / fp16_total
         notes.append(
-            f"int4 weights at {WEIGHT_DTYPE_BYTES['int4']:g} B/param (no group scales, no fp16 "
-            f"embeddings or lm_head): weights + KV {r.total_bytes / GB:,.2f} GB, {less:.0%} less "
+            f"int4 weights at {WEIGHT_DTYPE_BYTES['int4'] + INT4_GROUP_BYTES / INT4_GROUP:g} "
+            f"B/param in the layers (a 16-bit scale and zero per {INT4_GROUP} inputs; embedding "
+            f"and lm_head in int8): weights + KV {r.total_bytes / GB:,.2f} GB, {less:.0%} less "
             f"than with fp16 weights; cited {data.AWQ_INT4_SAVING} "
             f"[{DTYPE_BYTES['int4'].key}, {data.AWQ_INT4_SAVING.key}]"
         )
     if KV_DTYPE_BYTES[r.kv_dtype] == 1:
-        fp16_kv = r.kv_bytes * KV_DTYPE_BYTES["fp16"]
+        hd = r.architecture["head_dim"]
+        fp16_kv = r.kv_bytes * kv_row_bytes(hd, "fp16") / kv_row_bytes(hd, r.kv_dtype)
         notes.append(
-            f"KV in {r.kv_dtype}: {r.kv_bytes / GB:,.2f} GB, {fp16_kv / r.kv_bytes:g}x as many "
+            f"KV in {r.kv_dtype}: {r.kv_bytes / GB:,.2f} GB, {fp16_kv / r.kv_bytes:.2f}x as many "
             f"sequences per GB as fp16 ({fp16_kv / GB:,.2f} GB); cited {data.KV_8BIT_SEQUENCES} "
             f"[{data.KV_8BIT_SEQUENCES.key}]"
         )

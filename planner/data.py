@@ -64,8 +64,8 @@ DTYPE_BYTES: dict[str, Cited] = {
         Cited("dtype.bf16", 2, " B", "formats", "bfloat16: 16 bits (8 exponent, 7 fraction)"),
         Cited("dtype.fp8", 1, " B", "formats", "OCP FP8 (E4M3 and E5M2): 8 bits"),
         Cited("dtype.int8", 1, " B", "formats", "8-bit integers"),
-        Cited("dtype.int4", 0.5, " B", "formats", "4-bit integers, two to a byte; AWQ/GPTQ "
-              "group scales and any fp16 embeddings or lm_head are not counted"),
+        Cited("dtype.int4", 0.5, " B", "formats", "4-bit integers, two to a byte (a plan adds "
+              "the group scales and the int8 embedding and lm_head the engine keeps)"),
         Cited("dtype.fp32", 4, " B", "formats", "IEEE 754 binary32: 32 bits"),
     )
 }  # fmt: skip

@@ -28,7 +28,11 @@ def _cite(*keys: str) -> str:
 
 def format_plan(r: Plan) -> str:
     a, p = r.architecture, r.params
-    kvb = r.kv_bytes_per_token // (2 * a["num_layers"] * a["num_kv_heads"] * a["head_dim"])
+    row = r.kv_bytes_per_token // (2 * a["num_layers"] * a["num_kv_heads"])  # one head's K or V
+    kvb = row // a["head_dim"]
+    per_head = f"{a['head_dim']} x {kvb} B"
+    if row % a["head_dim"]:  # an 8-bit cache: each row also holds its scale
+        per_head = f"({per_head} + {row - kvb * a['head_dim']} B scale)"
     nominal = f" ({r.nominal})" if r.nominal else ""
     model_key = f"model.{r.model}" if a["repo"] else ""
     gpu_key = f"gpu.{r.gpu}"
@@ -46,7 +50,7 @@ def format_plan(r: Plan) -> str:
         f"weights      {_gb(r.weight_bytes)} ({r.weight_dtype}, "
         f"{r.weight_bytes / p['total']:g} B/param)" + _cite(f"dtype.{r.weight_dtype}"),
         f"KV cache     {r.kv_bytes_per_token:,} B/token (2 x {a['num_layers']} layers x "
-        f"{a['num_kv_heads']} KV heads x {a['head_dim']} x {kvb} B); {r.batch} x {r.context:,} "
+        f"{a['num_kv_heads']} KV heads x {per_head}); {r.batch} x {r.context:,} "
         f"tokens: {_gb(r.kv_bytes)} ({r.kv_bytes / 2**30:,.2f} GiB)" + _cite(f"dtype.{r.kv_dtype}"),
         f"total        {_gb(r.total_bytes)}",
         f"one GPU      {'fits' if r.fits_one_gpu else 'does not fit'}: {_gb(r.total_bytes)} "

@@ -138,7 +138,8 @@ def test_article_kv_cache_llama_3_70b_4k_batch_32():
 def test_kv_dtypes_scale_the_cache():
     fp8 = plan("llama-3-70b", "h100", 4096, 32, kv_dtype="fp8")
     fp32 = plan("llama-3-70b", "h100", 4096, 32, kv_dtype="fp32")
-    assert fp8.kv_bytes_per_token == 2 * 80 * 8 * 128 * 1
+    # an 8-bit row carries splitserve's bfloat16 scale: 128 values + 2 bytes per KV head
+    assert fp8.kv_bytes_per_token == 2 * 80 * 8 * (128 * 1 + 2) == 166_400
     assert fp32.kv_bytes_per_token == 2 * 80 * 8 * 128 * 4
 
 
@@ -160,9 +161,14 @@ def test_70b_fp16_fits_one_mi300x_at_small_batch_only():
 
 
 def test_int4_70b_fits_one_h100():
-    # 70.55e9 x 0.5 B = 35.28 GB + 10.74 GB of KV (4K x 8) = 46.0 GB <= 72 GB
+    # What the engine holds under int4: the layers' matrices at 0.5 B + a 2-byte scale and a
+    # 2-byte zero per 32 inputs (0.625 B), embedding and lm_head in int8 with a 2-byte scale
+    # per row (1 + 2/8192 B), norms in 16 bits. 44.89 GB + 10.74 GB of KV (4K x 8) <= 72 GB.
+    matrices = 80 * (L3_70B_ATTN + L3_70B_MLP) * 0.625  # 42,781,900,800
+    tables = 2 * L3_70B_EMBED * (1 + 2 / 8192)  # 2,101,859,328
+    norms = L3_70B_NORM_PARAMS * 2  # 2,637,824
     r = plan("llama-3-70b", "h100", 4096, 8, weight_dtype="int4")
-    assert r.weight_bytes == L3_70B_PARAMS / 2
+    assert r.weight_bytes == matrices + tables + norms == 44_886_397_952
     assert r.fits_one_gpu and r.layout.gpus == 1
     # At 4K x 32 the fp16 KV (42.95 GB) pushes it to 78.2 GB: over one H100 after all.
     assert not plan("llama-3-70b", "h100", 4096, 32, weight_dtype="int4").fits_one_gpu
