@@ -59,15 +59,23 @@ def _weights(model: str | None):
     ckpt = open_checkpoint(model)
     names = {f"model.layers.0.{p}.weight" for parts in LAYER_WEIGHTS.values() for p in parts}
     head = "lm_head.weight" if not ckpt.config.tie_word_embeddings else "model.embed_tokens.weight"
-    tensors = dict(ckpt.tensors(names | {head}))
+    refs = {name: ref for name, ref in ckpt.refs() if name in names | {head}}
+    tensors = {name: ref.read() for name, ref in refs.items()}
     fused = {
         kind: torch.cat([tensors[f"model.layers.0.{p}.weight"] for p in parts])
         for kind, parts in LAYER_WEIGHTS.items()
     }
-    return ckpt, fused, tensors[head]
+    # the file's own blocks for each weight (GGUF), as the engine serves them
+    stored = {
+        kind: [refs[f"model.layers.0.{p}.weight"].read_blocks() for p in parts]
+        for kind, parts in LAYER_WEIGHTS.items()
+    }
+    stored["head"] = [refs[head].read_blocks()]
+    stored = {k: v if all(b is not None for b in v) else None for k, v in stored.items()}
+    return ckpt, fused, tensors[head], stored
 
 
-def _modules(weight, copies: int, backend: str):
+def _modules(weight, copies: int, backend: str, stored=None):
     from torch import nn
 
     from splitserve.model.block_linear import to_blocks
@@ -79,7 +87,7 @@ def _modules(weight, copies: int, backend: str):
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         lin.weight.data = weight.clone()
         if backend == "blocks":
-            mod = to_blocks(lin)
+            mod = to_blocks(lin, stored)
             if mod is None:
                 return None
         elif backend == "int8":
@@ -119,23 +127,23 @@ def run(args: Any) -> int:
     if load_kernel() is None or not onednn_available():
         print("bench linear: needs the block kernel and oneDNN, and one is missing here")
         return 1
-    ckpt, fused, head = _weights(args.model)
+    ckpt, fused, head, stored = _weights(args.model)
     layers = ckpt.config.num_layers
     extra = [b for b in args.backends.split(",") if b in ("int8", "int4")]
     backends = ["blocks", "onednn", "torch", *extra]
     shapes = {**fused, "head": head}
     results: dict[str, dict[str, float]] = {b: {} for b in backends}
     errors: dict[str, float] = {}
+    formats: dict[str, str] = {}  # kind -> the kernel format(s) its blocks are in
     total = len(shapes) * len(backends) * len(rows)
     with torch.inference_mode(), tqdm(total=total, desc="bench linear", leave=False) as bar:
         for kind, weight in shapes.items():
             copies = 1 if kind == "head" else (2 if args.quick else layers)
-            mods = {b: _modules(weight, copies, b) for b in backends}
+            mods = {b: _modules(weight, copies, b, stored[kind]) for b in backends}
             if mods["blocks"] is None:
-                print(
-                    f"bench linear: the {kind} weight is not in Q4_1/Q8_0 blocks; nothing to time"
-                )
+                print(f"bench linear: the {kind} weight is not in blocks; nothing to time")
                 return 1
+            formats[kind] = repr(mods["blocks"][0]).split(", ")[-1].rstrip(")")
             for m in rows:
                 x = torch.randn(m, weight.shape[1], generator=torch.Generator().manual_seed(m))
                 want = x @ weight.t()
@@ -147,6 +155,7 @@ def run(args: Any) -> int:
                     bar.update()
             del mods
     lines = _report(ckpt.path, layers, rows, results, errors, args.threads, kernel_usable())
+    lines.insert(1, "blocks formats: " + ", ".join(f"{k} {v}" for k, v in formats.items()))
     lines += _quant_report(rows, results)
     final = final_line(FINAL_KEY, _ratio(results, 16 if 16 in rows else rows[-1]))
     finish(args, lines, final, lambda: {"rows": rows, "seconds": results, "max_abs_err": errors})
