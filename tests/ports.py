@@ -33,11 +33,30 @@ def offset_band() -> range:
     return range(start, start + width - PLAN_SPAN)
 
 
+# The routers' own ports: below Linux's ephemeral range (32768-60999), where the OS never hands
+# one to an outgoing connection between our check that it is free and the router's bind (a
+# port the OS picked for `free_ports` is one it may pick again for any client at once: CI once
+# lost a whole mesh to that).
+ROUTER_PORTS = range(25000, 32700)
+
+
+def router_port_pair() -> tuple[int, int]:
+    """Two ports from this xdist worker's share of ROUTER_PORTS (checked free by the caller)."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    width = len(ROUTER_PORTS) // count
+    http = random.randrange(
+        ROUTER_PORTS.start + index * width, ROUTER_PORTS.start + (index + 1) * width - 1
+    )
+    return http, http + 1
+
+
 def up_args(*extra: str) -> list[str]:
-    """`up` flags on ports nobody uses: free router ports, an offset from this worker's band."""
-    http, grpc_port = free_ports(2)
+    """`up` flags on ports nobody uses: router ports below the ephemeral range, an offset from
+    this worker's band."""
     band = offset_band()
     for _ in range(50):
+        http, grpc_port = router_port_pair()
         argv = ["--http-port", str(http), "--grpc-port", str(grpc_port)]
         argv += ["--port-offset", str(random.choice(band)), *extra]
         try:

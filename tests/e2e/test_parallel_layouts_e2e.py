@@ -11,11 +11,20 @@ The real model's layouts are covered by the TP, PP and DP modules.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from mesh_fixtures import RPC_TIMEOUT_S, RunningMesh, assert_idle, greedy, start_mesh, stream_ids
+from mesh_fixtures import (
+    RPC_TIMEOUT_S,
+    RunningMesh,
+    assert_idle,
+    greedy,
+    metric_samples,
+    start_mesh,
+    stream_ids,
+)
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
@@ -67,8 +76,23 @@ def layout_mesh(
         mesh.stop()
 
 
+def wait_decode_workers_healthy(mesh: RunningMesh, count: int, timeout_s: float = 60.0) -> None:
+    """Until the router has `count` decode workers healthy: on a loaded machine the second
+    replica's first health check can come after the router already serves, and requests sent
+    before it would all go to the first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        samples = metric_samples(mesh.router_metrics(), "splitserve_router_worker_healthy")
+        if sum(v for labels, v in samples if labels.get("role") == "decode") >= count:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the router never saw {count} decode workers healthy\n{mesh.tails()}")
+
+
 def test_layout_matches_the_single_process_engine(layout_mesh, expected, tiny_engine):
     name, mesh = layout_mesh
+    if name == "dp2":
+        wait_decode_workers_healthy(mesh, 2)
     stub = mesh.inference()
 
     def one(i: int) -> list[int]:
