@@ -38,3 +38,7 @@ def add_parser(sub) -> None:
     from splitserve.bench import serve
 
     serve.add_parser(bsub)
+
+    from splitserve.bench import kv_handoff
+
+    kv_handoff.add_parser(bsub)
