@@ -245,14 +245,15 @@ def test_tool_calling_round_trip_with_the_openai_client(disagg_mesh: RunningMesh
     """call (named, then required and streamed) -> the tool's result -> the answer."""
     client, model = disagg_mesh.openai(), _model(disagg_mesh)
     messages: list = [{"role": "user", "content": "What is the weather in Paris?"}]
-    first = client.chat.completions.create(
-        model=model,
-        messages=messages,
-        tools=[WEATHER_TOOL, TIME_TOOL],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        temperature=0,
-        max_tokens=60,
-    )
+    named = {
+        "model": model,
+        "messages": messages,
+        "tools": [WEATHER_TOOL, TIME_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "temperature": 0,
+        "max_tokens": 60,
+    }
+    first = client.chat.completions.create(**named)
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -264,14 +265,7 @@ def test_tool_calling_round_trip_with_the_openai_client(disagg_mesh: RunningMesh
     # then the arguments in fragments as they are generated, which it accumulates into the
     # non-streamed call.
     fragments = []
-    with client.chat.completions.stream(
-        model=model,
-        messages=messages,
-        tools=[WEATHER_TOOL, TIME_TOOL],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        temperature=0,
-        max_tokens=60,
-    ) as events:
+    with client.chat.completions.stream(**named) as events:
         for event in events:
             if event.type == "tool_calls.function.arguments.delta" and event.arguments_delta:
                 assert event.name == "get_weather"
