@@ -239,15 +239,14 @@ def _with_flags(spec: Any, extra: Sequence[str]) -> Any:
 def _topology(
     settings: FaultSettings, up_flags: Sequence[str], router_flags: Sequence[str], secrets: str
 ) -> Any:
-    from splitserve.bench.mesh_runner import local_topology, place, up_args
-    from splitserve.launcher.up import free_ports
+    from splitserve.bench.mesh_runner import local_topology, place, router_ports, up_args
 
-    grpc_port, http_port = free_ports(2)
     engine = ["--kv-cache-mib", str(settings.kv_cache_mib), "--threads", "1"]
     if settings.model:
         engine += ["--model", settings.model]
 
     def build(offset: int) -> Any:
+        grpc_port, http_port = router_ports(offset, 2)
         args = up_args(
             engine,
             *up_flags,

@@ -40,8 +40,7 @@ import grpc
 
 from splitserve.bench.workload import BenchRequest, ThroughputResult, check_generated
 from splitserve.launcher.supervisor import Console, Mesh, StartupError
-from splitserve.launcher.topology import ServiceSpec, Topology
-from splitserve.launcher.up import free_ports
+from splitserve.launcher.topology import METRICS_PORT, ServiceSpec, Topology
 from splitserve.services.security import TLSConfig, open_channel
 
 if TYPE_CHECKING:
@@ -57,6 +56,10 @@ PORT_OFFSET_STEP = 300  # wider than either cluster of bases in any plan a bench
 # "START-STOP": the offsets this process's meshes keep to (pytest gives each xdist worker a band
 # of its own, so two benchmarks started at once by two test processes never plan one port).
 PORT_OFFSETS_ENV = "SPLITSERVE_BENCH_PORT_OFFSETS"
+# The routers' ports, per plan: inside the plan's step, past the worker metrics ports (9100 +
+# one per worker), so below Linux's ephemeral range (32768 and up). A port the OS picks as free
+# is one it may hand to an outgoing connection before the router binds it: these it never does.
+ROUTER_PORTS_AT = METRICS_PORT + 200
 # No proxy may see loopback traffic; large KV never crosses this client, token streams only.
 CLIENT_CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
@@ -154,13 +157,18 @@ def without_kvstore(topology: Topology) -> Topology:
     return replace(topology, services=services)
 
 
+def router_ports(offset: int, n: int) -> list[int]:
+    """`n` router ports of the plan at `offset` (checked free with the rest by `place`)."""
+    return [ROUTER_PORTS_AT + offset + i for i in range(n)]
+
+
 def colocated_topology(engine_flags: Sequence[str], replicas: int = 1) -> Topology:
     """Router + `replicas` colocated workers, no kvstore: with one, a single engine process
     does all the work; with more, the router spreads requests over data-parallel replicas."""
-    grpc_port, http_port = free_ports(2)
     secrets = secrets_dir()
 
     def build(offset: int) -> Topology:
+        grpc_port, http_port = router_ports(offset, 2)
         args = up_args(
             engine_flags,
             *("--colocated", "--decode", str(replicas), "--port-offset", str(offset)),
@@ -211,10 +219,10 @@ def split_routers(
 
 def disagg_topology(engine_flags: Sequence[str]) -> Topology:
     """kvstore (in memory), prefill-0, prefill-1, decode-0, `router` and `router-cold`."""
-    ports = free_ports(5)
     secrets = secrets_dir()
 
     def build(offset: int) -> Topology:
+        ports = router_ports(offset, 5)
         args = up_args(
             engine_flags,
             *("--prefill", "2", "--decode", "1", "--port-offset", str(offset)),

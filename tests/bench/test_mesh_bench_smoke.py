@@ -195,6 +195,10 @@ def test_disagg_topology_gives_each_router_its_own_prefill_worker():
     assert cold.ports["grpc"] == int(cold.args[cold.args.index("--grpc-port") + 1])
     ports = [p for s in t.services for p in s.ports.values()]
     assert len(ports) == len(set(ports))
+    # the routers' public ports are the plan's own, below the OS's ephemeral range: never
+    # handed to an outgoing connection between the free-port check and the bind
+    for router in ("router", "router-cold"):
+        assert all(t.service(router).ports[p] < 32768 for p in ("grpc", "http"))
     for w in ("prefill-0", "prefill-1", "decode-0"):
         assert "--kvstore" in t.service(w).args and "metrics" in t.service(w).ports
 
