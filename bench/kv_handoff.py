@@ -52,8 +52,13 @@ def add_parser(bsub: Any) -> None:
 
 
 # ---- the baseline: bare grpc.aio between two processes --------------------------------------
-def _probe_server(port: int, total: int, ready: Any) -> None:
+def _probe_server(port: int, total: int, ready: Any, parent: int) -> None:
     import grpc
+
+    from splitserve.services.parent import PARENT_PID_ENV, follow_launcher
+
+    os.environ[PARENT_PID_ENV] = str(parent)
+    follow_launcher()  # a benchmark killed with SIGKILL takes its probe server along
 
     async def main() -> None:
         payload = os.urandom(PROBE_MESSAGE)
@@ -92,7 +97,8 @@ def grpc_ceiling(total_bytes: int, runs: int = 4) -> float:
     port = free_port()
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
-    proc = ctx.Process(target=_probe_server, args=(port, total_bytes, ready), daemon=True)
+    args = (port, total_bytes, ready, os.getpid())
+    proc = ctx.Process(target=_probe_server, args=args, daemon=True)
     proc.start()
     try:
         if not ready.wait(60):

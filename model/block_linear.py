@@ -1,4 +1,4 @@
-"""Linear layers whose weights stay in the checkpoint's 4-/8-bit blocks (Q4_1, Q8_0) on CPU.
+"""Linear layers whose weights stay in the checkpoint's 4- to 8-bit GGUF blocks, on CPU.
 
 Decode on a CPU is bound by memory bandwidth: every step streams every weight once, and in
 float32 SmolLM2-135M is 540 MB of them. The GGUF file we serve stores the layers as Q4_1 and
@@ -6,12 +6,13 @@ the embedding/LM head as Q8_0, 96 MB in all; the other backends dequantize that 
 load. This one keeps the blocks and dequantizes inside the matmul kernel
 (model/csrc/block_linear.cpp), so a step reads ~5.6x fewer bytes.
 
-It is lossless, not a re-quantization: the loaded float32 weight is re-encoded block by block
-(32 inputs of one output row) and every block is checked to dequantize back to exactly the same
-float32 values, d*q + m rounded as gguf-py rounds it. A weight that does not re-encode exactly
-in either format (random weights, an fp16 checkpoint, a shard not cut on a block boundary)
-stays on the oneDNN/torch path. The products and sums are float32, as in the other backends;
-only the order of the additions differs.
+It is lossless, not a re-quantization. A weight loaded from a GGUF file is packed from the
+file's own codes and scales, any of the types model/gguf_blocks.py lists; a float weight from
+elsewhere is re-encoded block by block (32 inputs of one output row) as Q4_1 or Q8_0 where that
+is exact. Either way the packed weight is checked to dequantize back to exactly the float32
+values gguf-py gives. A weight that packs neither way (random weights, an fp16 checkpoint, a
+shard not cut on a block boundary) stays on the oneDNN/torch path. The products and sums are
+float32, as in the other backends; only the order of the additions differs.
 """
 
 from __future__ import annotations
@@ -286,22 +287,28 @@ class BlockEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {FORMAT_NAMES[self.fmt]}"
 
 
-def to_blocks(linear: nn.Linear, stored: list | None = None) -> BlockLinear | None:
-    """A BlockLinear for `linear`: from the file's blocks `stored` (model/gguf_blocks.py) when
-    given and exact, else if its weight re-encodes exactly as Q4_1 or Q8_0."""
-    w = linear.weight.detach()
-    dense = w.numel() * w.element_size()
+def pack_weight(w: torch.Tensor, stored: list | None = None) -> list | None:
+    """[(rows, format, packed)] for a weight: from the file's blocks `stored`
+    (model/gguf_blocks.py) when given and exact, else if it re-encodes exactly as Q4_1 or
+    Q8_0; None otherwise."""
     if stored:
         from splitserve.model import gguf_blocks  # it builds on this module
 
         parts = gguf_blocks.pack_stored(w, stored)
         if parts is not None:
-            return BlockLinear(linear, parts, dense)
+            return parts
     for fmt in (Q4_1, Q8_0):
         packed = pack(fmt, w)
         if packed is not None:
-            return BlockLinear(linear, [(w.shape[0], fmt, packed)], dense)
+            return [(w.shape[0], fmt, packed)]
     return None
+
+
+def to_blocks(linear: nn.Linear, stored: list | None = None) -> BlockLinear | None:
+    """A BlockLinear for `linear` if its weight packs (`pack_weight`)."""
+    w = linear.weight.detach()
+    parts = pack_weight(w, stored)
+    return None if parts is None else BlockLinear(linear, parts, w.numel() * w.element_size())
 
 
 def _stored_parts(model: nn.Module, weight: torch.Tensor) -> list | None:
@@ -342,15 +349,8 @@ def block_linears(model: nn.Module) -> int:
         if head is not None:
             setattr(parent, name, BlockEmbedding(num, dim, head.fmt, head.packed, shared=True))
             continue
-        table = to_blocks(_as_linear(child), _stored_parts(model, child.weight))
-        if table is not None and len(table.formats) == 1:
-            setattr(parent, name, BlockEmbedding(num, dim, table.fmt, table.packed, shared=False))
+        parts = pack_weight(child.weight.detach(), _stored_parts(model, child.weight))
+        if parts is not None and len(parts) == 1:
+            ((_, fmt, packed),) = parts
+            setattr(parent, name, BlockEmbedding(num, dim, fmt, packed, shared=False))
     return done
-
-
-def _as_linear(embedding: nn.Embedding) -> nn.Module:
-    """An embedding table seen as the weight of a linear layer (rows = tokens), for packing."""
-    lin = nn.Module()
-    lin.weight = embedding.weight
-    lin.in_features, lin.out_features = embedding.embedding_dim, embedding.num_embeddings
-    return lin

@@ -16,6 +16,7 @@ is not a multiple of 256 can't be a K type: it falls back as llama.cpp's quantiz
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -112,10 +113,23 @@ def quantize_as(w: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
 
 
 def convert(src: str, out: str, qtype: Q) -> dict[str, int]:
-    """Write `src` to `out` with its layer weights in `qtype`; returns {type name: tensors}."""
+    """Write `src` to `out` with its layer weights in `qtype`; returns {type name: tensors}.
+
+    The file is written beside `out` and renamed into place at the end, so a conversion that
+    is killed half-way leaves no truncated .gguf under the name a server would be given."""
     reader = gguf.GGUFReader(src)
     arch = str(reader.fields["general.architecture"].contents())
-    writer = gguf.GGUFWriter(out, arch)
+    partial = f"{out}.partial"
+    try:
+        used = _write(reader, gguf.GGUFWriter(partial, arch), qtype)
+        os.replace(partial, out)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return used
+
+
+def _write(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, qtype: Q) -> dict[str, int]:
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue

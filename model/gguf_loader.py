@@ -210,14 +210,8 @@ def _read_region(
     if len(shape) != 2 or (rows is None and cols is None) or not aligned:
         return cut(_load_tensor(tensor, hf_name, config), rows, cols)
     qtype = GGMLQuantizationType(tensor.tensor_type)
-    block, block_bytes = GGML_QUANT_SIZES[qtype]
-    raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], -1)
-    if rows is not None:
-        raw = raw[rows[0] : rows[1]]
-    after = cols
-    if cols is not None and cols[0] % block == 0 and (cols[1] % block == 0 or cols[1] == shape[1]):
-        raw = raw[:, cols[0] // block * block_bytes : -(-cols[1] // block) * block_bytes]
-        after = None
+    raw, cols_cut = _raw_part(tensor, shape, rows, cols)
+    after = None if cols_cut else cols
     values = dequantize(np.ascontiguousarray(raw), qtype)
     values = np.require(values, dtype=np.float32, requirements=["C", "W"])
     weight = cut(torch.from_numpy(values.reshape(raw.shape[0], -1)), None, after)
@@ -226,6 +220,23 @@ def _read_region(
         # head by head.
         weight = unpermute_qk(weight, weight.shape[0] // hd)
     return weight
+
+
+def _raw_part(
+    tensor: GGUFTensor, shape: tuple[int, ...], rows: Region, cols: Region
+) -> tuple[np.ndarray, bool]:
+    """The file's bytes of `rows` (a view): of `cols` only when the cut falls on the type's
+    block grid, else of whole rows. The flag says whether `cols` was applied (or is None).
+    A row of a GGUF tensor is always whole blocks, so its end is on the grid."""
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(tensor.tensor_type)]
+    raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], -1)
+    if rows is not None:
+        raw = raw[rows[0] : rows[1]]
+    if cols is None:
+        return raw, True
+    if cols[0] % block or cols[1] % block:
+        return raw, False
+    return raw[:, cols[0] // block * block_bytes : cols[1] // block * block_bytes], True
 
 
 def _read_blocks(
@@ -237,21 +248,16 @@ def _read_blocks(
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     if qtype in (Q.F32, Q.F16, Q.BF16) or qtype not in SUPPORTED_TENSOR_TYPES or len(shape) != 2:
         return None
-    block, block_bytes = GGML_QUANT_SIZES[qtype]
     heads = _qk_heads(hf_name, config)
     r0, r1 = rows if rows is not None else (0, shape[0])
     c0, c1 = cols if cols is not None else (0, shape[1])
-    if (
-        c0 % block
-        or c1 % block
-        or (heads is not None and (r0 % config.head_dim or r1 % config.head_dim))
-    ):
+    if heads is not None and (r0 % config.head_dim or r1 % config.head_dim):
         return None
-    raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], -1)
-    raw = raw[r0:r1, c0 // block * block_bytes : c1 // block * block_bytes]
+    raw, cols_cut = _raw_part(tensor, shape, rows, cols)
+    if not cols_cut:
+        return None
     if heads is not None:  # the same row moves as unpermute_qk, on bytes
-        per_head = (r1 - r0) // config.head_dim
-        raw = unpermute_qk(torch.from_numpy(np.array(raw)), per_head).numpy()
+        raw = unpermute_qk(torch.from_numpy(np.array(raw)), (r1 - r0) // config.head_dim).numpy()
     return StoredBlocks(int(qtype), raw, (r1 - r0, c1 - c0))
 
 

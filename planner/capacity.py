@@ -84,11 +84,9 @@ def _rows_per_param(a: Architecture) -> float:
 
 
 def weight_bytes(a: Architecture, weight_dtype: str) -> float:
-    """The whole model's weights as the engine holds them."""
-    p, b = count_params(a), bytes_per_param(a, weight_dtype)
-    matrices = p.num_layers * (p.attention_per_layer + p.mlp_per_layer)
-    norms = p.num_layers * p.norms_per_layer + p.final_norm
-    return matrices * b["matrix"] + (p.embeddings + p.lm_head) * b["table"] + norms * b["norm"]
+    """The whole model's weights as the engine holds them: one GPU's share of a 1 x 1 layout."""
+    (stage,) = layout_stages(a, 1, 1, weight_dtype, "fp16", 0, 0)
+    return stage.weight_bytes_per_gpu
 
 
 def valid_tp_degrees(a: Architecture) -> list[int]:

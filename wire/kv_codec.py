@@ -231,15 +231,11 @@ def split_transfer(
 ) -> tuple[TransferHeader, Iterator[tuple[int, bytes]]]:
     """A header and (offset, bytes) chunks of at most `chunk_bytes` each. `fmt`: the packed
     format a byte tensor holds (default: the tensor's dtype)."""
-    name = fmt or dtype_name(kv.dtype)
-    if DTYPE_NAMES.get(name) != kv.dtype:
-        raise KVCodecError(f"a {kv.dtype} tensor can't be sent as {name}", "dtype")
-    data = tensor_bytes(kv)
-    header = TransferHeader(name, tuple(kv.shape), num_tokens, len(data), zlib.crc32(data))
+    header, data = export_transfer(kv, num_tokens, fmt)
 
     def chunks() -> Iterator[tuple[int, bytes]]:
         for off in range(0, len(data), chunk_bytes):
-            yield off, data[off : off + chunk_bytes]
+            yield off, bytes(data[off : off + chunk_bytes])
 
     return header, chunks()
 

@@ -67,3 +67,16 @@ def test_the_cli_says_what_it_wrote_or_why_not(tmp_path, capsys):
     assert gc.main(["--type", "Q6_K", "--out", str(tmp_path / "x.gguf"), "--model", "/nope"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("gguf_convert:") and "\n" not in err
+
+
+def test_a_conversion_that_fails_half_way_leaves_no_file(tmp_path, monkeypatch):
+    src, out = str(tmp_path / "src.gguf"), tmp_path / "out.gguf"
+    write_tiny_gguf(src)
+
+    def broken(w, qtype):
+        raise ValueError("killed half-way")
+
+    monkeypatch.setattr(gc, "quantize_as", broken)
+    with pytest.raises(ValueError, match="half-way"):
+        gc.convert(src, str(out), Q.Q6_K)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.gguf"]
