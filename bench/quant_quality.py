@@ -5,7 +5,8 @@ the default SmolLM2 Q4_1 GGUF, exactly the values transformers loads), `--quanti
 and a float32 KV cache. Every option is one engine-config override (`Option`), so weight
 quantization (`{"quantization": "int8"}`), another checkpoint of the same model (AWQ, GPTQ or
 another GGUF type, `model=`) and a low-precision KV cache (`{"kv_cache_dtype": "int8"}`) are
-rows of one table, measured the same way on the same text:
+rows of one table, measured the same way on the same text (`blocks-int8` is the checkpoint's own
+blocks multiplied with int8 activations, `--linear-backend blocks-int8`):
 
 - perplexity of the text, teacher-forced in chunks of `--chunk` tokens (and its change vs the
   reference),
@@ -108,6 +109,8 @@ def default_options(
         Option("int4 g64", {"quantization": "int4", "quantization_group_size": 64}),
         Option("kv int8", {"kv_cache_dtype": "int8"}),
         Option("kv fp8_e4m3", {"kv_cache_dtype": "fp8_e4m3"}),
+        # the same file's blocks, activations rounded to int8 per block as llama.cpp does
+        Option("blocks-int8", {"linear_backend": "blocks-int8"}),
     ]
     converted = names is None or any(n.startswith(("awq", "gptq")) for n in names)
     if work_dir is not None and converted:

@@ -170,7 +170,9 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "torch", "cpp" (CPU kernel), or "auto"
-    linear_backend: str = "auto"  # "torch", "onednn", "blocks" (Q4_1/Q8_0 kept), or "auto"
+    # "torch", "onednn", "blocks" (GGUF blocks kept), "blocks-int8" (and int8 activations),
+    # or "auto"
+    linear_backend: str = "auto"
     # weight-only quantization at load (model/quant_linear.py): "none", "int8" (per output
     # channel), "int4" (groups of `quantization_group_size` inputs), or "auto": the
     # checkpoint's own (int4 for an AWQ/GPTQ folder), else none

@@ -78,11 +78,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--linear-backend",
         default="auto",
-        choices=["auto", "blocks", "onednn", "torch"],
-        help="matmuls: weights that came from Q4_1/Q8_0 blocks kept in them and dequantized "
-        "in the kernel, float32 math, the rest packed for oneDNN (blocks); every weight packed "
-        "for oneDNN (onednn); torch's nn.Linear (torch); or blocks on a float32 CPU engine "
-        "with AVX-512, else onednn (auto, the default)",
+        choices=["auto", "blocks", "blocks-int8", "onednn", "torch"],
+        help="matmuls: weights that came in GGUF blocks kept in them and dequantized in the "
+        "kernel, float32 math, the rest packed for oneDNN (blocks); the same blocks multiplied "
+        "as llama.cpp does, activations rounded to int8 per block of 32, VNNI dot products: "
+        "faster, not float32-exact (blocks-int8); every weight packed for oneDNN (onednn); "
+        "torch's nn.Linear (torch); or blocks on a float32 CPU engine with AVX-512, else "
+        "onednn (auto, the default)",
     )
     g.add_argument(
         "--quantization",

@@ -17,6 +17,7 @@ from splitserve.engine.config import EngineConfig, ModelConfig, parse_dtype
 from splitserve.model.attention import PagedAttentionBackend
 from splitserve.model.cpu_attention import select_backend
 from splitserve.model.cpu_linear import linear_weight_bytes, prepare_linears
+from splitserve.model.fused_decode import MAX_TOKENS, FusedDecoder
 from splitserve.model.kv_quant import STORAGE_DTYPE, check_device, kv_quant
 from splitserve.model.llama import Collectives, LlamaModel
 from splitserve.model.loader import Weights
@@ -75,6 +76,10 @@ class ModelShard:
             quantization=engine_cfg.quantization,
             group_size=engine_cfg.quantization_group_size,
         )
+        if engine_cfg.linear_backend == "blocks-int8":
+            self.model.fused = FusedDecoder.build(self.model)
+            if self.model.fused is not None:
+                self.linears += f"; steps of <= {MAX_TOKENS} tokens in one fused loop"
         log.info("linear layers: %s", self.linears)
         release_load_memory()  # every process that loads a shard: engine, TP rank, stage
         heads = self.model.heads

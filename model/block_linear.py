@@ -162,11 +162,13 @@ def _tiles(x: torch.Tensor, n_pad: int) -> torch.Tensor:
 
 
 def _plane(q: torch.Tensor, bit: int) -> torch.Tensor:
-    """Bit `bit` of tiled codes (T, B, 16 col, 32 input) as 32 uint16 masks per tile and
-    block, bit c of mask r = that bit of column c's code at input r."""
-    bits = ((q.to(torch.int32) >> bit) & 1) << torch.arange(TILE, dtype=torch.int32)[:, None]
-    masks = bits.sum(-2)  # (T, B, 32), values < 2**16
-    return masks.to(torch.int32).numpy().astype(np.uint16).view(np.uint8)
+    """Bit `bit` of tiled codes (T, B, 16 col, 32 input) as 8 little-endian uint64 masks per
+    tile and block, one per group g of 4 inputs: bit 4c+k of mask g = that bit of column c's
+    code at input 4g+k (byte 4c+k of the group's codes, as the kernel holds them)."""
+    bits = ((q.to(torch.int32) >> bit) & 1).to(torch.uint8).numpy()
+    t, b = bits.shape[:2]
+    grouped = bits.reshape(t, b, TILE, BLOCK // 4, 4).transpose(0, 1, 3, 2, 4)  # (T,B,g,c,k)
+    return np.packbits(grouped.reshape(t, b, -1), axis=-1, bitorder="little")
 
 
 def layout(fmt: int, fields: dict[str, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
@@ -179,11 +181,13 @@ def layout(fmt: int, fields: dict[str, torch.Tensor], q: torch.Tensor) -> torch.
     heads = [h.transpose(-1, -2) if h.dim() == 4 else h for h in heads]  # sc[2][16]
     qt = _tiles(q.reshape(n, nblk, BLOCK), n_pad)  # (T, B, 16 col, 32 input)
     raw = [h.contiguous().view(torch.uint8).reshape(*h.shape[:2], -1).numpy() for h in heads]
-    if fmt == Q8_0:
-        raw.append(qt.transpose(-1, -2).contiguous().to(torch.int8).view(torch.uint8).numpy())
-    else:
-        low = (qt & 15).to(torch.uint8).reshape(*qt.shape[:3], BLOCK // 2, 2)  # input pairs
-        nib = (low[..., 0] | (low[..., 1] << 4)).transpose(-1, -2)  # (T, B, pair, col)
+    t, b = qt.shape[:2]
+    if fmt == Q8_0:  # group g: byte 4c+k = column c's code at input 4g+k
+        grouped = qt.reshape(t, b, TILE, BLOCK // 4, 4).permute(0, 1, 3, 2, 4)
+        raw.append(grouped.contiguous().to(torch.int8).view(torch.uint8).numpy())
+    else:  # chunk h: byte 4c+k = input 8h+k (low nibble) and 8h+4+k (high nibble) of column c
+        low = (qt & 15).to(torch.uint8).reshape(t, b, TILE, BLOCK // 8, 2, 4)
+        nib = (low[..., 0, :] | (low[..., 1, :] << 4)).permute(0, 1, 3, 2, 4)  # (T,B,h,c,k)
         raw.append(nib.contiguous().numpy())
         raw += [_plane(qt, bit) for bit in PLANES[fmt]]
     tiles = [r.reshape(*r.shape[:2], -1) for r in raw]
@@ -211,10 +215,16 @@ class BlockLinear(nn.Module):
     """y = x W^T (+ b) with W kept in the kernel's block tiles. Inference only, float32.
 
     `parts`: [(rows, format, packed)] down the output rows; one part unless a fused weight's
-    pieces came from the file in different types (a Q4_K q/k beside a Q6_K v)."""
+    pieces came from the file in different types (a Q4_K q/k beside a Q6_K v). `int8`: the
+    activations are rounded to int8 per block and multiplied in integers (block_linear.cpp's
+    block_linear_int8), as llama.cpp does; else float32 math, exact to the weights."""
 
     def __init__(
-        self, linear: nn.Module, parts: list[tuple[int, int, torch.Tensor]], weight_bytes: int
+        self,
+        linear: nn.Module,
+        parts: list[tuple[int, int, torch.Tensor]],
+        weight_bytes: int,
+        int8: bool = False,
     ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -228,6 +238,8 @@ class BlockLinear(nn.Module):
         bias = getattr(linear, "bias", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self._kernel = load_kernel()
+        self.int8 = int8
+        self._matmul = self._kernel.block_linear_int8 if int8 else self._kernel.block_linear
 
     @property
     def fmt(self) -> int:
@@ -246,7 +258,7 @@ class BlockLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
-        outs = [self._kernel.block_linear(x2, p, fmt, rows) for rows, fmt, p in self._parts()]
+        outs = [self._matmul(x2, p, fmt, rows) for rows, fmt, p in self._parts()]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if self.bias is not None:
             out += self.bias
@@ -260,7 +272,8 @@ class BlockLinear(nn.Module):
 
     def extra_repr(self) -> str:
         names = "+".join(FORMAT_NAMES[f] for f in self.formats)
-        return f"in_features={self.in_features}, out_features={self.out_features}, {names}"
+        x = ", int8 activations" if self.int8 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {names}{x}"
 
 
 class BlockEmbedding(nn.Module):
@@ -304,11 +317,15 @@ def pack_weight(w: torch.Tensor, stored: list | None = None) -> list | None:
     return None
 
 
-def to_blocks(linear: nn.Linear, stored: list | None = None) -> BlockLinear | None:
+def to_blocks(
+    linear: nn.Linear, stored: list | None = None, int8: bool = False
+) -> BlockLinear | None:
     """A BlockLinear for `linear` if its weight packs (`pack_weight`)."""
     w = linear.weight.detach()
     parts = pack_weight(w, stored)
-    return None if parts is None else BlockLinear(linear, parts, w.numel() * w.element_size())
+    if parts is None:
+        return None
+    return BlockLinear(linear, parts, w.numel() * w.element_size(), int8=int8)
 
 
 def _stored_parts(model: nn.Module, weight: torch.Tensor) -> list | None:
@@ -330,15 +347,16 @@ def children_of_type(model: nn.Module, kind: type) -> list[tuple[nn.Module, str,
     ]
 
 
-def block_linears(model: nn.Module) -> int:
+def block_linears(model: nn.Module, int8: bool = False) -> int:
     """Swap every nn.Linear below `model` whose weight re-encodes exactly for a BlockLinear;
     returns how many were swapped. The others stay as they are. Embeddings go to blocks too
     (`BlockEmbedding`): one tied to a swapped head shares its tiles, another is packed if
-    its table re-encodes exactly."""
+    its table re-encodes exactly. `int8`: the linears multiply with int8 activations
+    (`BlockLinear`); lookups stay exact either way."""
     done = 0
     by_weight: dict[int, BlockLinear] = {}  # id of the dense weight a BlockLinear replaced
     for parent, name, child in children_of_type(model, nn.Linear):
-        block = to_blocks(child, _stored_parts(model, child.weight))
+        block = to_blocks(child, _stored_parts(model, child.weight), int8=int8)
         if block is not None:
             by_weight[id(child.weight)] = block
             setattr(parent, name, block)

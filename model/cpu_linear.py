@@ -13,7 +13,10 @@ the embedding keeps the dense table for its lookups and the head gets a packed c
 'blocks' the embedding looks its rows up in the head's tiles instead, and the table goes).
 'auto' packs when the device is the CPU and this torch build has the oneDNN ops; 'torch'
 never packs; 'onednn' packs or fails. 'blocks' and 'auto' first keep every weight that came
-from a Q4_1/Q8_0 checkpoint in those blocks (model/block_linear.py), then pack the rest.
+from a GGUF checkpoint in its blocks (model/block_linear.py), then pack the rest.
+'blocks-int8' keeps the same blocks and multiplies them as llama.cpp does, with the
+activations rounded to int8 per block of 32 and VNNI integer dot products: 2-5x faster at
+decode batch sizes, no longer float32-exact (docs/benchmarks.md measures the quality).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from splitserve.model import block_linear, quant_linear
 
 log = logging.getLogger("splitserve")
 
-LINEAR_BACKENDS = ("auto", "torch", "onednn", "blocks")
+LINEAR_BACKENDS = ("auto", "torch", "onednn", "blocks", "blocks-int8")
 
 
 @functools.cache
@@ -97,16 +100,24 @@ def use_onednn(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
 def use_blocks(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether to keep block-quantized weights in blocks (model/block_linear.py): asked for,
     or 'auto' on a CPU running float32 where the AVX-512 kernel builds."""
-    if backend not in ("auto", "blocks"):
+    if backend not in ("auto", "blocks", "blocks-int8"):
         return False
     supported = device.type == "cpu" and dtype == torch.float32
-    if backend == "blocks" and not supported:
-        raise ValueError(f"the blocks linear backend runs float32 on CPU, not {dtype} on {device}")
+    if backend != "auto" and not supported:
+        raise ValueError(
+            f"the {backend} linear backend runs float32 on CPU, not {dtype} on {device}"
+        )
     if not supported:
         return False
-    if backend == "blocks":
-        if block_linear.load_kernel() is None:
+    if backend != "auto":
+        mod = block_linear.load_kernel()
+        if mod is None:
             raise RuntimeError("the block-quantized linear kernel could not be built here")
+        if backend == "blocks-int8" and not mod.has_vnni():
+            log.warning(
+                "--linear-backend blocks-int8: this CPU has no AVX-512 VNNI; the int8 "
+                "products run in a portable loop (same numbers, much slower)"
+            )
         return True
     return block_linear.kernel_usable()
 
@@ -141,12 +152,15 @@ def _prepare(model, backend, device, dtype, quantization, group_size) -> str:
                 f"unknown linear backend {backend!r}: use {', '.join(LINEAR_BACKENDS)}"
             )
         return quant_linear.quantize_linears(model, quantization, device, dtype, group_size)
-    blocks = block_linear.block_linears(model) if use_blocks(backend, device, dtype) else 0
+    blocks = 0
+    if use_blocks(backend, device, dtype):
+        blocks = block_linear.block_linears(model, int8=backend == "blocks-int8")
     packed = pack_linears(model) if use_onednn(backend, device, dtype) else 0
-    if backend == "blocks" and not blocks:
+    if backend.startswith("blocks") and not blocks:
         log.warning(
-            "--linear-backend blocks: no weight came in GGUF blocks, "
-            "and no weight re-encodes exactly"
+            "--linear-backend %s: no weight came in GGUF blocks, "
+            "and no weight re-encodes exactly",
+            backend,
         )
     kinds = sorted(
         {
@@ -159,7 +173,8 @@ def _prepare(model, backend, device, dtype, quantization, group_size) -> str:
     embeds = sum(isinstance(m, block_linear.BlockEmbedding) for m in model.modules())
     in_blocks = f" and {embeds} embedding" if embeds else ""
     fmts = "/".join(kinds) + " " if kinds else ""
-    return f"{blocks} linears{in_blocks} in {fmts}blocks, {packed} packed for oneDNN"
+    how = " (int8 activations)" if backend == "blocks-int8" and blocks else ""
+    return f"{blocks} linears{in_blocks} in {fmts}blocks{how}, {packed} packed for oneDNN"
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -205,6 +205,9 @@ class LlamaModel(nn.Module):
             if cfg.tie_word_embeddings and self.is_first:
                 self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg, max_positions or cfg.max_position_embeddings)
+        # model/fused_decode.py's flat loop for decode-sized steps, set up by the shard when
+        # every linear multiplies in int8 blocks; None: the modules run every step
+        self.fused = None
 
     @property
     def num_local_layers(self) -> int:
@@ -228,6 +231,8 @@ class LlamaModel(nn.Module):
         hidden: torch.Tensor | None = None,  # (T, hidden) from the previous stage
     ) -> torch.Tensor:  # (T, hidden), before the final norm
         x = self.embed(input_ids) if hidden is None else hidden
+        if self.fused is not None and x.shape[0] <= self.fused.MAX_TOKENS:
+            return self.fused(x, positions, kv_cache, meta, backend, owned=hidden is None)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos_sin, kv_cache[i, 0], kv_cache[i, 1], meta, backend)

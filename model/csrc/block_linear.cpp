@@ -1,17 +1,20 @@
 // y = x W^T for a weight kept in 4- to 8-bit blocks of 32 along the input dimension: the
 // codes and scale factors of llama.cpp's GGUF types, rearranged into tiles of 16 output
 // columns, with d, m and the sub-block scales in float16 / 6-8-bit integers as the file has
-// them. The weight is dequantized inside the kernel, a strip of 32 output columns at a time, to
-// exactly the float32 values gguf-py's dequantization gives; products and sums are float32.
-// Decode on a CPU is bound by how fast the weights stream from memory, and these blocks are
-// 4-7x smaller than float32.
+// them. Decode on a CPU is bound by how fast the weights stream from memory, and these blocks
+// are 4-7x smaller than float32.
 //
-// Packed layout (built in model/block_linear.py and model/gguf_blocks.py), per tile of 16
-// output columns and 32 inputs; "nib" is 16 row pairs of 16 bytes, byte c of pair p holding
-// column c's low 4 bits of input 2p (low nibble) and 2p+1 (high nibble); a "plane" is 32
-// uint16, bit c of entry r one more bit of column c's code at input r:
+// Packed layout (built in model/block_linear.py), per tile of 16 output columns and 32
+// inputs. Codes go in groups of 4 inputs, so that 64 bytes hold one group for all 16 columns
+// with byte 4c+k = column c's code at input 4g+k: the operand order of a VNNI dot product (4
+// adjacent bytes per 32-bit lane), and one shift and mask away from 16 float32 lanes.
+//   nib:   4 chunks of 64 bytes; byte 4c+k of chunk h holds column c's low 4 bits of input
+//          8h+k (low nibble) and of input 8h+4+k (high nibble);
+//   plane: 8 little-endian uint64 masks; bit 4c+k of mask g is one more bit of column c's
+//          code at input 4g+k;
+//   codes: Q8_0's 8 groups of 64 int8, byte 4c+k of group g = column c at input 4g+k.
 //   Q4_1: d[16] f16, m[16] f16, nib                        w = d*q + m      -> 320 bytes
-//   Q8_0: d[16] f16, then 32 rows of 16 int8               w = d*q          -> 544 bytes
+//   Q8_0: d[16] f16, codes                                 w = d*q          -> 544 bytes
 //   Q5_1: d[16] f16, m[16] f16, nib, plane (bit 4)         w = d*q + m      -> 384 bytes
 //   Q4_K: d[16] f16, dmin[16] f16, sc[16] u8, mn[16] u8, nib
 //                                                          w = (d*sc)*q - dmin*mn -> 352 bytes
@@ -21,11 +24,27 @@
 // Tiles are ordered [column tile][input block]. N is padded to 16 with zero tiles. Q4_0 and
 // Q5_0 travel as Q4_1/Q5_1 with m = -8d / -16d (exact: a power-of-two multiple of d).
 //
-// Exactness: gguf-py rounds d*q and then d*q + m (K types: d*sc, dmin*mn, then D*q - M).
-// Every product here has at most 24 significant bits (float16 d: 11, sc: <= 7, q: <= 6), so
-// each is exact in float32 and one fused multiply-add rounds the same way as the two steps;
-// the AVX-512 path uses it. The portable path spells out the multiply and the add, and the
-// file is built with -ffp-contract=off so that the compiler does not fuse anything on its own.
+// Two ways to multiply:
+// - block_linear, float32: the weight is dequantized inside the kernel, a strip of 32 output
+//   columns at a time, to exactly the float32 values gguf-py gives; products and sums are
+//   float32. This is the path the exactness tests hold to Hugging Face's outputs.
+// - block_linear_int8, as llama.cpp multiplies: each row of x is quantized to int8 per block
+//   of 32 inputs (scale amax/127, round to nearest even), each block's integer dot products
+//   come from VNNI (vpdpbusd: unsigned weight codes x signed activations, 4 pairs per 32-bit
+//   lane) and are scaled once per block: y += (s_w * s_x) * dot + o_w * (s_x * sum(q_x)).
+//   Q8_0's signed codes are offset by 128 to be unsigned and the offset taken back out with
+//   the same sum; Q6_K's two half-block scales take one dot each. It reads the same tiles and
+//   does a fraction of the float path's work per weight; rounding the activations costs some
+//   accuracy (docs/benchmarks.md measures it). Without VNNI a portable loop computes the same
+//   numbers bit for bit: the dots are integers, then the same float operations in the same
+//   order, per column.
+//
+// Exactness of the float path: gguf-py rounds d*q and then d*q + m (K types: d*sc, dmin*mn,
+// then D*q - M). Every product here has at most 24 significant bits (float16 d: 11, sc: <= 7,
+// q: <= 6), so each is exact in float32 and one fused multiply-add rounds the same way as the
+// two steps; the AVX-512 path uses it. The portable path spells out the multiply and the add,
+// and the file is built with -ffp-contract=off so that the compiler does not fuse anything on
+// its own.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -34,8 +53,13 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+// The vector paths need AVX-512 F and BW (byte masks); the int8 one also VNNI.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define SPLITSERVE_AVX512 1
 #include <immintrin.h>
+#endif
+#if defined(SPLITSERVE_AVX512) && defined(__AVX512VNNI__)
+#define SPLITSERVE_VNNI 1
 #endif
 
 namespace {
@@ -77,114 +101,131 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
+// Where a tile's parts start.
+struct Fields {
+  const uint16_t* d;     // d[16] float16, then m or dmin for the formats that have one
+  const uint8_t* codes;  // nib, or Q8_0's int8 codes
+  const uint8_t* plane4 = nullptr;
+  const uint8_t* plane5 = nullptr;
+};
+
+inline Fields fields_of(const uint8_t* tile, int64_t fmt) {
+  Fields f{reinterpret_cast<const uint16_t*>(tile), tile + 64};
+  if (fmt == kQ8_0) f.codes = tile + 32;
+  if (fmt == kQ4_K || fmt == kQ5_K) f.codes = tile + 96;
+  if (fmt == kQ5_1 || fmt == kQ6_K) f.plane4 = tile + 320;
+  if (fmt == kQ5_K) f.plane4 = tile + 352;
+  if (fmt == kQ6_K) f.plane5 = tile + 384;
+  return f;
+}
+
+// Per column c: w = s[h][c] * code + o[c] for inputs in half h (0: 0-15, 1: 16-31), with
+// Q6_K's codes centred (code - 32) and Q8_0's signed. Every product is exact (see the top).
+void scales_of(const uint8_t* tile, int64_t fmt, float s[2][16], float o[16]) {
+  const uint16_t* dh = reinterpret_cast<const uint16_t*>(tile);
+  for (int c = 0; c < 16; ++c) {
+    const float d = half_to_float(dh[c]);
+    s[0][c] = s[1][c] = d;
+    o[c] = 0.0f;
+    if (fmt == kQ4_1 || fmt == kQ5_1) {
+      o[c] = half_to_float(dh[16 + c]);
+    } else if (fmt == kQ4_K || fmt == kQ5_K) {
+      s[0][c] = s[1][c] = d * static_cast<float>(tile[64 + c]);
+      o[c] = -(half_to_float(dh[16 + c]) * static_cast<float>(tile[80 + c]));
+    } else if (fmt == kQ6_K) {
+      const int8_t* sc = reinterpret_cast<const int8_t*>(tile + 32);
+      s[0][c] = d * static_cast<float>(sc[c]);
+      s[1][c] = d * static_cast<float>(sc[16 + c]);
+    }
+  }
+}
+
+// Column c's code at input r: Q8_0's signed value; the others' unsigned code (Q6_K: 0..63).
+inline int code_at(const Fields& f, int64_t fmt, int c, int r) {
+  const int j = 4 * c + r % 4;  // byte within a 64-byte group
+  if (fmt == kQ8_0) return static_cast<int8_t>(f.codes[64 * (r / 4) + j]);
+  const uint8_t b = f.codes[64 * (r / 8) + j];
+  int q = r % 8 < 4 ? (b & 0x0f) : (b >> 4);
+  if (f.plane4 && ((f.plane4[8 * (r / 4) + j / 8] >> (j % 8)) & 1)) q += 16;
+  if (f.plane5 && ((f.plane5[8 * (r / 4) + j / 8] >> (j % 8)) & 1)) q += 32;
+  return q;
+}
+
+#if defined(SPLITSERVE_AVX512)
+inline __mmask64 load_mask(const uint8_t* p) {
+  uint64_t m;
+  std::memcpy(&m, p, 8);
+  return static_cast<__mmask64>(m);
+}
+
+// Group g's codes for all 16 columns, byte 4c+k = input 4g+k: Q8_0's signed bytes; the
+// others' unsigned codes with their high bits added (Q6_K: 0..63).
+inline __m512i group_codes(const Fields& f, int64_t fmt, int g) {
+  if (fmt == kQ8_0) return _mm512_loadu_si512(f.codes + 64 * g);
+  __m512i v = _mm512_loadu_si512(f.codes + 64 * (g >> 1));
+  if (g & 1) v = _mm512_srli_epi16(v, 4);
+  v = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
+  if (f.plane4) v = _mm512_mask_add_epi8(v, load_mask(f.plane4 + 8 * g), v, _mm512_set1_epi8(16));
+  if (f.plane5) v = _mm512_mask_add_epi8(v, load_mask(f.plane5 + 8 * g), v, _mm512_set1_epi8(32));
+  return v;
+}
+
+inline __m512 half16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __m512 bytes16_ps(const uint8_t* p, bool is_signed) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(is_signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+}
+
+// The 16 columns' s (per half) and o as vectors; the same values scales_of gives.
+inline void scale_vectors(const uint8_t* tile, int64_t fmt, __m512& s0, __m512& s1, __m512& o) {
+  const uint16_t* dh = reinterpret_cast<const uint16_t*>(tile);
+  const __m512 d = half16(dh);
+  s0 = s1 = d;
+  o = _mm512_setzero_ps();
+  if (fmt == kQ4_1 || fmt == kQ5_1) {
+    o = half16(dh + 16);
+  } else if (fmt == kQ4_K || fmt == kQ5_K) {
+    s0 = s1 = _mm512_mul_ps(d, bytes16_ps(tile + 64, false));
+    o = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(half16(dh + 16), bytes16_ps(tile + 80, false)));
+  } else if (fmt == kQ6_K) {
+    s0 = _mm512_mul_ps(d, bytes16_ps(tile + 32, true));
+    s1 = _mm512_mul_ps(d, bytes16_ps(tile + 48, true));
+  }
+}
+#endif
+
 // Dequantize one tile (16 columns x 32 inputs) into out[32][ld], columns col0..col0+15.
 void dequant_tile(const uint8_t* tile, int64_t fmt, float* out, int64_t ld) {
-  const uint16_t* dh = reinterpret_cast<const uint16_t*>(tile);
-#if defined(__AVX512F__)
-  auto half16 = [](const uint16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  };
-  auto bytes16 = [](const uint8_t* p) {
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  };
-  const __m512 d = half16(dh);
-  if (fmt == kQ8_0) {
-    const int8_t* qs = reinterpret_cast<const int8_t*>(tile + 32);
-    for (int r = 0; r < 32; ++r) {
-      const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * r)));
-      _mm512_storeu_ps(out + r * ld, _mm512_mul_ps(d, _mm512_cvtepi32_ps(v)));
-    }
-    return;
-  }
-  // Every other format: 4-bit codes in `nib`, up to two planes of higher bits, and per
-  // column (and, for Q6_K, per half block) a scale and an offset: w = s*q + o.
-  const uint8_t* nib;
-  const uint16_t *plane4 = nullptr, *plane5 = nullptr;
-  __m512 s0, s1, o0, o1;
-  if (fmt == kQ4_1 || fmt == kQ5_1) {
-    s0 = s1 = d;
-    o0 = o1 = half16(dh + 16);
-    nib = tile + 64;
-    if (fmt == kQ5_1) plane4 = reinterpret_cast<const uint16_t*>(tile + 320);
-  } else if (fmt == kQ4_K || fmt == kQ5_K) {
-    const __m512 sc = _mm512_cvtepi32_ps(bytes16(tile + 64));
-    const __m512 mn = _mm512_cvtepi32_ps(bytes16(tile + 80));
-    s0 = s1 = _mm512_mul_ps(d, sc);
-    o0 = o1 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(half16(dh + 16), mn));
-    nib = tile + 96;
-    if (fmt == kQ5_K) plane4 = reinterpret_cast<const uint16_t*>(tile + 352);
-  } else {  // kQ6_K
-    const int8_t* sc = reinterpret_cast<const int8_t*>(tile + 32);
-    s0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)))));
-    s1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 16)))));
-    o0 = o1 = _mm512_setzero_ps();
-    nib = tile + 64;
-    plane4 = reinterpret_cast<const uint16_t*>(tile + 320);
-    plane5 = reinterpret_cast<const uint16_t*>(tile + 384);
-  }
-  const __m512i low = _mm512_set1_epi32(0x0f), sixteen = _mm512_set1_epi32(16);
-  const __m512i thirty_two = _mm512_set1_epi32(32);
-  for (int p = 0; p < 16; ++p) {
-    const __m512i v = bytes16(nib + 16 * p);
-    __m512i q[2] = {_mm512_and_si512(v, low), _mm512_srli_epi32(v, 4)};
-    for (int j = 0; j < 2; ++j) {
-      const int r = 2 * p + j;
-      if (plane4) q[j] = _mm512_mask_add_epi32(q[j], static_cast<__mmask16>(plane4[r]), q[j], sixteen);
-      if (plane5) {
-        q[j] = _mm512_mask_add_epi32(q[j], static_cast<__mmask16>(plane5[r]), q[j], thirty_two);
-        q[j] = _mm512_sub_epi32(q[j], thirty_two);  // Q6_K codes are centred on 32
+  const Fields f = fields_of(tile, fmt);
+#if defined(SPLITSERVE_AVX512)
+  __m512 s0, s1, o;
+  scale_vectors(tile, fmt, s0, s1, o);
+  const __m512i byte = _mm512_set1_epi32(0xff), thirty_two = _mm512_set1_epi32(32);
+  for (int g = 0; g < 8; ++g) {
+    const __m512i v = group_codes(f, fmt, g);
+    const __m512 s = g < 4 ? s0 : s1;
+    for (int k = 0; k < 4; ++k) {
+      __m512i q;
+      if (fmt == kQ8_0) {
+        q = _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * k), 24);
+      } else {
+        q = _mm512_and_si512(_mm512_srli_epi32(v, 8 * k), byte);
+        if (fmt == kQ6_K) q = _mm512_sub_epi32(q, thirty_two);
       }
-      const __m512 s = r < 16 ? s0 : s1, o = r < 16 ? o0 : o1;
-      _mm512_storeu_ps(out + r * ld, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(q[j]), o));
+      _mm512_storeu_ps(out + (4 * g + k) * ld, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(q), o));
     }
   }
 #else
-  float d[16];
-  for (int c = 0; c < 16; ++c) d[c] = half_to_float(dh[c]);
-  if (fmt == kQ8_0) {
-    const int8_t* qs = reinterpret_cast<const int8_t*>(tile + 32);
-    for (int r = 0; r < 32; ++r)
-      for (int c = 0; c < 16; ++c) out[r * ld + c] = d[c] * static_cast<float>(qs[16 * r + c]);
-    return;
-  }
-  float s[2][16], o[2][16];
-  const uint8_t* nib;
-  const uint16_t *plane4 = nullptr, *plane5 = nullptr;
-  for (int c = 0; c < 16; ++c) {
-    if (fmt == kQ4_1 || fmt == kQ5_1) {
-      s[0][c] = s[1][c] = d[c];
-      o[0][c] = o[1][c] = half_to_float(dh[16 + c]);
-    } else if (fmt == kQ4_K || fmt == kQ5_K) {
-      s[0][c] = s[1][c] = d[c] * static_cast<float>(tile[64 + c]);
-      o[0][c] = o[1][c] = -(half_to_float(dh[16 + c]) * static_cast<float>(tile[80 + c]));
-    } else {
-      const int8_t* sc = reinterpret_cast<const int8_t*>(tile + 32);
-      s[0][c] = d[c] * static_cast<float>(sc[c]);
-      s[1][c] = d[c] * static_cast<float>(sc[16 + c]);
-      o[0][c] = o[1][c] = 0.0f;
-    }
-  }
-  if (fmt == kQ4_1 || fmt == kQ5_1) {
-    nib = tile + 64;
-    if (fmt == kQ5_1) plane4 = reinterpret_cast<const uint16_t*>(tile + 320);
-  } else if (fmt == kQ4_K || fmt == kQ5_K) {
-    nib = tile + 96;
-    if (fmt == kQ5_K) plane4 = reinterpret_cast<const uint16_t*>(tile + 352);
-  } else {
-    nib = tile + 64;
-    plane4 = reinterpret_cast<const uint16_t*>(tile + 320);
-    plane5 = reinterpret_cast<const uint16_t*>(tile + 384);
-  }
-  for (int r = 0; r < 32; ++r) {
-    const int h = r < 16 ? 0 : 1;
+  float s[2][16], o[16];
+  scales_of(tile, fmt, s, o);
+  for (int r = 0; r < 32; ++r)
     for (int c = 0; c < 16; ++c) {
-      const uint8_t b = nib[16 * (r / 2) + c];
-      int q = (r % 2 == 0) ? (b & 0x0f) : (b >> 4);
-      if (plane4 && ((plane4[r] >> c) & 1)) q += 16;
-      if (plane5) q += ((plane5[r] >> c) & 1) ? 0 : -32;
-      out[r * ld + c] = s[h][c] * static_cast<float>(q) + o[h][c];
+      const int q = code_at(f, fmt, c, r) - (fmt == kQ6_K ? 32 : 0);
+      out[r * ld + c] = s[r / 16][c] * static_cast<float>(q) + o[c];
     }
-  }
 #endif
 }
 
@@ -192,7 +233,7 @@ void dequant_tile(const uint8_t* tile, int64_t fmt, float* out, int64_t ld) {
 template <int R>
 void strip_kernel(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy,
                   int64_t ncols, bool accumulate) {
-#if defined(__AVX512F__)
+#if defined(SPLITSERVE_AVX512)
   const __mmask16 m0 = ncols >= 16 ? 0xffff : static_cast<__mmask16>((1u << ncols) - 1);
   const __mmask16 m1 = ncols >= 32 ? 0xffff
                        : ncols <= 16 ? 0
@@ -245,6 +286,164 @@ void check_packed(const torch::Tensor& packed, int64_t fmt, int64_t n, int64_t k
   const int64_t tiles = (n + kTile - 1) / kTile * (k / kBlock);
   TORCH_CHECK(packed.numel() == tiles * tile_bytes(fmt), "block_linear: packed size ",
               packed.numel(), " does not match N=", n, " K=", k);
+}
+
+// --- int8 activations (block_linear_int8) ---
+
+constexpr int kInt8Rows = 8;  // rows of x per pass over a tile column (accumulators in zmm)
+
+// One row of x (K floats) -> q (K int8), the scale of each block of 32 (amax / 127) and the
+// sums of q over each half block.
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sums) {
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+#if defined(SPLITSERVE_AVX512)
+    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv));  // nearest, ties to even
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtepi32_epi8(q1));
+    sums[2 * b] = _mm512_reduce_add_epi32(q0);
+    sums[2 * b + 1] = _mm512_reduce_add_epi32(q1);
+#else
+    float amax = 0.0f;
+    for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    sums[2 * b] = sums[2 * b + 1] = 0;
+    for (int i = 0; i < kBlock; ++i) {
+      const float v = std::nearbyint(xb[i] * inv);  // the default mode: nearest, ties to even
+      const int qi = std::fabs(v) <= 127.0f ? static_cast<int>(v) : 0;  // NaN -> 0, as cvtps
+      q[b * kBlock + i] = static_cast<int8_t>(qi);
+      sums[2 * b + i / 16] += qi;
+    }
+#endif
+    d[b] = amax / 127.0f;
+  }
+}
+
+// y[r][0:ncols] for R rows of quantized x against one tile column (nblk tiles).
+struct Int8Args {
+  const uint8_t* tiles;
+  int64_t nblk, tbytes, K;
+  const int8_t* xq;
+  const float* xd;
+  const int32_t* xs;
+  float* y;
+  int64_t ldy, ncols;
+};
+
+#if defined(SPLITSERVE_VNNI)
+template <int FMT, int R>
+void int8_tile(const Int8Args& a) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < a.nblk; ++b) {
+    const uint8_t* tile = a.tiles + b * a.tbytes;
+    if (b + 2 < a.nblk) __builtin_prefetch(tile + 2 * a.tbytes, 0, 0);
+    const Fields f = fields_of(tile, FMT);
+    __m512i w[8];
+    for (int g = 0; g < 8; ++g) {
+      w[g] = group_codes(f, FMT, g);
+      if (FMT == kQ8_0) w[g] = _mm512_xor_si512(w[g], flip);  // q + 128: unsigned for vpdpbusd
+    }
+    __m512 s0, s1, o;
+    scale_vectors(tile, FMT, s0, s1, o);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* qb = a.xq + r * a.K + b * kBlock;
+      __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+      for (int g = 0; g < 4; ++g) {
+        int32_t x0, x1;
+        std::memcpy(&x0, qb + 4 * g, 4);
+        std::memcpy(&x1, qb + 16 + 4 * g, 4);
+        lo = _mm512_dpbusd_epi32(lo, w[g], _mm512_set1_epi32(x0));
+        hi = _mm512_dpbusd_epi32(hi, w[g + 4], _mm512_set1_epi32(x1));
+      }
+      const int64_t i = r * a.nblk + b;
+      const float da = a.xd[i];
+      const int32_t sum_lo = a.xs[2 * i], sum_hi = a.xs[2 * i + 1];
+      const __m512 vda = _mm512_set1_ps(da);
+      if (FMT == kQ6_K) {  // codes are q + 32, one scale per half block
+        lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(32 * sum_lo));
+        hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(32 * sum_hi));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(s0, vda), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s1, vda), acc[r]);
+        continue;
+      }
+      __m512i dot = _mm512_add_epi32(lo, hi);
+      if (FMT == kQ8_0) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * (sum_lo + sum_hi)));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s0, vda), acc[r]);
+      if (FMT != kQ8_0)
+        acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(da * static_cast<float>(sum_lo + sum_hi)), acc[r]);
+    }
+  }
+  const __mmask16 m = a.ncols >= 16 ? 0xffff : static_cast<__mmask16>((1u << a.ncols) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(a.y + r * a.ldy, m, acc[r]);
+}
+#else
+// The same numbers without VNNI: integer dots, then the float operations of the vector path
+// in the same order, one column at a time.
+template <int FMT, int R>
+void int8_tile(const Int8Args& a) {
+  for (int r = 0; r < R; ++r) {
+    float acc[16] = {};
+    for (int64_t b = 0; b < a.nblk; ++b) {
+      const uint8_t* tile = a.tiles + b * a.tbytes;
+      const Fields f = fields_of(tile, FMT);
+      float s[2][16], o[16];
+      scales_of(tile, FMT, s, o);
+      const int8_t* qb = a.xq + r * a.K + b * kBlock;
+      const int64_t i = r * a.nblk + b;
+      const float da = a.xd[i];
+      const int32_t sum_lo = a.xs[2 * i], sum_hi = a.xs[2 * i + 1];
+      for (int c = 0; c < 16; ++c) {
+        int32_t lo = 0, hi = 0;
+        for (int k = 0; k < 16; ++k) {
+          lo += code_at(f, FMT, c, k) * qb[k];
+          hi += code_at(f, FMT, c, k + 16) * qb[k + 16];
+        }
+        if (FMT == kQ6_K) {
+          lo -= 32 * sum_lo;
+          hi -= 32 * sum_hi;
+          acc[c] = std::fma(static_cast<float>(lo), s[0][c] * da, acc[c]);
+          acc[c] = std::fma(static_cast<float>(hi), s[1][c] * da, acc[c]);
+          continue;
+        }
+        acc[c] = std::fma(static_cast<float>(lo + hi), s[0][c] * da, acc[c]);
+        if (FMT != kQ8_0)
+          acc[c] = std::fma(o[c], da * static_cast<float>(sum_lo + sum_hi), acc[c]);
+      }
+    }
+    for (int64_t c = 0; c < a.ncols; ++c) a.y[r * a.ldy + c] = acc[c];
+  }
+}
+#endif
+
+template <int FMT>
+void int8_rows(const Int8Args& a, int64_t rows) {
+  switch (rows) {
+    case 1: return int8_tile<FMT, 1>(a);
+    case 2: return int8_tile<FMT, 2>(a);
+    case 3: return int8_tile<FMT, 3>(a);
+    case 4: return int8_tile<FMT, 4>(a);
+    case 5: return int8_tile<FMT, 5>(a);
+    case 6: return int8_tile<FMT, 6>(a);
+    case 7: return int8_tile<FMT, 7>(a);
+    default: return int8_tile<FMT, 8>(a);
+  }
+}
+
+void int8_dispatch(int64_t fmt, const Int8Args& a, int64_t rows) {
+  switch (fmt) {
+    case kQ4_1: return int8_rows<kQ4_1>(a, rows);
+    case kQ8_0: return int8_rows<kQ8_0>(a, rows);
+    case kQ5_1: return int8_rows<kQ5_1>(a, rows);
+    case kQ4_K: return int8_rows<kQ4_K>(a, rows);
+    case kQ5_K: return int8_rows<kQ5_K>(a, rows);
+    default: return int8_rows<kQ6_K>(a, rows);
+  }
 }
 
 }  // namespace
@@ -306,6 +505,124 @@ torch::Tensor block_linear(torch::Tensor x, torch::Tensor packed, int64_t fmt, i
   return y;
 }
 
+// x: (M, K) float32 contiguous -> (M, N) float32, with x rounded to int8 per block of 32
+// (see the top of the file).
+torch::Tensor block_linear_int8(torch::Tensor x, torch::Tensor packed, int64_t fmt, int64_t n) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "block_linear_int8: x must be a contiguous 2-d float32 tensor");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_packed(packed, fmt, n, K);
+  auto y = torch::empty({M, n}, x.options());
+  if (M == 0) return y;
+  const int64_t nblk = K / kBlock, tbytes = tile_bytes(fmt), ntiles = (n + kTile - 1) / kTile;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xd(M * nblk);
+  std::vector<int32_t> xs(2 * M * nblk);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      quantize_row(xp + r * K, K, xq.data() + r * K, xd.data() + r * nblk, xs.data() + 2 * r * nblk);
+  });
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t r0 = 0; r0 < M; r0 += kInt8Rows) {
+        const Int8Args a{wp + t * nblk * tbytes, nblk, tbytes, K, xq.data() + r0 * K,
+                         xd.data() + r0 * nblk, xs.data() + 2 * r0 * nblk, yp + r0 * n + t * kTile,
+                         n, std::min<int64_t>(kTile, n - t * kTile)};
+        int8_dispatch(fmt, a, std::min<int64_t>(kInt8Rows, M - r0));
+      }
+    }
+  });
+  return y;
+}
+
+// x's int8 rounding as block_linear_int8 does it: (q (M, K) int8, scales (M, K/32) float32,
+// sums of q per half block (M, K/16) int32), for tests.
+std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() &&
+                  x.size(1) % kBlock == 0,
+              "quantize_activations: x must be contiguous 2-d float32, K a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, torch::dtype(torch::kInt8));
+  auto d = torch::empty({M, K / kBlock}, torch::dtype(torch::kFloat32));
+  auto s = torch::empty({M, K / 16}, torch::dtype(torch::kInt32));
+  for (int64_t r = 0; r < M; ++r)
+    quantize_row(x.data_ptr<float>() + r * K, K, q.data_ptr<int8_t>() + r * K,
+                 d.data_ptr<float>() + r * (K / kBlock), s.data_ptr<int32_t>() + r * (K / 16));
+  return {q, d, s};
+}
+
+// --- the small ops around the int8 matmuls (LlamaModel's fused decoder loop) ---
+// Three calls instead of the 8-20 torch dispatches each replaces on a decode step's few rows.
+// Float32 math in a fixed order; not bit-equal to torch's kernels, so only the int8 path uses
+// them (the float path keeps torch's, which the exactness tests hold to the reference).
+
+// y = x / sqrt(mean(x^2) + eps) * w, per row of x (T, D).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() &&
+                  w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == x.size(1),
+              "rms_norm: x (T, D) and w (D,) contiguous float32");
+  const int64_t T = x.size(0), D = x.size(1);
+  auto y = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* xr = xp + t * D;
+      double ss = 0.0;
+      for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+      const float inv = static_cast<float>(1.0 / std::sqrt(ss / D + eps));
+      for (int64_t i = 0; i < D; ++i) yp[t * D + i] = xr[i] * inv * wp[i];
+    }
+  });
+  return y;
+}
+
+// Rotary embedding, rotate-half layout, in place on the first `rotated` heads of each row of
+// qkv (T, heads * hd): the q and k heads of a fused projection. cos/sin: (T, hd).
+void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t rotated, int64_t hd) {
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.dim() == 2 && qkv.is_contiguous() &&
+                  hd % 2 == 0 && rotated * hd <= qkv.size(1),
+              "rope_: qkv must be contiguous (T, >= rotated * hd) float32");
+  const int64_t T = qkv.size(0), W = qkv.size(1), h = hd / 2;
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
+                  cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * hd &&
+                  sin.numel() == T * hd,
+              "rope_: cos and sin must be contiguous (T, hd) float32");
+  float* p = qkv.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float *c = cp + t * hd, *s = sp + t * hd;
+    for (int64_t head = 0; head < rotated; ++head) {
+      float* v = p + t * W + head * hd;
+      for (int64_t i = 0; i < h; ++i) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a * c[i] - b * s[i];
+        v[i + h] = b * c[i + h] + a * s[i + h];
+      }
+    }
+  }
+}
+
+// silu(gate) * up for gu (T, 2I) = [gate | up] -> (T, I).
+torch::Tensor silu_mul(torch::Tensor gu) {
+  TORCH_CHECK(gu.scalar_type() == torch::kFloat32 && gu.dim() == 2 && gu.is_contiguous() &&
+                  gu.size(1) % 2 == 0,
+              "silu_mul: gu must be contiguous (T, 2I) float32");
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  auto y = torch::empty({T, I}, gu.options());
+  const float* g = gu.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < I; ++i) {
+      const float a = g[t * 2 * I + i];
+      yp[t * I + i] = a / (1.0f + std::exp(-a)) * g[t * 2 * I + I + i];
+    }
+  return y;
+}
+
 // The dense float32 weight (N, K), for tests and for checking a packing.
 torch::Tensor block_dequantize(torch::Tensor packed, int64_t fmt, int64_t n, int64_t k) {
   check_packed(packed, fmt, n, k);
@@ -349,8 +666,16 @@ torch::Tensor block_rows(torch::Tensor packed, int64_t fmt, int64_t n, int64_t k
   return out;
 }
 
+bool has_vnni() {
+#if defined(SPLITSERVE_VNNI)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool has_avx512() {
-#if defined(__AVX512F__)
+#if defined(SPLITSERVE_AVX512)
   return true;
 #else
   return false;
@@ -377,6 +702,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("block_rows", &block_rows, "rows of the packed weight as dense float32 (a lookup)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("block_linear_int8", &block_linear_int8,
+        "y = x W^T with W in GGUF-type tiles and x rounded to int8 per block (VNNI)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("quantize_activations", &quantize_activations, "x rounded as block_linear_int8 does");
+  m.def("rms_norm", &rms_norm, "x / rms(x) * w per row", py::call_guard<py::gil_scoped_release>());
+  m.def("rope_", &rope_, "rotary embedding in place on the first heads of each row",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up", py::call_guard<py::gil_scoped_release>());
+  m.def("has_vnni", &has_vnni, "whether the int8 kernel was built with AVX-512 VNNI");
   m.def("has_avx512", &has_avx512, "whether the kernel was built with AVX-512");
   m.def("has_openmp", &has_openmp, "whether the kernel was built with OpenMP (threads)");
 }

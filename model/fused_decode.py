@@ -1,0 +1,114 @@
+"""A decode-sized step's decoder stack as one flat loop of kernel calls (the int8 blocks path).
+
+With int8 activations (`--linear-backend blocks-int8`) SmolLM2's matmuls take ~2.5 ms of a
+batch-1 decode step on 2 cores, and the rest of the step was Python: per layer about 25
+nn.Module calls and torch dispatches (RMS norm alone is eight ops on CPU), each a few
+microseconds, 30 layers deep. This loop calls the kernels directly, nine calls a layer: two
+RMS norms, four int8 block matmuls, rotary in place on the fused QKV rows, the attention
+backend (which writes the new K/V and attends, as in the module path) and silu * up, all but
+the attention from model/csrc/block_linear.cpp.
+
+It computes what the modules compute, in float32 with another order of operations (the C++
+RMS norm sums in float64, for instance), so it is used only where the numbers are not held
+to float32 exactness anyway: a shard whose every linear is a single-part int8 `BlockLinear`
+without bias. Steps of more than `MAX_TOKENS` tokens (prefill chunks) keep the module path,
+whose torch kernels are multi-threaded and vectorized for long inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.model.attention import AttentionMetadata
+from splitserve.model.block_linear import BlockLinear, load_kernel
+
+MAX_TOKENS = 32
+
+
+def _block_matmul(m, int8_only: bool) -> tuple | None:
+    """(kernel function, (packed, format, rows)) of a single-part BlockLinear without bias
+    (int8 unless `int8_only` is False), else None."""
+    if not isinstance(m, BlockLinear) or len(m.formats) != 1 or m.bias is not None:
+        return None
+    if int8_only and not m.int8:
+        return None
+    return m._matmul, (m.packed, m.fmt, m.out_features)
+
+
+class FusedDecoder:
+    """Runs `model`'s layers for steps of up to MAX_TOKENS tokens; `build` says if it can."""
+
+    MAX_TOKENS = MAX_TOKENS
+
+    def __init__(self, model, layers: list[tuple]) -> None:
+        self.model = model
+        self.layers = layers
+        self.kernel = load_kernel()
+        cfg = model.cfg
+        self.eps = cfg.rms_norm_eps
+        self.head_dim = cfg.head_dim
+        heads = model.heads
+        self.num_q, self.num_kv = heads.num_q, heads.num_kv
+        self.q_size, self.kv_size = heads.num_q * cfg.head_dim, heads.num_kv * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.comm = model.comm
+        self.all_reduce = model.shard.tp_size > 1
+        self._caches: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    @classmethod
+    def build(cls, model, int8_only: bool = True) -> FusedDecoder | None:
+        """The loop for `model`, or None if a layer does not qualify. `int8_only=False` also
+        takes float32 blocks (tests compare the loop with the modules that way)."""
+        if next(model.parameters(), torch.empty(0)).device.type != "cpu":
+            return None
+        layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            mats = [_block_matmul(m, int8_only) for m in linears]
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(m is None for m in mats) or any(w.dtype != torch.float32 for w in norms):
+                return None
+            layers.append((norms[0].detach(), mats[0], mats[1], norms[1].detach(), *mats[2:]))
+        if not layers or model.rotary.cos.dtype != torch.float32:
+            return None
+        return cls(model, layers)
+
+    def _layer_caches(self, kv_cache: torch.Tensor):
+        """Each layer's (K, V) views of the pool, made once per pool rather than per step."""
+        if self._caches is None or self._caches[0] is not kv_cache:
+            views = [(c[0], c[1]) for c in kv_cache.unbind(0)]
+            self._caches = (kv_cache, views)
+        return self._caches[1]
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # (T, hidden) float32, the embedding or the previous stage's output
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        backend,
+        owned: bool,  # whether x may be updated in place
+    ) -> torch.Tensor:
+        k_ops, eps, hd = self.kernel, self.eps, self.head_dim
+        x = x.contiguous() if owned else x.clone(memory_format=torch.contiguous_format)
+        t = x.shape[0]
+        rotary = self.model.rotary
+        cos, sin = rotary.cos[positions], rotary.sin[positions]  # (T, hd), fresh tensors
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        for layer, (kc, vc) in zip(self.layers, self._layer_caches(kv_cache), strict=True):
+            ln1, (qkv_mm, qkv_w), (o_mm, o_w), ln2, (gu_mm, gu_w), (down_mm, down_w) = layer
+            qkv = qkv_mm(k_ops.rms_norm(x, ln1, eps), *qkv_w)
+            k_ops.rope_(qkv, cos, sin, self.num_q + self.num_kv, hd)
+            q = qkv[:, :q_end].view(t, self.num_q, hd)
+            if t > 1:
+                q = q.contiguous()  # the C++ attention reads q as one dense (T, H, hd) run
+            k = qkv[:, q_end:k_end].view(t, self.num_kv, hd)
+            v = qkv[:, k_end:].view(t, self.num_kv, hd)
+            out = backend(q, k, v, kc, vc, meta, self.scale)
+            o = o_mm(out.reshape(t, self.q_size), *o_w)
+            x.add_(self.comm.all_reduce(o) if self.all_reduce else o)
+            gu = gu_mm(k_ops.rms_norm(x, ln2, eps), *gu_w)
+            down = down_mm(k_ops.silu_mul(gu), *down_w)
+            x.add_(self.comm.all_reduce(down) if self.all_reduce else down)
+        return x
