@@ -4,7 +4,8 @@ A decode step's matmuls are every layer's QKV, O, gate/up and down plus the LM h
 once. This benchmark builds exactly those weights from the checkpoint (layer 0's, repeated
 once per layer so they stream from memory as a real pass does, and the head once) and times
 one pass through them with x of M rows, for the `blocks` backend (Q4_1/Q8_0 dequantized in the
-kernel), the oneDNN packed backend and `nn.Linear`, and for the weights `--quantization`
+kernel), the same blocks with int8 activations (`blocks-int8`, VNNI dot products), the
+oneDNN packed backend and `nn.Linear`, and for the weights `--quantization`
 makes at load (model/quant_linear.py: torch's `_weight_int8pack_mm` per channel and
 `_weight_int4pack_mm_for_cpu` in groups of 32, bfloat16 activations). The ratios are against
 oneDNN in the same run; every backend's output is compared with `nn.Linear`'s on the same input
@@ -19,6 +20,7 @@ from typing import Any
 from splitserve.bench.report import final_line, finish, times
 
 FINAL_KEY = "linear_blocks_vs_onednn_at_16_rows"
+QUANTIZED = ("blocks-int8", "int8", "int4")  # timed besides blocks, onednn and torch
 LAYER_WEIGHTS = {
     "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "o": ("self_attn.o_proj",),
@@ -45,8 +47,9 @@ def add_parser(bsub: Any) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument(
         "--backends",
-        default="int8,int4",
-        help="quantized backends to time besides blocks, onednn and torch (%(default)s)",
+        default=",".join(QUANTIZED),
+        help="backends to time besides blocks, onednn and torch: blocks-int8 (the same blocks, "
+        "int8 activations), int8, int4 (--quantization) (default: %(default)s)",
     )
     p.set_defaults(run=run)
 
@@ -86,8 +89,8 @@ def _modules(weight, copies: int, backend: str, stored=None):
     for _ in range(copies):
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         lin.weight.data = weight.clone()
-        if backend == "blocks":
-            mod = to_blocks(lin, stored)
+        if backend in ("blocks", "blocks-int8"):
+            mod = to_blocks(lin, stored, int8=backend == "blocks-int8")
             if mod is None:
                 return None
         elif backend == "int8":
@@ -129,7 +132,7 @@ def run(args: Any) -> int:
         return 1
     ckpt, fused, head, stored = _weights(args.model)
     layers = ckpt.config.num_layers
-    extra = [b for b in args.backends.split(",") if b in ("int8", "int4")]
+    extra = [b for b in args.backends.split(",") if b in QUANTIZED]
     backends = ["blocks", "onednn", "torch", *extra]
     shapes = {**fused, "head": head}
     results: dict[str, dict[str, float]] = {b: {} for b in backends}
@@ -183,12 +186,16 @@ def _report(path, layers, rows, results, errors, threads, avx512) -> list[str]:
 
 def _quant_report(rows, results) -> list[str]:
     """The quantized-at-load backends' times and their speed vs oneDNN float32 and blocks."""
-    kinds = [k for k in ("int8", "int4") if k in results]
+    kinds = [k for k in QUANTIZED if k in results]
     if not kinds:
         return []
-    header = "  ".join(f"{k + ' ms':>9}  {'vs onednn':>9}  {'vs blocks':>9}" for k in kinds)
+    widths = {k: max(9, len(k) + 3) for k in kinds}
+    header = "  ".join(
+        f"{k + ' ms':>{widths[k]}}  {'vs onednn':>9}  {'vs blocks':>9}" for k in kinds
+    )
     lines = [
-        "quantized at load (--quantization): ms per pass, and speed vs onednn / vs blocks",
+        "int8 activations (blocks-int8) and quantized at load (--quantization int8/int4): "
+        "ms per pass, and speed vs onednn / vs blocks",
         f"{'rows':>5}  {header}",
     ]
     for m in rows:
@@ -196,6 +203,6 @@ def _quant_report(rows, results) -> list[str]:
         for k in kinds:
             t = results[k][str(m)]
             o, b = results["onednn"][str(m)], results["blocks"][str(m)]
-            cells.append(f"{t * 1e3:>9.1f}  {times(o / t):>9}  {times(b / t):>9}")
+            cells.append(f"{t * 1e3:>{widths[k]}.1f}  {times(o / t):>9}  {times(b / t):>9}")
         lines.append(f"{m:>5}  " + "  ".join(cells))
     return lines

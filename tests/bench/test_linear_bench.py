@@ -23,11 +23,12 @@ def test_quick_run(smollm2_path, tmp_path, capsys):
     assert any(line.split()[:1] == ["16"] for line in lines)
     data = json.loads(out.read_text())
     assert data["rows"] == [1, 16]
-    assert set(data["seconds"]) == {"blocks", "onednn", "torch", "int8", "int4"}
+    assert set(data["seconds"]) == {"blocks", "onednn", "torch", "blocks-int8", "int8", "int4"}
     assert all(v > 0 for per in data["seconds"].values() for v in per.values())
     # float32 throughout: only the order of the additions differs
     errors = data["max_abs_err"]
     assert max(errors[k] for k in ("blocks", "onednn", "torch")) < 1e-3
     # quantized at load: their rounding shows, but stays a rounding
     assert 1e-3 < errors["int8"] < 5 and 1e-3 < errors["int4"] < 5
-    assert any(line.startswith("quantized at load") for line in lines)
+    assert 1e-3 < errors["blocks-int8"] < 5  # int8 activations: a rounding too
+    assert any(line.startswith("int8 activations (blocks-int8) and quantized") for line in lines)
