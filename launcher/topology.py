@@ -368,20 +368,28 @@ class _Builder:
         )
 
     def _omp_env(self, num_workers: int) -> dict[str, str]:
-        """OMP_WAIT_POLICY=PASSIVE when this host's engine processes have more torch threads
-        than it has CPUs (e.g. a prefill and a decode worker, 2 threads each, on 2 cores).
-        OpenMP threads spin-wait between parallel regions by default, which is right for one
-        engine that owns its cores and ruinous for two that share them: each one's spinning
-        threads take the CPU from the other's working ones (the disaggregated mesh on 2 cores
-        ran 2.7x slower spinning). Only for processes on this host; never overrides the
-        user's own OMP_WAIT_POLICY."""
+        """GOMP_SPINCOUNT=5000 when this host's engine threads fill its CPUs, which the router
+        (and the clients of a benchmark) share with them.
+
+        OpenMP threads spin-wait for the next parallel region, by default for ~300,000 spins
+        (a millisecond or more): right for an engine that owns its cores, costly for one that
+        shares them. Between two steps the spinning threads hold the cores the router needs
+        to stream the last token, and a step's parallel region waits for a thread the OS took
+        off its core. A decode step of the int8 path is ~150 regions tens of microseconds
+        apart, so a short spin still bridges them, and the threads sleep between steps.
+        Measured on 2 cores, `bench serve` random 128/64 under blocks-int8: colocated 78 ->
+        130 tok/s at c=1, 201 -> 294 at c=8, 263 -> 386 at c=32; disaggregated (4 threads on
+        2 cores) 73 -> 128 tok/s at c=1 and 166 -> 169 at c=8 against OMP_WAIT_POLICY=PASSIVE,
+        which this replaced (passive threads sleep after every region: a batch-1 step went
+        from 4.6 to 16 ms). Only for processes on this host; never overrides the user's own
+        OMP_WAIT_POLICY or GOMP_SPINCOUNT."""
         args = self.args
-        if self.placement.by_name or "OMP_WAIT_POLICY" in os.environ:
+        if self.placement.by_name or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
             return {}
         cpus = os.cpu_count() or 1
         per_process = args.threads or cpus  # torch's default: one thread per CPU
         processes = num_workers * args.tensor_parallel_size * args.pipeline_stages
-        return {"OMP_WAIT_POLICY": "PASSIVE"} if processes * per_process > cpus else {}
+        return {"GOMP_SPINCOUNT": "5000"} if processes * per_process >= cpus else {}
 
     def _worker(
         self,

@@ -25,7 +25,8 @@ from typing import Any
 # tests start (they inherit it): OpenMP threads sleep between parallel regions instead of
 # spinning. Two xdist workers on 2 cores, each with 2 torch threads plus the meshes they start,
 # spent most of the CPU spinning: the SmolLM2 engine tests took 244 s spinning, 63 s passive.
-# (`splitserve up` does the same for its own processes when they outnumber the cores.)
+# (`splitserve up` shortens the spin instead, GOMP_SPINCOUNT, when its threads fill the cores:
+# launcher/topology.py's _omp_env.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest

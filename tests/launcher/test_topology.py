@@ -224,33 +224,38 @@ def test_up_and_compose_take_the_same_tp_pp_dp_settings():
 
 
 @pytest.mark.parametrize(
-    "argv,cpus,passive",
+    "argv,cpus,short",
     [
         ((), 2, True),  # prefill + decode, torch's default of one thread per CPU each
-        (("--colocated",), 2, False),  # one engine owns the cores: let it spin
-        (("--colocated", "--decode", "2", "--threads", "1"), 2, False),  # one thread per core
-        (("--colocated", "--decode", "2", "--threads", "1"), 1, True),
-        (("--colocated", "--tensor-parallel-size", "2", "--threads", "1"), 2, False),
-        (("--colocated", "--pipeline-stages", "2", "--threads", "2"), 4, False),
+        (("--colocated",), 2, True),  # one engine's threads on every core, the router beside
+        (("--colocated", "--threads", "1"), 4, False),  # cores to spare: spin as long as usual
+        (("--colocated", "--decode", "2", "--threads", "1"), 2, True),
+        (("--colocated", "--decode", "2", "--threads", "1"), 8, False),
+        (("--colocated", "--tensor-parallel-size", "2", "--threads", "1"), 2, True),
+        (("--colocated", "--pipeline-stages", "2", "--threads", "2"), 8, False),
         (("--colocated", "--pipeline-stages", "2", "--threads", "2"), 2, True),
     ],
 )
-def test_oversubscribed_local_workers_wait_passively(monkeypatch, argv, cpus, passive):
+def test_workers_filling_the_cpus_spin_briefly(monkeypatch, argv, cpus, short):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: cpus)
     t = topology(*argv)
     for w in t.workers:
-        assert (w.env.get("OMP_WAIT_POLICY") == "PASSIVE") is passive, w.name
+        assert (w.env.get("GOMP_SPINCOUNT") == "5000") is short, w.name
+        assert "OMP_WAIT_POLICY" not in w.env  # passive waiting made every region a wake-up
     router = next(s for s in t.services if s.name == "router")
-    assert "OMP_WAIT_POLICY" not in router.env
+    assert "GOMP_SPINCOUNT" not in router.env
     # compose places services in containers this host doesn't size: left to the operator
-    assert all("OMP_WAIT_POLICY" not in w.env for w in topology(*argv, placement=COMPOSE).workers)
+    assert all("GOMP_SPINCOUNT" not in w.env for w in topology(*argv, placement=COMPOSE).workers)
 
 
-def test_the_users_own_omp_wait_policy_wins(monkeypatch):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+@pytest.mark.parametrize("var", ["OMP_WAIT_POLICY", "GOMP_SPINCOUNT"])
+def test_the_users_own_openmp_waiting_wins(monkeypatch, var):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv(var, "ACTIVE" if var == "OMP_WAIT_POLICY" else "100")
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert all("OMP_WAIT_POLICY" not in w.env for w in topology().workers)
+    assert all("GOMP_SPINCOUNT" not in w.env for w in topology().workers)
 
 
 @pytest.mark.parametrize("placement", [LOCAL, COMPOSE])
