@@ -377,11 +377,12 @@ class _Builder:
         to stream the last token, and a step's parallel region waits for a thread the OS took
         off its core. A decode step of the int8 path is ~150 regions tens of microseconds
         apart, so a short spin still bridges them, and the threads sleep between steps.
-        Measured on 2 cores, `bench serve` random 128/64 under blocks-int8: colocated 78 ->
-        130 tok/s at c=1, 201 -> 294 at c=8, 263 -> 386 at c=32; disaggregated (4 threads on
-        2 cores) 73 -> 128 tok/s at c=1 and 166 -> 169 at c=8 against OMP_WAIT_POLICY=PASSIVE,
-        which this replaced (passive threads sleep after every region: a batch-1 step went
-        from 4.6 to 16 ms). Only for processes on this host; never overrides the user's own
+        Measured on 2 noisy cores, `bench serve` random 128/64 under blocks-int8, one run
+        each: colocated 78 -> 130 tok/s at c=1, 201 -> 294 at c=8, 263 -> 386 at c=32;
+        disaggregated (4 threads on 2 cores) 73 -> 128 tok/s at c=1 and 166 -> 169 at c=8
+        against OMP_WAIT_POLICY=PASSIVE, which this replaced (passive threads sleep after
+        every region: a batch-1 step went from 4.6 to 16 ms). docs/benchmarks.md has the
+        runs. Only for processes on this host; never overrides the user's own
         OMP_WAIT_POLICY or GOMP_SPINCOUNT."""
         args = self.args
         if self.placement.by_name or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):

@@ -158,8 +158,7 @@ def _prepare(model, backend, device, dtype, quantization, group_size) -> str:
     packed = pack_linears(model) if use_onednn(backend, device, dtype) else 0
     if backend.startswith("blocks") and not blocks:
         log.warning(
-            "--linear-backend %s: no weight came in GGUF blocks, "
-            "and no weight re-encodes exactly",
+            "--linear-backend %s: no weight came in GGUF blocks, and no weight re-encodes exactly",
             backend,
         )
     kinds = sorted(

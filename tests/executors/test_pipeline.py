@@ -463,6 +463,22 @@ def test_smollm2_pp2_with_micro_batches(smollm2_checkpoint, smol_prompts):
         engine.close()
 
 
+@pytest.mark.slow
+def test_smollm2_pp2_under_blocks_int8_gives_the_single_process_tokens(
+    smollm2_checkpoint, smol_prompts
+):
+    # int8 activations are rounded row by row, and every step here is small enough for the
+    # fused loop (model/fused_decode.py) on both sides, so a stage that runs its layers on the
+    # hidden state it was sent computes what one process computes: same tokens and logprobs.
+    base = dict(SMOL_BASE, linear_backend="blocks-int8")
+    ref = create_engine(EngineConfig(**base), smollm2_checkpoint).generate(smol_prompts, PARAMS)
+    engine = create_engine(EngineConfig(**base, pipeline_stages=2), smollm2_checkpoint)
+    try:
+        assert_same(ref, engine.generate(smol_prompts, PARAMS))
+    finally:
+        engine.close()
+
+
 def exported_prompt_kv(engine: LLMEngine, prompts: list[list[int]]) -> list[torch.Tensor]:
     """Each prompt's KV as the engine exports it when the request finishes."""
     params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)

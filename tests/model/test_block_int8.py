@@ -68,7 +68,7 @@ def test_without_vnni_the_same_numbers_bit_for_bit():
     assert portable is not None and not portable.has_vnni()
     gen = torch.Generator().manual_seed(3)
     for qtype in SERVED:
-        w, fmt, packed = packed_weight(qtype, 40, 256)
+        _, fmt, packed = packed_weight(qtype, 40, 256)
         x = torch.randn(9, 256, generator=gen) * 3
         for a, b in zip(
             native.quantize_activations(x), portable.quantize_activations(x), strict=True
