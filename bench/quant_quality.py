@@ -242,7 +242,7 @@ def evaluate(
     ppl_ref, ppl = perplexity(ref.chunk_logprobs), perplexity(got.chunk_logprobs)
     diffs = [abs(a - b) for fa, fb in zip(ref.forced, got.forced, strict=True)
              for a, b in zip(fa, fb, strict=True)]  # fmt: skip
-    agree = [_prefix(a, b) for a, b in zip(reference, got.greedy, strict=True)]
+    agree = [same_prefix(a, b) for a, b in zip(reference, got.greedy, strict=True)]
     return Row(
         name=option.name,
         weight_bytes=weight_bytes,
@@ -260,7 +260,8 @@ def perplexity(chunk_logprobs: list[list[float]]) -> float:
     return math.exp(-sum(flat) / len(flat))
 
 
-def _prefix(a: list[int], b: list[int]) -> int:
+def same_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two continuations share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

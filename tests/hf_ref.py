@@ -31,13 +31,3 @@ def assert_matches(outputs, references, atol: float = 1e-3) -> None:
         assert out.new_token_ids == tokens, f"prompt {i}: tokens differ"
         worst = max(abs(a - b) for a, b in zip(out.new_logprobs, logprobs, strict=True))
         assert worst < atol, f"prompt {i}: logprob differs by {worst}"
-
-
-def same_prefix(a: list, b: list) -> int:
-    """How many leading items two token lists share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -448,13 +448,19 @@ void int8_dispatch(int64_t fmt, const Int8Args& a, int64_t rows) {
 
 }  // namespace
 
+// The (M, N) output for x (M, K) against a packed (N, K) weight, after checking both.
+torch::Tensor output_for(const char* what, const torch::Tensor& x, const torch::Tensor& packed,
+                         int64_t fmt, int64_t n) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), what,
+              ": x must be a contiguous 2-d float32 tensor");
+  check_packed(packed, fmt, n, x.size(1));
+  return torch::empty({x.size(0), n}, x.options());
+}
+
 // x: (M, K) float32 contiguous -> (M, N) float32.
 torch::Tensor block_linear(torch::Tensor x, torch::Tensor packed, int64_t fmt, int64_t n) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "block_linear: x must be a contiguous 2-d float32 tensor");
+  auto y = output_for("block_linear", x, packed, fmt, n);
   const int64_t M = x.size(0), K = x.size(1);
-  check_packed(packed, fmt, n, K);
-  auto y = torch::empty({M, n}, x.options());
   if (M == 0) return y;
   const int64_t nblk = K / kBlock, tbytes = tile_bytes(fmt);
   const int64_t strips = (n + kStrip - 1) / kStrip;
@@ -508,11 +514,8 @@ torch::Tensor block_linear(torch::Tensor x, torch::Tensor packed, int64_t fmt, i
 // x: (M, K) float32 contiguous -> (M, N) float32, with x rounded to int8 per block of 32
 // (see the top of the file).
 torch::Tensor block_linear_int8(torch::Tensor x, torch::Tensor packed, int64_t fmt, int64_t n) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "block_linear_int8: x must be a contiguous 2-d float32 tensor");
+  auto y = output_for("block_linear_int8", x, packed, fmt, n);
   const int64_t M = x.size(0), K = x.size(1);
-  check_packed(packed, fmt, n, K);
-  auto y = torch::empty({M, n}, x.options());
   if (M == 0) return y;
   const int64_t nblk = K / kBlock, tbytes = tile_bytes(fmt), ntiles = (n + kTile - 1) / kTile;
   std::vector<int8_t> xq(M * K);

@@ -12,8 +12,8 @@ from splitserve.model.loader import open_checkpoint
 
 def test_perplexity_and_prefix_agreement():
     assert qq.perplexity([[math.log(0.5)] * 3, [math.log(0.5)]]) == pytest.approx(2.0)
-    assert qq._prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
-    assert qq._prefix([1, 2], [1, 2]) == 2
+    assert qq.same_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert qq.same_prefix([1, 2], [1, 2]) == 2
 
 
 def test_unknown_option_names_the_choices(capsys, tiny_model_dir):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_ref import same_prefix
 from test_engine_smollm2 import PARAMS, engine_for
 
+from splitserve.bench.quant_quality import same_prefix
 from splitserve.model.attention import AttentionMetadata
 from splitserve.model.fused_decode import MAX_TOKENS, FusedDecoder
 

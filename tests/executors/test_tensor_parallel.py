@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hf_ref import assert_matches, hf_greedy, same_prefix
+from hf_ref import assert_matches, hf_greedy
 from models import VARIANT_BASE
 from procs import rank_pids
 
+from splitserve.bench.quant_quality import same_prefix
 from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.outputs import KVExport, RequestOutput
