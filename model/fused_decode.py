@@ -41,7 +41,8 @@ class FusedDecoder:
     MAX_TOKENS = MAX_TOKENS
 
     def __init__(self, model, layers: list[tuple]) -> None:
-        self.model = model
+        # what it needs of the model, not the model: the model holds this loop (model.fused)
+        self.rotary = model.rotary
         self.layers = layers
         self.kernel = load_kernel()
         cfg = model.cfg
@@ -93,8 +94,7 @@ class FusedDecoder:
         k_ops, eps, hd = self.kernel, self.eps, self.head_dim
         x = x.contiguous() if owned else x.clone(memory_format=torch.contiguous_format)
         t = x.shape[0]
-        rotary = self.model.rotary
-        cos, sin = rotary.cos[positions], rotary.sin[positions]  # (T, hd), fresh tensors
+        cos, sin = self.rotary.cos[positions], self.rotary.sin[positions]  # (T, hd), fresh
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         for layer, (kc, vc) in zip(self.layers, self._layer_caches(kv_cache), strict=True):
             ln1, (qkv_mm, qkv_w), (o_mm, o_w), ln2, (gu_mm, gu_w), (down_mm, down_w) = layer
