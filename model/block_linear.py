@@ -62,11 +62,12 @@ def load_kernel():
 
 
 def load_portable_kernel():
-    """The same kernel built without AVX-512: what a CPU without it runs (tests use it)."""
+    """The same kernel built without AVX-512 or AVX2: the scalar paths any x86-64 CPU runs
+    (tests hold the vector paths to them)."""
     return cpp_ext.build(
         "splitserve_block_linear_portable",
         "block_linear.cpp",
-        [*KERNEL_FLAGS, "-mno-avx512f"],
+        [*KERNEL_FLAGS, "-mno-avx512f", "-mno-avx2"],
         "portable block kernel",
     )
 

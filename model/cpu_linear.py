@@ -113,10 +113,10 @@ def use_blocks(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
         mod = block_linear.load_kernel()
         if mod is None:
             raise RuntimeError("the block-quantized linear kernel could not be built here")
-        if backend == "blocks-int8" and not mod.has_vnni():
+        if backend == "blocks-int8" and mod.int8_path() == "portable":
             log.warning(
-                "--linear-backend blocks-int8: this CPU has no AVX-512 VNNI; the int8 "
-                "products run in a portable loop (same numbers, much slower)"
+                "--linear-backend blocks-int8: this CPU has neither AVX-512 VNNI nor AVX2; "
+                "the int8 products run in a portable loop (same numbers, much slower)"
             )
         return True
     return block_linear.kernel_usable()

@@ -35,9 +35,10 @@
 //   Q8_0's signed codes are offset by 128 to be unsigned and the offset taken back out with
 //   the same sum; Q6_K's two half-block scales take one dot each. It reads the same tiles and
 //   does a fraction of the float path's work per weight; rounding the activations costs some
-//   accuracy (docs/benchmarks.md measures it). Without VNNI a portable loop computes the same
-//   numbers bit for bit: the dots are integers, then the same float operations in the same
-//   order, per column.
+//   accuracy (docs/benchmarks.md measures it). Without AVX-512 VNNI an AVX2 kernel
+//   (vpmaddubsw + vpmaddwd), and without AVX2 a portable loop, compute the same numbers bit
+//   for bit: the dots are integers, then the same float operations in the same order, per
+//   column.
 //
 // Exactness of the float path: gguf-py rounds d*q and then d*q + m (K types: d*sc, dmin*mn,
 // then D*q - M). Every product here has at most 24 significant bits (float16 d: 11, sc: <= 7,
@@ -51,6 +52,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 // The vector paths need AVX-512 F and BW (byte masks); the int8 one also VNNI.
@@ -60,6 +62,10 @@
 #endif
 #if defined(SPLITSERVE_AVX512) && defined(__AVX512VNNI__)
 #define SPLITSERVE_VNNI 1
+#endif
+#if !defined(SPLITSERVE_VNNI) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SPLITSERVE_AVX2 1
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -382,8 +388,126 @@ void int8_tile(const Int8Args& a) {
   const __mmask16 m = a.ncols >= 16 ? 0xffff : static_cast<__mmask16>((1u << a.ncols) - 1);
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(a.y + r * a.ldy, m, acc[r]);
 }
+#elif defined(SPLITSERVE_AVX2)
+// AVX2 without AVX-512 (a Xeon of that generation): the same integers from vpmaddubsw +
+// vpmaddwd, eight columns per 256-bit half. vpmaddubsw saturates a pair's sum at 16 bits:
+// codes <= 63 times |x| <= 127 stay below it, and Q8_0 takes llama.cpp's way round, |w| times
+// x with w's sign, instead of the +128 offset the VNNI path uses (255 * 127 * 2 would not).
+// The float operations per column are the VNNI path's, in its order.
+
+// Bytes j of the 32-byte result are 0xff where bit j of m is set.
+inline __m256i mask_bytes(uint32_t m) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bits = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(m)), spread);
+  return _mm256_cmpeq_epi8(_mm256_and_si256(v, bits), bits);
+}
+
+// Group g's codes as two halves: c[0] columns 0-7 (bytes 0-31), c[1] columns 8-15.
+inline void group_codes2(const Fields& f, int64_t fmt, int g, __m256i c[2]) {
+  if (fmt == kQ8_0) {
+    for (int h = 0; h < 2; ++h)
+      c[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(f.codes + 64 * g + 32 * h));
+    return;
+  }
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  for (int h = 0; h < 2; ++h) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(f.codes + 64 * (g >> 1) + 32 * h));
+    if (g & 1) v = _mm256_srli_epi16(v, 4);
+    v = _mm256_and_si256(v, low);
+    const uint8_t* planes[2] = {f.plane4, f.plane5};
+    for (int b = 0; b < 2; ++b) {
+      if (!planes[b]) continue;
+      uint32_t m;
+      std::memcpy(&m, planes[b] + 8 * g + 4 * h, 4);
+      v = _mm256_add_epi8(v, _mm256_and_si256(mask_bytes(m), _mm256_set1_epi8(b ? 32 : 16)));
+    }
+    c[h] = v;
+  }
+}
+
+inline __m256 half8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m256 bytes8_ps(const uint8_t* p, bool is_signed) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+}
+
+template <int FMT, int R>
+void int8_tile(const Int8Args& a) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < a.nblk; ++b) {
+    const uint8_t* tile = a.tiles + b * a.tbytes;
+    const Fields f = fields_of(tile, FMT);
+    __m256i w[8][2];
+    for (int g = 0; g < 8; ++g) group_codes2(f, FMT, g, w[g]);
+    const uint16_t* dh = reinterpret_cast<const uint16_t*>(tile);
+    __m256 s0[2], s1[2], o[2];
+    for (int h = 0; h < 2; ++h) {  // the values scales_of gives, eight columns at a time
+      const __m256 d = half8(dh + 8 * h);
+      s0[h] = s1[h] = d;
+      o[h] = _mm256_setzero_ps();
+      if (FMT == kQ4_1 || FMT == kQ5_1) o[h] = half8(dh + 16 + 8 * h);
+      if (FMT == kQ4_K || FMT == kQ5_K) {
+        s0[h] = s1[h] = _mm256_mul_ps(d, bytes8_ps(tile + 64 + 8 * h, false));
+        o[h] = _mm256_sub_ps(_mm256_setzero_ps(),
+                             _mm256_mul_ps(half8(dh + 16 + 8 * h), bytes8_ps(tile + 80 + 8 * h, false)));
+      }
+      if (FMT == kQ6_K) {
+        s0[h] = _mm256_mul_ps(d, bytes8_ps(tile + 32 + 8 * h, true));
+        s1[h] = _mm256_mul_ps(d, bytes8_ps(tile + 48 + 8 * h, true));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* qb = a.xq + r * a.K + b * kBlock;
+      const int64_t i = r * a.nblk + b;
+      const float da = a.xd[i];
+      const int32_t sum_lo = a.xs[2 * i], sum_hi = a.xs[2 * i + 1];
+      const __m256 vda = _mm256_set1_ps(da);
+      for (int h = 0; h < 2; ++h) {
+        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+        for (int g = 0; g < 8; ++g) {
+          int32_t x;
+          std::memcpy(&x, qb + 4 * g, 4);
+          const __m256i xv = _mm256_set1_epi32(x);
+          __m256i pairs;
+          if (FMT == kQ8_0)
+            pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w[g][h]), _mm256_sign_epi8(xv, w[g][h]));
+          else
+            pairs = _mm256_maddubs_epi16(w[g][h], xv);
+          const __m256i quads = _mm256_madd_epi16(pairs, ones);
+          if (g < 4) lo = _mm256_add_epi32(lo, quads);
+          else hi = _mm256_add_epi32(hi, quads);
+        }
+        if (FMT == kQ6_K) {
+          lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(32 * sum_lo));
+          hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(32 * sum_hi));
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(s0[h], vda), acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(s1[h], vda), acc[r][h]);
+          continue;
+        }
+        const __m256i dot = _mm256_add_epi32(lo, hi);  // Q8_0: signed products, no offset
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s0[h], vda), acc[r][h]);
+        if (FMT != kQ8_0)
+          acc[r][h] = _mm256_fmadd_ps(o[h], _mm256_set1_ps(da * static_cast<float>(sum_lo + sum_hi)),
+                                      acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[16];
+    _mm256_store_ps(out, acc[r][0]);
+    _mm256_store_ps(out + 8, acc[r][1]);
+    for (int64_t c = 0; c < a.ncols; ++c) a.y[r * a.ldy + c] = out[c];
+  }
+}
 #else
-// The same numbers without VNNI: integer dots, then the float operations of the vector path
+// The same numbers without SIMD: integer dots, then the float operations of the vector paths
 // in the same order, one column at a time.
 template <int FMT, int R>
 void int8_tile(const Int8Args& a) {
@@ -677,6 +801,17 @@ bool has_vnni() {
 #endif
 }
 
+// Which int8 kernel this build runs: "avx512-vnni", "avx2" or "portable".
+std::string int8_path() {
+#if defined(SPLITSERVE_VNNI)
+  return "avx512-vnni";
+#elif defined(SPLITSERVE_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 bool has_avx512() {
 #if defined(SPLITSERVE_AVX512)
   return true;
@@ -714,6 +849,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &silu_mul, "silu(gate) * up", py::call_guard<py::gil_scoped_release>());
   m.def("has_vnni", &has_vnni, "whether the int8 kernel was built with AVX-512 VNNI");
+  m.def("int8_path", &int8_path, "the int8 kernel this build runs: avx512-vnni, avx2, portable");
   m.def("has_avx512", &has_avx512, "whether the kernel was built with AVX-512");
   m.def("has_openmp", &has_openmp, "whether the kernel was built with OpenMP (threads)");
 }

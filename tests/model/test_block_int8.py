@@ -12,6 +12,7 @@ from test_gguf_blocks import SERVED
 from tiny_gguf import stored
 
 from splitserve.model import block_linear as bl
+from splitserve.model import cpp_ext
 from splitserve.model import gguf_blocks as gb
 
 
@@ -61,21 +62,57 @@ def test_activation_rounding():
     assert int(q.abs().max()) == 127 and d[1, 0].item() == 0.0
 
 
-def test_without_vnni_the_same_numbers_bit_for_bit():
-    # The portable build (no AVX-512 at all) runs integer dots and the same float operations
-    # in the same order: what a CPU without VNNI serves is what one with it serves.
-    portable, native = bl.load_portable_kernel(), bl.load_kernel()
-    assert portable is not None and not portable.has_vnni()
+def int8_builds():
+    """The three int8 kernels: this CPU's own build (AVX-512 VNNI where it has it), one
+    built without AVX-512 (the AVX2 kernel on any CPU with AVX2), and the portable one."""
+    avx2 = cpp_ext.build(
+        "splitserve_block_linear_avx2",
+        "block_linear.cpp",
+        [*bl.KERNEL_FLAGS, "-mno-avx512f"],
+        "AVX2 block kernel",
+    )
+    builds = [bl.load_kernel(), avx2, bl.load_portable_kernel()]
+    assert all(b is not None for b in builds)
+    assert [b.int8_path() for b in builds[1:]] == ["avx2", "portable"]
+    return builds
+
+
+def extremes():
+    """Q8_0 codes -128/127 and Q6_K codes 0/63 under scales of 127 against activations that
+    round to +-127: the largest products each path has to sum without saturating."""
+    n, k = 16, 64
+    neg = torch.arange(n * k).reshape(n, k) % 3 == 0
+    q8 = torch.where(neg, -128, 127).to(torch.int16)
+    packed8 = bl.layout(bl.Q8_0, {"d": torch.ones(n, k // 32, dtype=torch.float16)}, q8)
+    q6 = torch.where(neg, 0, 63).to(torch.int16)
+    f6 = {
+        "d": torch.full((n, k // 32), 0.5, dtype=torch.float16),
+        "sc": torch.full((n, k // 32, 2), -127, dtype=torch.int8),
+    }
+    x = torch.where(torch.arange(2 * k).reshape(2, k) % 2 == 0, 1.0, -1.0)
+    return [(bl.Q8_0, packed8, n, x), (bl.Q6_K, bl.layout(bl.Q6_K, f6, q6), n, x)]
+
+
+def test_every_int8_path_gives_the_same_numbers_bit_for_bit():
+    # VNNI (where this CPU has it), AVX2 and the portable loop: integer dots, then the same
+    # float operations in the same order, so a worker serves the same numbers on any CPU.
+    builds = int8_builds()
     gen = torch.Generator().manual_seed(3)
+    cases = []
     for qtype in SERVED:
         _, fmt, packed = packed_weight(qtype, 40, 256)
-        x = torch.randn(9, 256, generator=gen) * 3
-        for a, b in zip(
-            native.quantize_activations(x), portable.quantize_activations(x), strict=True
-        ):
-            assert torch.equal(a, b), qtype.name
-        got = portable.block_linear_int8(x, packed, fmt, 40)
-        assert torch.equal(got, native.block_linear_int8(x, packed, fmt, 40)), qtype.name
+        cases.append((fmt, packed, 40, torch.randn(9, 256, generator=gen) * 3))
+    for fmt, packed, n, x in cases + extremes():
+        rounded_x = [b.quantize_activations(x) for b in builds]
+        for other in rounded_x[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(rounded_x[0], other, strict=True))
+        got = [b.block_linear_int8(x, packed, fmt, n) for b in builds]
+        assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2]), fmt
+    for fmt, packed, n, x in extremes():  # and nothing saturated: x is exact in int8 here
+        want = x @ builds[0].block_dequantize(packed, fmt, n, x.shape[1]).T
+        got = builds[1].block_linear_int8(x, packed, fmt, n)
+        torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=0)
+        assert want.abs().max() > 200
 
 
 def test_int8_refuses_what_it_cannot_multiply():
