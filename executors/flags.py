@@ -81,7 +81,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "blocks", "blocks-int8", "onednn", "torch"],
         help="matmuls: weights that came in GGUF blocks kept in them and dequantized in the "
         "kernel, float32 math, the rest packed for oneDNN (blocks); the same blocks multiplied "
-        "as llama.cpp does, activations rounded to int8 per block of 32, VNNI dot products: "
+        "as llama.cpp does, activations rounded to int8 per block of 32, integer dot products "
+        "(AVX-512 VNNI or AVX2): "
         "faster, not float32-exact (blocks-int8); every weight packed for oneDNN (onednn); "
         "torch's nn.Linear (torch); or blocks on a float32 CPU engine with AVX-512, else "
         "onednn (auto, the default)",
