@@ -384,7 +384,10 @@ def _check_content_type(request: web.Request) -> None:
     """JSON, or no Content-Type at all; anything else (a form, text) gets 415."""
     if "Content-Type" not in request.headers:
         return
-    ctype = request.content_type  # lower-cased, parameters (charset) dropped
+    # The media type is what comes before any parameters, lower-cased. Not aiohttp's
+    # `request.content_type`: it runs the stdlib's MIME parameter parser, which raises
+    # IndexError on a header such as ';0*' (an RFC 2231 parameter cut short), a 500.
+    ctype = request.headers["Content-Type"].split(";", 1)[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaTypeError(request.headers["Content-Type"])
 

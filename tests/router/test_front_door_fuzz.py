@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ports import free_port
 from router_testing import Service
@@ -290,6 +290,11 @@ def test_http_raw_bytes_never_get_a_500(doors: Doors, raw: bytes) -> None:
 
 @settings(max_examples=50, deadline=None)
 @given(content_type=st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40))
+# parameters cut short, which made the stdlib's MIME parser (behind aiohttp's content_type)
+# raise: found by this test in CI
+@example(content_type=";0*")
+@example(content_type="application/json;E*")
+@example(content_type=" Application/JSON ; charset=utf-8")
 def test_http_any_content_type_gets_json_or_415(doors: Doors, content_type: str) -> None:
     status, payload = post(doors, "/v1/completions", b'{"prompt": "Hi"}', content_type)
     assert_openai_answer(status, payload)
