@@ -205,6 +205,15 @@ class RunningMesh:
     def log(self, service: str) -> str:
         return (self.log_dir / f"{service}.log").read_text(errors="replace")
 
+    def wait_for_log(self, service: str, text: str, timeout: float = 10.0) -> str:
+        """The service's log once it holds `text` (or as it is at the timeout). A child's lines
+        reach the file through the launcher's pump thread, a moment after the child wrote them:
+        a line logged just before an RPC's answer may not be there yet when the answer is."""
+        deadline = time.monotonic() + timeout
+        while text not in (got := self.log(service)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return got
+
     def tails(self) -> str:
         return "\n".join(self.mesh.tails(list(self.mesh.children)))
 

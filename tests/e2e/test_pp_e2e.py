@@ -106,4 +106,5 @@ def test_a_dead_stage_fails_requests_with_unavailable(pp_mesh: RunningMesh):
             break
         time.sleep(0.1)
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert "reporting NOT_SERVING" in pp_mesh.log("decode-0")
+    # Logged before the flip, though its line can reach the file a moment after.
+    assert "reporting NOT_SERVING" in pp_mesh.wait_for_log("decode-0", "reporting NOT_SERVING")

@@ -94,7 +94,8 @@ def rogue_register(channel: grpc.Channel) -> pb.RegisterResponse:
 def test_the_mesh_serves_with_its_key(mesh):
     assert len(generate(mesh)) == 4
     for name in [*INTERNAL, "router"]:
-        assert "(mutual TLS)" in mesh.log(name), name  # "... serving on ... (mutual TLS)"
+        # "... serving on ... (mutual TLS)"
+        assert "(mutual TLS)" in mesh.wait_for_log(name, "(mutual TLS)"), name
 
 
 @pytest.mark.parametrize("service", INTERNAL)
