@@ -9,14 +9,18 @@ same run.
   `--prompt-tokens` random tokens, each with a fresh cache salt so that the prefill worker
   computes and hands off all of it. The rate is the decode worker's own: received KV bytes over
   the summed PullKV + reassembly seconds (the metrics `bench mesh` reads for its part (c)).
+  `--path both` (the default) runs the mesh twice: as it starts (same host: the KV goes through
+  a shared-memory file, wire/kv_shm.py) and with every byte streamed over gRPC
+  (`--kv-shm-dir ''`, what workers on different hosts do).
 
-The last line is `kv_handoff_ratio_vs_grpc: X.XX` (ours / the baseline's MB/s).
+The last line is `kv_handoff_ratio_vs_grpc: X.XX` (ours, the first path run / the baseline).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import random
@@ -29,6 +33,8 @@ FINAL_KEY = "kv_handoff_ratio_vs_grpc"
 MB = 1e6
 PROBE_MESSAGE = 4 << 20
 PROBE_METHOD = "/splitserve.bench.Probe/Pull"
+SHM_BYTES_METRIC = "splitserve_worker_kv_transfer_shm_bytes_total"
+PATH_NAMES = {"shm": "same host (shared-memory file)", "grpc": "streamed over gRPC"}
 
 
 def add_parser(bsub: Any) -> None:
@@ -44,6 +50,13 @@ def add_parser(bsub: Any) -> None:
     p.add_argument("--kv-cache-mib", type=int, default=256, help="each worker's KV pool (256)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"])
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC inside the mesh")
+    p.add_argument(
+        "--path",
+        choices=["both", "shm", "grpc"],
+        default="both",
+        help="the hand-off as workers on one host make it (shm), streamed over gRPC as across "
+        "hosts (grpc), or both, one mesh each (both)",
+    )
     p.add_argument("--probe-mb", type=int, default=48, help="bytes per baseline run, MB (48)")
     p.add_argument("--quick", action="store_true", help="2 prompts of 128 tokens: a smoke test")
     p.add_argument("--log-dir", default=None, help="the services' logs (default: a temp dir)")
@@ -126,7 +139,7 @@ def grpc_ceiling(total_bytes: int, runs: int = 4) -> float:
 
 
 # ---- ours: a disaggregated mesh -------------------------------------------------------------
-def measure_mesh(args: argparse.Namespace, log_dir: str) -> dict[str, float]:
+def measure_mesh(args: argparse.Namespace, log_dir: str, shm: bool = True) -> dict[str, float]:
     from splitserve.bench import mesh_runner as mr
     from splitserve.bench.mesh_ttft import transfer_delta
     from splitserve.v1 import rpc
@@ -137,7 +150,18 @@ def measure_mesh(args: argparse.Namespace, log_dir: str) -> dict[str, float]:
         flags += ["--model", args.model]
     if args.insecure:
         flags.append("--insecure")
-    with mr.bench_errors(log_dir), mr.running_mesh(mr.disagg_topology(flags), log_dir) as mesh:
+    topology = mr.disagg_topology(flags)
+    if not shm:  # what workers on two hosts do: every byte over gRPC
+        topology = dataclasses.replace(
+            topology,
+            services=[
+                dataclasses.replace(s, args=[*s.args, "--kv-shm-dir", ""])
+                if s.module in ("splitserve.prefill", "splitserve.decode")
+                else s
+                for s in topology.services
+            ],
+        )
+    with mr.bench_errors(log_dir), mr.running_mesh(topology, log_dir) as mesh:
 
         async def go() -> dict[str, float]:
             rng = random.Random(0)
@@ -156,8 +180,13 @@ def measure_mesh(args: argparse.Namespace, log_dir: str) -> dict[str, float]:
                         f"h{i}", prompt, 2, cache_salt=salt, disaggregate=True
                     )
                     ttfts.append((await mr.stream_generate(stub, request)).ttft)
-            t = transfer_delta(before, mr.scrape_metrics(decode))
+            after = mr.scrape_metrics(decode)
+            t = transfer_delta(before, after)
+            shm_bytes = mr.sample(after, SHM_BYTES_METRIC, direction="received") - mr.sample(
+                before, SHM_BYTES_METRIC, direction="received"
+            )
             return {
+                "shm_mb_each": shm_bytes / MB / max(1, t.transfers),
                 "transfers": t.transfers,
                 "mb_each": t.mean_mb,
                 "ms_each": t.mean_seconds * 1e3,
@@ -177,29 +206,40 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prompts, --prompt-tokens and --probe-mb must be at least 1")
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="splitserve-handoff-")
     ceiling = grpc_ceiling(args.probe_mb * 1_000_000)
-    ours = measure_mesh(args, log_dir)
-    if not ours["transfers"]:
-        print("bench handoff: the decode worker pulled no KV (did the prompts go disaggregated?)")
-        return 1
+    paths = {"both": ["shm", "grpc"], "shm": ["shm"], "grpc": ["grpc"]}[args.path]
+    runs = {}
+    for path in paths:
+        run_dir = os.path.join(log_dir, path)
+        runs[path] = measure_mesh(args, run_dir, shm=path == "shm")
+        if not runs[path]["transfers"]:
+            print(f"bench handoff: the decode worker pulled no KV over {path} (did the prompts go "
+                  "disaggregated?)")  # fmt: skip
+            return 1
+    ours = runs[paths[0]]
     ratio = ours["mb_per_s"] / ceiling
     transport = "plaintext" if args.insecure else "mutual TLS"
+    rows = [["bare grpc.aio, 4 MiB bytes messages (baseline)", "", "", "", f"{ceiling:,.0f}"]]
+    for path, r in runs.items():
+        rows.append(
+            [
+                f"splitserve PullKV, {PATH_NAMES[path]}",
+                f"{r['mb_each']:.1f}",
+                f"{r['shm_mb_each']:.1f}",
+                f"{r['ms_each']:.1f}",
+                f"{r['mb_per_s']:,.0f}",
+            ]
+        )
     lines = [
         f"KV hand-off prefill -> decode: {args.prompts} prompts of {args.prompt_tokens} tokens, "
         f"KV {args.kv_cache_dtype}, {transport}, {args.threads} torch thread(s) a worker",
-        *format_table(
-            ["", "MB each", "ms each", "MB/s"],
-            [
-                ["bare grpc.aio, 4 MiB bytes messages (baseline)", "", "", f"{ceiling:,.0f}"],
-                [
-                    "splitserve PullKV (decode worker's metrics)",
-                    f"{ours['mb_each']:.1f}",
-                    f"{ours['ms_each']:.1f}",
-                    f"{ours['mb_per_s']:,.0f}",
-                ],
-            ],
+        *format_table(["", "MB each", "of it via shm", "ms each", "MB/s"], rows),
+        "ours: the decode worker's metrics (received bytes over PullKV + checks, summed)",
+        *(
+            f"mean time to first token, {path}: {r['ttft_ms_mean']:,.0f} ms"
+            for path, r in runs.items()
         ),
-        f"mean time to first token {ours['ttft_ms_mean']:,.0f} ms; logs in {log_dir}",
+        f"logs in {log_dir}",
     ]
-    doc = {"grpc_mb_per_s": ceiling, **ours, "ratio": ratio}
+    doc = {"grpc_mb_per_s": ceiling, **ours, "ratio": ratio, "paths": runs}
     finish(args, lines, final_line(FINAL_KEY, ratio), lambda: doc)
     return 0

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from splitserve.decode.service import DecodeServicer
 from splitserve.services.server import ServiceServer, full_service_name
 from splitserve.v1 import rpc
+from splitserve.wire import kv_shm
 from splitserve.workers.worker import Build, Worker, add_worker_arguments, run_worker
 
 
@@ -33,6 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a remotely prefilled prompt waits for free KV blocks here before it is "
         "recomputed here instead (queued like any prompt); never refused (default: 10)",
     )
+    parser.add_argument(
+        "--kv-shm-dir",
+        default=kv_shm.default_dir(),
+        metavar="DIR",
+        help="pull KV from a prefill worker on this host through a file made here: a tmpfs "
+        "directory the prefill workers use too ('' streams every byte over gRPC; default: "
+        "%(default)s)",
+    )
 
 
 def build(args: argparse.Namespace) -> Build:
@@ -41,6 +50,7 @@ def build(args: argparse.Namespace) -> Build:
             worker,
             pull_timeout_s=args.kv_pull_timeout_s,
             reserve_wait_s=args.kv_reserve_wait_s,
+            shm_dir=args.kv_shm_dir,
         )
         rpc.add_DecodeServicer_to_server(servicer, server.grpc)
         return servicer

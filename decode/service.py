@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -40,10 +41,12 @@ from splitserve.services.security import TLSConfig, open_channel
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.services.tracing import inject_metadata, stream_span
 from splitserve.v1 import pb, rpc
+from splitserve.wire import kv_shm
 from splitserve.wire.kv_chunks import ChunkView, parse_chunk
 from splitserve.wire.kv_codec import (
     KVAssembler,
     KVCodecError,
+    ReceiveBuffers,
     TransferHeader,
     format_mismatch,
     format_name,
@@ -89,13 +92,29 @@ class _Request:
 
 class DecodeServicer(rpc.DecodeServicer):
     def __init__(
-        self, worker: Worker, pull_timeout_s: float = 10.0, reserve_wait_s: float = 10.0
+        self,
+        worker: Worker,
+        pull_timeout_s: float = 10.0,
+        reserve_wait_s: float = 10.0,
+        shm_dir: str = "",
     ) -> None:
+        """`shm_dir`: where to make the files a prefill worker on this host writes KV into
+        (wire/kv_shm.py); "" pulls every byte over gRPC."""
         self.w = worker
         self.pull_timeout_s = pull_timeout_s
         self.reserve_wait_s = reserve_wait_s
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Receive buffers (streamed pulls) and files (same-host pulls) outlive a pull, up to a
+        # quarter of the pool's bytes each: a prompt of up to a quarter of the pool lands in
+        # memory that was already faulted in.
+        keep = worker.engine.engine.runner.kv_cache_bytes // 4
+        self._buffers = ReceiveBuffers(keep)
+        self._segments: kv_shm.Segments | None = None
+        if shm_dir:
+            if n := kv_shm.remove_stale(shm_dir):
+                log.info("removed %d KV segments left in %s by killed workers", n, shm_dir)
+            self._segments = kv_shm.Segments(shm_dir, keep)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -105,6 +124,8 @@ class DecodeServicer(rpc.DecodeServicer):
         await self.w.engine.drain(timeout)
 
     async def close(self) -> None:
+        if self._segments is not None:
+            self._segments.close()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
@@ -217,9 +238,19 @@ class DecodeServicer(rpc.DecodeServicer):
         self, stream: RequestStream, request: pb.DecodeRequest, time_left: float | None
     ) -> bool:
         """Pull the KV into the reservation. False if that failed: the caller recomputes."""
+        num_tokens = stream.num_prompt_tokens
+        # A same-host pull's file: it lives until the engine has copied the KV out of it.
+        segment, clean = self._segment(num_tokens), False
         try:
-            kv = await self._pull(request.kv, stream.num_prompt_tokens, time_left)
-            return await self.w.engine.complete_prefilled(stream, kv, request.first_token_id)
+            kv, buffer = await self._pull(request.kv, num_tokens, segment, time_left)
+            adopted = await self.w.engine.complete_prefilled(stream, kv, request.first_token_id)
+            # Done with: the pool holds a copy. Only here: a call cancelled while it waited may
+            # still run on the engine thread, reading the buffer (or the file).
+            del kv
+            if buffer is not None:
+                self._buffers.give(buffer)
+            clean = True
+            return adopted
         except (TransferError, KVCodecError, RequestError, ValueError) as exc:
             log.warning(
                 "request %s: KV from %s unusable, prefilling here: %s",
@@ -228,6 +259,9 @@ class DecodeServicer(rpc.DecodeServicer):
                 exc,
             )
             return False
+        finally:
+            if segment is not None:  # kept for the next pull only after a clean one
+                self._segments.give(segment) if clean else segment.close()
 
     async def _prefill_here(
         self,
@@ -258,45 +292,94 @@ class DecodeServicer(rpc.DecodeServicer):
         return req
 
     # ---- the KV transfer -------------------------------------------------------------------
-    async def _pull(
-        self, handle: pb.KVHandle, num_tokens: int, time_left: float | None = None
-    ) -> KVExport:
+    def _expected_shape(self, num_tokens: int) -> tuple[int, ...]:
         llm = self.w.engine.engine
-        blocks = -(-num_tokens // llm.block_size)
         pool = llm.runner.kv_layout
-        expected_shape = (*pool[:2], blocks, *pool[3:])
+        return (*pool[:2], -(-num_tokens // llm.block_size), *pool[3:])
+
+    async def _pull(
+        self,
+        handle: pb.KVHandle,
+        num_tokens: int,
+        segment: kv_shm.Segment | None = None,
+        time_left: float | None = None,
+    ) -> tuple[KVExport, bytearray | None]:
+        """The KV, and the receive buffer it lies in (for `ReceiveBuffers.give` once the KV
+        is in the pool; None: it lies in `segment`)."""
+        expected_shape = self._expected_shape(num_tokens)
         # num_bytes is the sender's word: it stretches the deadline only up to a point; the
         # request's own deadline caps it.
         timeout = self.pull_timeout_s + min(handle.num_bytes / MIN_PULL_BYTES_PER_S, 120.0)
         if time_left is not None:
             timeout = max(0.001, min(timeout, time_left))
         start = time.perf_counter()
+        assembler = await self._receive(handle, num_tokens, expected_shape, segment, timeout)
+        data = assembler.finish()  # checked as it came: what is left is the last rows
+        self.w.metrics.kv_transfer_seconds.observe(time.perf_counter() - start)
+        return KVExport(data, num_tokens), assembler.buffer
+
+    async def _receive(
+        self,
+        handle: pb.KVHandle,
+        num_tokens: int,
+        expected_shape: tuple[int, ...],
+        segment: kv_shm.Segment | None,
+        timeout: float,
+    ) -> KVAssembler:
         # PullKV with kv_chunks' parser: each chunk's data stays a view of what gRPC received
         pull = self._channel(handle.prefill_address).unary_stream(
             PULL_KV_METHOD,
             request_serializer=pb.PullKVRequest.SerializeToString,
             response_deserializer=parse_chunk,
         )
-        call = pull(
-            pb.PullKVRequest(lease_id=handle.lease_id), timeout=timeout, metadata=inject_metadata()
-        )
+        request = pb.PullKVRequest(lease_id=handle.lease_id)
+        if segment is not None:
+            request.shm_name = segment.name
+        call = pull(request, timeout=timeout, metadata=inject_metadata())
+        llm = self.w.engine.engine
         assembler: KVAssembler | None = None
         try:
             async for chunk in call:
                 if assembler is None:
-                    assembler = _assembler(chunk, llm.runner.kv_format, expected_shape, num_tokens)
+                    assembler = _assembler(
+                        chunk,
+                        llm.runner.kv_format,
+                        expected_shape,
+                        num_tokens,
+                        self._buffers,
+                        # the file, if the sender could write into it (it starts there or not
+                        # at all); else the bytes go to a receive buffer, not into our tmpfs
+                        segment if chunk.shm_length else None,
+                    )
                 # copy, checksum and finite-check off the loop, while the next chunk arrives
-                await asyncio.to_thread(assembler.add, chunk.offset, chunk.data)
-                self.w.metrics.transfer_bytes("received", len(chunk.data))
+                if chunk.shm_length:
+                    await asyncio.to_thread(assembler.add_written, chunk.offset, chunk.shm_length)
+                    self.w.metrics.transfer_bytes("received", chunk.shm_length, shm=True)
+                else:
+                    await asyncio.to_thread(assembler.add, chunk.offset, chunk.data)
+                    self.w.metrics.transfer_bytes("received", len(chunk.data))
         except grpc.RpcError as exc:
             raise TransferError(f"PullKV failed: {_describe(exc)}") from None
+        except kv_shm.SegmentError as exc:
+            raise TransferError(f"KV segment: {exc}") from None
         finally:
             call.cancel()  # a rejected header stops the sender too
         if assembler is None:
             raise TransferError("PullKV sent no chunks")
-        data = assembler.finish()  # checked as it came: what is left is the last rows
-        self.w.metrics.kv_transfer_seconds.observe(time.perf_counter() - start)
-        return KVExport(data, num_tokens)
+        return assembler
+
+    def _segment(self, num_tokens: int) -> kv_shm.Segment | None:
+        """A file for a prefill worker on this host to write the KV into (wire/kv_shm.py), or
+        None: off, or the directory won't take one (the bytes are streamed)."""
+        if self._segments is None:
+            return None
+        nbytes = math.prod(self._expected_shape(num_tokens))
+        try:
+            return self._segments.take(nbytes * self.w.engine.engine.runner.kv_dtype.itemsize)
+        except kv_shm.SegmentError as exc:
+            log.warning("KV segments off until restart: %s", exc)
+            self._segments = None
+            return None
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -363,7 +446,12 @@ class DecodeServicer(rpc.DecodeServicer):
 
 
 def _assembler(
-    chunk: ChunkView, dtype: object, expected_shape: tuple[int, ...], num_tokens: int
+    chunk: ChunkView,
+    dtype: object,
+    expected_shape: tuple[int, ...],
+    num_tokens: int,
+    buffers: ReceiveBuffers | None = None,
+    segment: kv_shm.Segment | None = None,
 ) -> KVAssembler:
     """Check the header against exactly what the reservation can take, before allocating."""
     if chunk.header is None:
@@ -378,7 +466,13 @@ def _assembler(
             f"KV header says {header.num_tokens} tokens {header.shape}; "
             f"this request needs {num_tokens} tokens {expected_shape}"
         )
-    return KVAssembler(header, dtype, expected_shape)  # type: ignore[arg-type]
+    return KVAssembler(
+        header,
+        dtype,  # type: ignore[arg-type]
+        expected_shape,
+        buffers=buffers,
+        segment=segment,
+    )
 
 
 def _time_left(context: Ctx) -> float | None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from splitserve.prefill.leases import LeaseTable
 from splitserve.prefill.service import PrefillServicer, add_prefill_service
 from splitserve.services.server import ServiceServer, full_service_name
+from splitserve.wire import kv_shm
 from splitserve.workers.worker import Build, Worker, add_worker_arguments, run_worker
 
 MIB = 1024 * 1024
@@ -27,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-lease-mib", type=int, default=2048, help="budget for KV held under leases, MiB"
     )
+    g.add_argument(
+        "--kv-shm-dir",
+        default=kv_shm.default_dir(),
+        metavar="DIR",
+        help="write a lease into the file a decode worker on this host made in DIR (a tmpfs "
+        "directory both use) instead of streaming its bytes ('' always streams; default: "
+        "%(default)s)",
+    )
 
 
 def build(args: argparse.Namespace) -> Build:
@@ -34,7 +43,12 @@ def build(args: argparse.Namespace) -> Build:
         leases = LeaseTable(
             args.max_lease_mib * MIB, args.lease_ttl_s, on_change=worker.metrics.lease_bytes.set
         )
-        servicer = PrefillServicer(worker, leases, expire_interval_s=min(1.0, args.lease_ttl_s / 4))
+        servicer = PrefillServicer(
+            worker,
+            leases,
+            expire_interval_s=min(1.0, args.lease_ttl_s / 4),
+            shm_dir=args.kv_shm_dir,
+        )
         add_prefill_service(servicer, server.grpc)
         return servicer
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitserve.wire.kv_codec import CHUNK_BYTES, TransferHeader
 
@@ -29,6 +29,8 @@ class Lease:
     expires_at: float
     block_ids: tuple[int, ...] = ()
     pulling: bool = False
+    # called once when the lease ends (pulled, released or expired)
+    on_end: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def num_bytes(self) -> int:
@@ -122,6 +124,8 @@ class LeaseTable:
             return False
         self._lease_bytes -= lease.num_bytes
         self._changed()
+        for callback in lease.on_end:
+            callback()
         return True
 
     def expire(self) -> int:

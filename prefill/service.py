@@ -29,6 +29,7 @@ from splitserve.executors.runner import kv_block_bytes
 from splitserve.prefill.leases import Lease, LeaseCapacityError, LeaseTable, Reservation
 from splitserve.services.tracing import extract_context, stream_span, tracer
 from splitserve.v1 import pb, rpc
+from splitserve.wire import kv_shm
 from splitserve.wire.kv_chunks import as_wire, encode_chunk
 from splitserve.wire.kv_codec import CHUNK_BYTES, export_transfer
 from splitserve.workers.kv_prefix import PrefixPlan
@@ -64,8 +65,12 @@ class PrefillServicer(rpc.PrefillServicer):
         leases: LeaseTable,
         chunk_bytes: int = CHUNK_BYTES,
         expire_interval_s: float = 1.0,
+        shm_dir: str = "",
     ) -> None:
+        """`shm_dir`: where a decode worker on this host makes the files it names in PullKV
+        (wire/kv_shm.py); "" streams every byte."""
         self.w = worker
+        self.shm_dir = shm_dir
         self.leases = leases
         self.chunk_bytes = chunk_bytes
         self.expire_interval_s = expire_interval_s
@@ -124,14 +129,40 @@ class PrefillServicer(rpc.PrefillServicer):
                 "no such KV lease: expired, released, already pulled, or never issued",
             )
         with stream_span("prefill.PullKV", context):
+            segment = self._segment(request.shm_name, lease.num_bytes)
             try:
-                for i, (offset, data) in enumerate(lease.chunks(self.chunk_bytes)):
+                piece = self.chunk_bytes if segment is None else kv_shm.PIECE_BYTES
+                for i, (offset, data) in enumerate(lease.chunks(piece)):
+                    header = self._header(lease) if i == 0 else None
+                    if segment is not None:
+                        try:  # off the loop: pwrite releases the GIL while it copies
+                            await asyncio.to_thread(segment.write, offset, data)
+                        except OSError as exc:  # ENOSPC: a full tmpfs; the rest goes inline
+                            log.warning("KV segment write failed, streaming the rest: %s", exc)
+                            segment.close()
+                            segment = None
+                        else:
+                            yield encode_chunk(offset, b"", header, shm_length=len(data))
+                            self.w.metrics.transfer_bytes("sent", len(data), shm=True)
+                            continue
                     # the message's wire bytes, built from a view of the lease in one copy;
                     # registered with kv_chunks.as_wire, which sends them as they are
-                    yield encode_chunk(offset, data, self._header(lease) if i == 0 else None)
+                    yield encode_chunk(offset, data, header)
                     self.w.metrics.transfer_bytes("sent", len(data))
             finally:
+                if segment is not None:
+                    segment.close()
                 self.leases.release(lease.lease_id)  # pulled, or the puller went away
+
+    def _segment(self, name: str, nbytes: int) -> kv_shm.SegmentWriter | None:
+        """The puller's shared-memory file, when it named one that is here (same host)."""
+        if not name or not self.shm_dir:
+            return None
+        try:
+            return kv_shm.open_for_writing(self.shm_dir, name, nbytes)
+        except kv_shm.SegmentError as exc:  # another host, or not what was promised: stream
+            log.debug("KV segment not used: %s", exc)
+            return None
 
     async def ReleaseKV(self, request: pb.ReleaseKVRequest, context: Ctx) -> pb.ReleaseKVResponse:
         return pb.ReleaseKVResponse(released=self.leases.release(request.lease_id))
@@ -163,7 +194,7 @@ class PrefillServicer(rpc.PrefillServicer):
             assert out.kv is not None  # export_kv=True always attaches it
             finish = self._finish_reason(out, params, len(prompt))
             lease = None if finish else await self._lease(reservation, out.kv)
-        self.w.prefix.write_back(plan, out.kv)
+        self.w.prefix.write_back(plan, out.kv, after=None if lease is None else _ended(lease))
         self._count(out)
         return self._response(request_id, out, params, finish, lease, plan)
 
@@ -279,3 +310,12 @@ def add_prefill_service(servicer: PrefillServicer, server: Any) -> None:
     generic = grpc.method_handlers_generic_handler(capture.service, capture.handlers)
     server.add_generic_rpc_handlers((generic,))
     server.add_registered_method_handlers(capture.service, capture.handlers)
+
+
+def _ended(lease: Lease) -> asyncio.Future[None]:
+    """Done when the lease ends: the kvstore write-back waits for it (up to a bound), so that
+    signing and sending the same tens of MB doesn't share the CPU with the hand-off that the
+    request's first token waits on."""
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    lease.on_end.append(lambda: ended.done() or ended.set_result(None))
+    return ended

@@ -28,10 +28,11 @@ from google.protobuf.message import DecodeError
 from splitserve.v1 import pb
 from splitserve.wire.kv_codec import KVCodecError
 
-# KVChunk: header = 1 (message), offset = 2 (uint64), data = 3 (bytes)
+# KVChunk: header = 1 (message), offset = 2 (uint64), data = 3 (bytes), shm_length = 4 (uint64)
 _HEADER_TAG = bytes([1 << 3 | 2])
 _OFFSET_TAG = bytes([2 << 3 | 0])
 _DATA_TAG = bytes([3 << 3 | 2])
+_SHM_LENGTH_TAG = bytes([4 << 3 | 0])
 
 
 def _varint(n: int) -> bytes:
@@ -46,9 +47,11 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def encode_chunk(offset: int, data: Any, header: pb.KVHeader | None = None) -> bytes:
+def encode_chunk(
+    offset: int, data: Any, header: pb.KVHeader | None = None, shm_length: int = 0
+) -> bytes:
     """A KVChunk's wire bytes; `data` any bytes-like object (a memoryview: no copy before
-    the one join)."""
+    the one join). `shm_length` instead of data: that many bytes are in the puller's file."""
     parts = []
     if header is not None:
         h = header.SerializeToString()
@@ -57,6 +60,8 @@ def encode_chunk(offset: int, data: Any, header: pb.KVHeader | None = None) -> b
         parts += [_OFFSET_TAG, _varint(offset)]
     if len(data):  # proto3 leaves out empty and zero fields, and so does this
         parts += [_DATA_TAG, _varint(len(data)), data]
+    if shm_length:
+        parts += [_SHM_LENGTH_TAG, _varint(shm_length)]
     return b"".join(parts)
 
 
@@ -75,6 +80,7 @@ class ChunkView:
     header: pb.KVHeader | None
     offset: int
     data: memoryview
+    shm_length: int = 0  # bytes [offset, offset + shm_length) are in the puller's file
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -93,7 +99,7 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 def parse_chunk(raw: bytes) -> ChunkView:
     """PullKV's response deserializer: the chunk without copying its data."""
     buf = memoryview(raw)
-    pos, header, offset, data = 0, None, 0, memoryview(b"")
+    pos, header, offset, data, shm_length = 0, None, 0, memoryview(b""), 0
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
         field, wire = key >> 3, key & 7
@@ -101,6 +107,8 @@ def parse_chunk(raw: bytes) -> ChunkView:
             value, pos = _read_varint(buf, pos)
             if field == 2:
                 offset = value
+            elif field == 4:
+                shm_length = value
             continue
         if wire == 2:
             size, pos = _read_varint(buf, pos)
@@ -123,4 +131,6 @@ def parse_chunk(raw: bytes) -> ChunkView:
                 raise KVCodecError(f"KV chunk field {field} runs past the message", "truncated")
             continue
         raise KVCodecError(f"KV chunk has wire type {wire} (field {field})", "format")
-    return ChunkView(header, offset, data)
+    if shm_length and len(data):
+        raise KVCodecError("KV chunk has both data and shm_length", "format")
+    return ChunkView(header, offset, data, shm_length)

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("splitserve")
 
 REJECT_LOG_INTERVAL_S = 10.0
+# A prefill worker's write-back waits for the hand-off of the same KV to end, at most this long.
+WRITE_BACK_WAIT_S = 5.0
 
 
 class PrefixStore(Protocol):
@@ -137,17 +139,30 @@ class PrefixTier:
                 key.hex()[:12], reason, exc, more if suppressed else "",
             )  # fmt: skip
 
-    def write_back(self, plan: PrefixPlan, kv: KVExport) -> None:
-        """Store the prompt's full blocks the kvstore lacks; returns at once."""
+    def write_back(
+        self, plan: PrefixPlan, kv: KVExport, after: asyncio.Future[None] | None = None
+    ) -> None:
+        """Store the prompt's full blocks the kvstore lacks; returns at once. `after`: start
+        once it is done (a prefill worker's lease pulled), or after WRITE_BACK_WAIT_S."""
         if self.store is None or plan.num_stored_blocks >= len(plan.hashes):
             return
         if not getattr(self.store, "is_healthy", True):
             return  # it would drop them anyway: don't pay for encoding
-        task = asyncio.create_task(self._put(plan.hashes, plan.num_stored_blocks, kv.data))
+        task = asyncio.create_task(self._put(plan.hashes, plan.num_stored_blocks, kv.data, after))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _put(self, hashes: list[BlockHash], start: int, data: torch.Tensor) -> None:
+    async def _put(
+        self,
+        hashes: list[BlockHash],
+        start: int,
+        data: torch.Tensor,
+        after: asyncio.Future[None] | None = None,
+    ) -> None:
+        if after is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(after, WRITE_BACK_WAIT_S)
+
         def encode() -> list[tuple[bytes, bytes]]:
             return [
                 (hashes[i], encode_block(hashes[i], data[:, :, i], self.secret, self.dtype))

@@ -64,6 +64,11 @@ class WorkerMetrics:
         self._transfer_bytes = counter(
             "kv_transfer_bytes_total", "KV bytes moved between workers", ("direction",)
         )
+        self._transfer_shm_bytes = counter(
+            "kv_transfer_shm_bytes_total",
+            "Of kv_transfer_bytes_total, bytes that went through a same-host shared-memory file",
+            ("direction",),
+        )
         self.kv_transfer_seconds = histogram(
             "kv_transfer_seconds", "Decode side: one PullKV stream received and reassembled"
         )
@@ -104,9 +109,11 @@ class WorkerMetrics:
         self.kv_utilization.set(load.kv_slot_usage)
         self.prefix_hit_rate.set(load.prefix_hit_rate)
 
-    def transfer_bytes(self, direction: str, n: int) -> None:
-        """`direction`: "sent" (prefill) or "received" (decode)."""
+    def transfer_bytes(self, direction: str, n: int, shm: bool = False) -> None:
+        """`direction`: "sent" (prefill) or "received" (decode); `shm`: through a file."""
         self._transfer_bytes.labels(*self._labels, direction).inc(n)
+        if shm:
+            self._transfer_shm_bytes.labels(*self._labels, direction).inc(n)
 
     def transfer_fallback(self) -> None:
         self._transfer_fallbacks.labels(*self._labels).inc()

@@ -38,3 +38,10 @@ def test_quick_run_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert doc["transfers"] == 2 and doc["mb_each"] > 0 and doc["mb_per_s"] > 0
     assert doc["grpc_mb_per_s"] > 0
     assert doc["ratio"] == pytest.approx(doc["mb_per_s"] / doc["grpc_mb_per_s"])
+    # Both paths ran, each with its own mesh: on this host the first went through a
+    # shared-memory file, byte for byte; the second streamed every byte.
+    shm, streamed = doc["paths"]["shm"], doc["paths"]["grpc"]
+    assert shm["transfers"] == streamed["transfers"] == 2
+    assert shm["shm_mb_each"] == pytest.approx(shm["mb_each"]) and shm["mb_each"] > 0
+    assert streamed["shm_mb_each"] == 0 and streamed["mb_each"] == pytest.approx(shm["mb_each"])
+    assert doc["mb_per_s"] == shm["mb_per_s"]

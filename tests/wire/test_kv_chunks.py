@@ -80,3 +80,22 @@ def test_random_bytes_parse_or_raise_kv_codec_error_only():
         except KVCodecError:
             continue
         assert len(view.data) <= len(raw)
+
+
+@pytest.mark.parametrize("shm_length", [1, 8 << 20, 2**40])
+@pytest.mark.parametrize("with_header", [False, True])
+def test_a_notice_of_bytes_in_the_shared_file_is_what_protobuf_writes(shm_length, with_header):
+    msg = pb.KVChunk(offset=8 << 20, shm_length=shm_length)
+    if with_header:
+        msg.header.CopyFrom(HEADER)
+    wire = encode_chunk(8 << 20, b"", HEADER if with_header else None, shm_length=shm_length)
+    assert wire == msg.SerializeToString()
+    view = parse_chunk(wire)
+    assert (view.offset, view.shm_length, len(view.data)) == (8 << 20, shm_length, 0)
+    assert parse_chunk(encode_chunk(3, b"abc")).shm_length == 0
+
+
+def test_a_chunk_with_bytes_and_a_notice_is_refused():
+    wire = pb.KVChunk(offset=0, data=b"abc", shm_length=3).SerializeToString()
+    with pytest.raises(KVCodecError, match="both data and shm_length"):
+        parse_chunk(wire)

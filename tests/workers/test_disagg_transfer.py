@@ -28,6 +28,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.executors.build import create_engine
 from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.v1 import pb, rpc
+from splitserve.wire import kv_shm
 from splitserve.wire.kv_codec import CHUNK_BYTES, KVAssembler, TransferHeader
 from splitserve.workers.metrics import PREFIX
 
@@ -180,13 +181,45 @@ def test_large_prompt_kv_is_chunked_and_decodes_the_same(workers):
     again = prefill(workers["prefill"], prompt, few)
     assert again.num_cached_tokens == 592
     received = metric(workers["decode"], "kv_transfer_bytes_total", direction="received")
+    via_shm = metric(workers["decode"], "kv_transfer_shm_bytes_total", direction="received")
     disagg = tokens(generate(workers["decode"], decode_with_kv(prompt, again, few)))
     after = metric(workers["decode"], "kv_transfer_bytes_total", direction="received")
     assert after - received == again.kv.num_bytes
+    # same host: every byte went through the decode worker's shared-memory file
+    shm_after = metric(workers["decode"], "kv_transfer_shm_bytes_total", direction="received")
+    assert shm_after - via_shm == again.kv.num_bytes
     local = tokens(
         generate(workers["decode"], pb.DecodeRequest(prompt_token_ids=prompt, sampling=few))
     )
     assert disagg == local and disagg[0] == again.first_token_id
+
+
+def test_a_pull_naming_a_shared_file_gets_notices_and_the_same_bytes(workers, chat_prompt):
+    """PullKV with a file made in /dev/shm: the sender writes the KV there and streams only
+    where it lies; a name it can't open (another host's) gets the bytes streamed instead."""
+    first = prefill(workers["prefill"], chat_prompt)
+    second = prefill(workers["prefill"], chat_prompt)
+    n = first.kv.num_bytes
+    with channel(workers["prefill"]) as ch, kv_shm.Segment.create(kv_shm.DEFAULT_DIR, n) as seg:
+        stub = rpc.PrefillStub(ch)
+        notices = list(stub.PullKV(pb.PullKVRequest(lease_id=first.kv.lease_id, shm_name=seg.name)))
+        assert notices and not any(c.data for c in notices)
+        assert sum(c.shm_length for c in notices) == n
+        h = notices[0].header
+        header = TransferHeader(h.dtype, tuple(h.shape), h.num_tokens, h.total_bytes, h.crc32)
+        asm = KVAssembler(header, torch.float32, (30, 2, 64, 16, 3, 64), segment=seg)
+        for c in notices:
+            asm.add_written(c.offset, c.shm_length)
+        via_file = asm.finish().clone()  # checksum verified
+        del asm
+        elsewhere = f"{kv_shm.PREFIX}1-{'c' * 32}"  # no such file on the sender's host
+        request = pb.PullKVRequest(lease_id=second.kv.lease_id, shm_name=elsewhere)
+        chunks = list(stub.PullKV(request))
+    assert not any(c.shm_length for c in chunks) and sum(len(c.data) for c in chunks) == n
+    asm = KVAssembler(header, torch.float32, (30, 2, 64, 16, 3, 64))
+    for c in chunks:
+        asm.add(c.offset, c.data)
+    assert torch.equal(asm.finish(), via_file)
 
 
 def test_unpulled_lease_expires_and_releases_its_bytes(workers, chat_prompt):
