@@ -118,6 +118,14 @@ def use_blocks(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
                 "--linear-backend blocks-int8: this CPU has neither AVX-512 VNNI nor AVX2; "
                 "the int8 products run in a portable loop (same numbers, much slower)"
             )
+        if backend == "blocks" and not mod.has_avx512():
+            # Measured on a 2-vCPU AVX2-only EPYC: blocks 3.1 tok/s, auto (oneDNN) 12.8,
+            # blocks-int8 (its AVX2 kernel) 49.
+            log.warning(
+                "--linear-backend blocks: without AVX-512 the float32 block kernel runs a "
+                "portable loop (same numbers, several times slower than 'auto'); "
+                "blocks-int8 has an AVX2 kernel"
+            )
         return True
     return block_linear.kernel_usable()
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from splitserve.engine.config import EngineConfig
 from splitserve.executors.shard import ModelShard
+from splitserve.model import cpu_linear
 from splitserve.model.cpu_linear import (
     PackedLinear,
     linear_weight_bytes,
@@ -88,3 +89,35 @@ def test_shard_weight_bytes_and_logits_agree_across_backends(linear):
     head = TINY.vocab_size * TINY.hidden_size * 4
     # packed: the tied head's copy is extra memory, and counted
     assert shard.weight_bytes == dense_bytes + (head if linear == "onednn" else 0)
+
+
+@pytest.mark.parametrize(
+    ("backend", "avx512", "int8_path", "warned"),
+    [
+        ("blocks", False, "avx2", "float32 block kernel runs a portable loop"),
+        ("blocks", True, "avx512-vnni", None),
+        ("blocks-int8", False, "avx2", None),
+        ("blocks-int8", False, "portable", "neither AVX-512 VNNI nor AVX2"),
+    ],
+)
+def test_a_block_backend_without_its_fast_kernel_says_so(
+    monkeypatch, caplog, backend, avx512, int8_path, warned
+):
+    """On a CPU without the kernel's vector path the block backends still run (the same
+    numbers), much slower: the operator who asked for one is told, once, at load."""
+
+    class Kernel:
+        def has_avx512(self):
+            return avx512
+
+        def int8_path(self):
+            return int8_path
+
+    monkeypatch.setattr(cpu_linear.block_linear, "load_kernel", Kernel)
+    with caplog.at_level("WARNING", logger="splitserve"):
+        assert cpu_linear.use_blocks(backend, torch.device("cpu"), torch.float32)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0]
