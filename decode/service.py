@@ -261,7 +261,10 @@ class DecodeServicer(rpc.DecodeServicer):
             return False
         finally:
             if segment is not None:  # kept for the next pull only after a clean one
-                self._segments.give(segment) if clean else segment.close()
+                if clean and self._segments is not None:
+                    self._segments.give(segment)
+                else:
+                    segment.close()
 
     async def _prefill_here(
         self,
