@@ -2,11 +2,17 @@
 // block pool through each sequence's block table. No gather copy, no padding to the longest
 // sequence.
 //
-// Each task is one sequence with all its heads. A token's K (or V) row for every kv head is
-// contiguous in the pool, and a block's rows are one run of memory, so reads stream within a
-// block; while one block is worked on, the next block of the table is prefetched one row per
-// token (blocks sit anywhere in the pool, where the hardware prefetcher can't guess them).
-// Sequences are cut into one run per thread with about equal total context.
+// A run of one sequence's tokens is worked on with all its heads. A token's K (or V) row for
+// every kv head is contiguous in the pool, and a block's rows are one run of memory, so reads
+// stream within a block; the next block's rows are prefetched a tile ahead (blocks sit anywhere
+// in the pool, where the hardware prefetcher can't guess them). Tokens go 8 at a time: eight
+// dot products in flight per head (a single dot product is a chain of dependent adds, and
+// scoring one token at a time left the kernel waiting on that chain), and each head's output
+// accumulator stays in registers across the tile while V rows are added in.
+// With at least as many sequences as threads, sequences are cut into one run per thread with
+// about equal total context. With fewer (one stream, a small batch) each sequence is cut into
+// runs of whole blocks, one per thread, each run keeps its own max and sum of exp(score - max),
+// and the runs are merged afterwards (flash-decoding), so a single stream uses every thread.
 //
 // Layouts (all contiguous):
 //   q            (num_seqs, num_heads, head_dim)
@@ -21,7 +27,7 @@
 // as it is read (int8 by a plain conversion, e4m3 by bit shifts: portable C++, no
 // intrinsics, vectorized by the compiler), and the scale multiplies the row's dot
 // product (K) or its probability (V) once, not every value. The format is an argument, chosen
-// at run time; the float path compiles to exactly the code it had before.
+// at run time; the float path compiles to code without any of it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -29,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -52,13 +59,45 @@ inline void prefetch_bytes(const void* p, int64_t n) {
   for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 1);
 }
 
+// Eight floats as one value: GCC/clang vector extensions, one ymm register on AVX2/AVX-512
+// machines, two xmm on anything older, so the code is the same on every CI CPU.
+typedef float v8f __attribute__((vector_size(32)));
+constexpr int64_t kTile = 8;  // tokens scored together: eight independent FMA chains
+
+inline v8f load8(const float* p) {
+  v8f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof v); }
+inline float hsum8(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// a[0 : 8 * Chunks] += sum over the tile's rows of p[i] * rows[i][off : off + 8 * Chunks], with
+// one accumulator per chunk of 8 held in a register across the tile: Chunks independent FMA
+// chains rather than one chain through every row.
+template <int Chunks>
+inline void add_weighted(float* a, const float* const* rows, int64_t off, const float* p,
+                         int64_t m) {
+  v8f sum[Chunks];
+  for (int c = 0; c < Chunks; ++c) sum[c] = load8(a + 8 * c);
+  for (int64_t i = 0; i < m; ++i) {
+    const v8f w = {p[i], p[i], p[i], p[i], p[i], p[i], p[i], p[i]};
+    const float* row = rows[i] + off;
+    for (int c = 0; c < Chunks; ++c) sum[c] += w * load8(row + 8 * c);
+  }
+  for (int c = 0; c < Chunks; ++c) store8(a + 8 * c, sum[c]);
+}
+
 struct Scratch {
-  std::vector<float> q, scores, acc, row, row_scale;
+  std::vector<float> scores, tile, tile_scale;
 };
 
 // How a token's K (or V) rows for every kv head are read from the pool. `Elem` is what the
 // pool holds, `stride` its elements per token; `load` returns the token's rows as float
-// (kv_heads * head_dim) and, when `scaled`, one scale per kv head.
+// (kv_heads * head_dim), written to `row` unless they can be read in place, and, when
+// `scaled`, one scale per kv head.
 template <typename T>
 struct PlainRows {
   using Elem = T;
@@ -120,68 +159,134 @@ struct PackedRows {
   }
 };
 
-// One sequence, all heads. Pass 0 scores every token against every query head (K read once);
-// then a softmax per head; pass 1 sums V weighted by those probabilities (V read once).
-template <typename T, typename Rows>
-void decode_seq(const T* q, const typename Rows::Elem* k_cache,
-                const typename Rows::Elem* v_cache, const int64_t* table, int64_t ctx,
-                int64_t block_size, const Rows& rows, int64_t group, float scale, T* out,
-                Scratch& s) {
+// What one run of a sequence's tokens leaves behind: per query head the running max of its
+// scores, the sum of exp(score - max), and the V rows summed with those weights (not yet
+// divided by the sum). Runs of the same sequence merge exactly (flash-decoding).
+struct Partial {
+  std::vector<float> max, sum, acc;
+};
+
+// Reads tokens [t_begin, t_end) of one sequence, kTile at a time: the tile's rows are found
+// through the block table (converted to float first for a packed pool), scored against every
+// query head with eight dot products in flight (one FMA chain per token, so the adds don't wait
+// on each other), then, after a softmax over the run, summed into each head's accumulator,
+// which stays in registers across the tile. `q` is already scaled, float, (heads, head_dim).
+template <typename Rows>
+void attend_run(const float* q, const typename Rows::Elem* k_cache,
+                const typename Rows::Elem* v_cache, const int64_t* table, int64_t t_begin,
+                int64_t t_end, int64_t block_size, const Rows& rows, int64_t group,
+                Partial& out, Scratch& s) {
   using Elem = typename Rows::Elem;
   const int64_t kv_heads = rows.kv_heads, head_dim = rows.head_dim;
-  const int64_t heads = kv_heads * group, stride = rows.stride();
+  const int64_t heads = kv_heads * group, stride = rows.stride(), width = kv_heads * head_dim;
+  const int64_t n = t_end - t_begin, vec_dim = head_dim - head_dim % 8;
   const int64_t row_bytes = stride * sizeof(Elem);
-  s.q.resize(heads * head_dim);
-  s.scores.resize(heads * ctx);
-  s.acc.assign(heads * head_dim, 0.f);
-  s.row.resize(kv_heads * head_dim);
-  s.row_scale.assign(kv_heads, 1.f);
-  load_row(q, s.q.data(), heads * head_dim);
-  for (auto& x : s.q) x *= scale;
-  const int64_t nblocks = (ctx + block_size - 1) / block_size;
-  for (int pass = 0; pass < 2; ++pass) {
-    const Elem* cache = pass == 0 ? k_cache : v_cache;
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const Elem* base = cache + table[b] * block_size * stride;
-      const Elem* next = b + 1 < nblocks ? cache + table[b + 1] * block_size * stride : nullptr;
-      const int64_t t0 = b * block_size, n = std::min(block_size, ctx - t0);
-      for (int64_t i = 0; i < n; ++i) {
-        if (next) prefetch_bytes(next + i * stride, row_bytes);
-        const float* r = rows.load(base + i * stride, s.row.data(), s.row_scale.data());
-        const int64_t t = t0 + i;
-        if (pass == 0) {
-          for (int64_t h = 0; h < heads; ++h) {
-            const float* kr = r + (h / group) * head_dim;
-            const float* qh = s.q.data() + h * head_dim;
-            float dot = 0.f;
-            for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kr[d];
-            if constexpr (Rows::scaled) dot *= s.row_scale[h / group];
-            s.scores[h * ctx + t] = dot;
-          }
-        } else {
-          for (int64_t h = 0; h < heads; ++h) {
-            const float* vr = r + (h / group) * head_dim;
-            float p = s.scores[h * ctx + t];
-            if constexpr (Rows::scaled) p *= s.row_scale[h / group];
-            float* a = s.acc.data() + h * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vr[d];
-          }
+  s.scores.resize(heads * n);
+  s.tile.resize(kTile * width);
+  s.tile_scale.assign(kTile * kv_heads, 1.f);
+  out.max.assign(heads, std::numeric_limits<float>::lowest());
+  out.sum.assign(heads, 0.f);
+  out.acc.assign(heads * head_dim, 0.f);
+  const float* r[kTile];
+  auto gather = [&](const Elem* cache, int64_t t0, int64_t m) {
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t t = t0 + i, within = t % block_size;
+      const Elem* src = cache + (table[t / block_size] * block_size + within) * stride;
+      // The next block sits anywhere in the pool: fetch its row for this slot ahead of time.
+      if (within + kTile >= block_size && t + kTile < t_end) {
+        const int64_t ahead = t + kTile;
+        prefetch_bytes(cache + (table[ahead / block_size] * block_size + ahead % block_size) *
+                                   stride, row_bytes);
+      }
+      r[i] = rows.load(src, s.tile.data() + i * width, s.tile_scale.data() + i * kv_heads);
+    }
+  };
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kTile) {
+    const int64_t m = std::min(kTile, t_end - t0);
+    gather(k_cache, t0, m);
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t off = (h / group) * head_dim;
+      const float* qh = q + h * head_dim;
+      float dots[kTile];
+      if (m == kTile) {
+        v8f acc[kTile] = {};
+        for (int64_t d = 0; d < vec_dim; d += 8) {
+          const v8f qv = load8(qh + d);
+          for (int64_t i = 0; i < kTile; ++i) acc[i] += qv * load8(r[i] + off + d);
+        }
+        for (int64_t i = 0; i < kTile; ++i) dots[i] = hsum8(acc[i]);
+      } else {
+        for (int64_t i = 0; i < m; ++i) {
+          v8f acc = {};
+          for (int64_t d = 0; d < vec_dim; d += 8) acc += load8(qh + d) * load8(r[i] + off + d);
+          dots[i] = hsum8(acc);
         }
       }
-    }
-    if (pass == 0) {
-      for (int64_t h = 0; h < heads; ++h) {
-        float* sg = s.scores.data() + h * ctx;
-        const float mx = *std::max_element(sg, sg + ctx);
-        float sum = 0.f;
-        for (int64_t t = 0; t < ctx; ++t) { sg[t] = std::exp(sg[t] - mx); sum += sg[t]; }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < ctx; ++t) sg[t] *= inv;
+      for (int64_t i = 0; i < m; ++i) {
+        float dot = dots[i];
+        for (int64_t d = vec_dim; d < head_dim; ++d) dot += qh[d] * r[i][off + d];
+        if constexpr (Rows::scaled) dot *= s.tile_scale[i * kv_heads + h / group];
+        s.scores[h * n + (t0 - t_begin) + i] = dot;
       }
     }
   }
-  for (int64_t i = 0; i < heads * head_dim; ++i) out[i] = static_cast<T>(s.acc[i]);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sg = s.scores.data() + h * n;
+    const float mx = *std::max_element(sg, sg + n);
+    float sum = 0.f;
+    for (int64_t t = 0; t < n; ++t) {
+      sg[t] = std::exp(sg[t] - mx);
+      sum += sg[t];
+    }
+    out.max[h] = mx;
+    out.sum[h] = sum;
+  }
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kTile) {
+    const int64_t m = std::min(kTile, t_end - t0);
+    gather(v_cache, t0, m);
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t off = (h / group) * head_dim;
+      float* a = out.acc.data() + h * head_dim;
+      float p[kTile];
+      for (int64_t i = 0; i < m; ++i) {
+        p[i] = s.scores[h * n + (t0 - t_begin) + i];
+        if constexpr (Rows::scaled) p[i] *= s.tile_scale[i * kv_heads + h / group];
+      }
+      int64_t d = 0;
+      for (; d + 64 <= vec_dim; d += 64) add_weighted<8>(a + d, r, off + d, p, m);
+      for (; d + 32 <= vec_dim; d += 32) add_weighted<4>(a + d, r, off + d, p, m);
+      for (; d < vec_dim; d += 8) add_weighted<1>(a + d, r, off + d, p, m);
+      for (int64_t d = vec_dim; d < head_dim; ++d)
+        for (int64_t i = 0; i < m; ++i) a[d] += p[i] * r[i][off + d];
+    }
+  }
 }
+
+// A sequence's runs, in order, into its output: rescale each to the largest max and divide by
+// the total weight.
+template <typename T>
+void merge(const Partial* parts, int64_t count, int64_t heads, int64_t head_dim, T* out,
+           std::vector<float>& tmp) {
+  tmp.resize(head_dim);
+  for (int64_t h = 0; h < heads; ++h) {
+    float mx = std::numeric_limits<float>::lowest();
+    for (int64_t c = 0; c < count; ++c) mx = std::max(mx, parts[c].max[h]);
+    float total = 0.f;
+    std::fill(tmp.begin(), tmp.end(), 0.f);
+    for (int64_t c = 0; c < count; ++c) {
+      const float w = std::exp(parts[c].max[h] - mx);
+      total += w * parts[c].sum[h];
+      const float* a = parts[c].acc.data() + h * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) tmp[d] += w * a[d];
+    }
+    const float inv = 1.f / total;
+    for (int64_t d = 0; d < head_dim; ++d) out[h * head_dim + d] = static_cast<T>(tmp[d] * inv);
+  }
+}
+
+// Below this many tokens a sequence is not cut across threads: a parallel region costs more
+// than the second thread saves.
+constexpr int64_t kMinRun = 128;
 
 template <typename T, typename Rows>
 void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
@@ -192,14 +297,60 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   const int64_t group = num_heads / kv_heads, max_blocks = block_tables.size(1);
   const Rows rows{kv_heads, head_dim};
-  const T* qp = q.data_ptr<T>();
   const Elem* kp = k_cache.data_ptr<Elem>();
   const Elem* vp = v_cache.data_ptr<Elem>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
+  const int64_t width = num_heads * head_dim;
+  // q in float, scaled once.
+  std::vector<float> qf(num_seqs * width);
+  load_row(q.data_ptr<T>(), qf.data(), num_seqs * width);
+  const float fscale = static_cast<float>(scale);
+  for (auto& x : qf) x *= fscale;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (num_seqs < threads) {
+    // Fewer sequences than threads (one stream, a small batch): each sequence is cut into
+    // runs of whole blocks, one per thread, and the runs merged.
+    std::vector<int64_t> seq_of, begin_of, end_of, first(num_seqs + 1, 0);
+    const int64_t per_seq = threads / num_seqs;
+    for (int64_t i = 0; i < num_seqs; ++i) {
+      const int64_t ctx = lens[i];
+      const int64_t cuts = std::max<int64_t>(1, std::min<int64_t>(per_seq, ctx / kMinRun));
+      const int64_t blocks = (ctx + block_size - 1) / block_size;
+      first[i] = static_cast<int64_t>(seq_of.size());
+      for (int64_t c = 0; c < cuts; ++c) {
+        const int64_t b0 = blocks * c / cuts, b1 = blocks * (c + 1) / cuts;
+        if (b0 == b1) continue;
+        seq_of.push_back(i);
+        begin_of.push_back(b0 * block_size);
+        end_of.push_back(std::min(ctx, b1 * block_size));
+      }
+    }
+    first[num_seqs] = static_cast<int64_t>(seq_of.size());
+    const int64_t items = first[num_seqs];
+    std::vector<Partial> partials(items);
+    auto work = [&](int64_t b, int64_t e) {
+      Scratch s;
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t i = seq_of[k];
+        attend_run<Rows>(qf.data() + i * width, kp, vp, tables + i * max_blocks, begin_of[k],
+                         end_of[k], block_size, rows, group, partials[k], s);
+      }
+    };
+    if (items > 1) {
+      at::parallel_for(0, items, 1, work);
+    } else {
+      work(0, items);
+    }
+    std::vector<float> tmp;
+    for (int64_t i = 0; i < num_seqs; ++i)
+      merge<T>(partials.data() + first[i], first[i + 1] - first[i], num_heads, head_dim,
+               op + i * width, tmp);
+    return;
+  }
   // Cut the sequences into one contiguous run per thread with about equal total context.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_seqs));
+  const int64_t parts = std::min<int64_t>(threads, num_seqs);
   int64_t total = 0;
   for (int64_t i = 0; i < num_seqs; ++i) total += lens[i];
   std::vector<int64_t> bounds(parts + 1, num_seqs);
@@ -211,11 +362,14 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
   }
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
+    Partial one;
+    std::vector<float> tmp;
     for (int64_t part = begin; part < end; ++part)
-      for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i)
-        decode_seq<T, Rows>(qp + i * num_heads * head_dim, kp, vp, tables + i * max_blocks,
-                            lens[i], block_size, rows, group, static_cast<float>(scale),
-                            op + i * num_heads * head_dim, s);
+      for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i) {
+        attend_run<Rows>(qf.data() + i * width, kp, vp, tables + i * max_blocks, 0, lens[i],
+                         block_size, rows, group, one, s);
+        merge<T>(&one, 1, num_heads, head_dim, op + i * width, tmp);
+      }
   });
 }
 

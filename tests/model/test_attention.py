@@ -61,6 +61,9 @@ def test_cpp_decode_matches_dense(dtype, atol):
         ((200,), 8, 2),  # one sequence: one thread's work, the others idle
         ((1, 1, 1, 90, 2, 60, 5, 33, 1, 7), 9, 3),  # skewed lengths, cut by total context
         ((5, 16, 17, 31, 32, 33), 4, 4),  # no GQA; lengths on and around block edges
+        ((700,), 9, 3),  # one long sequence, cut into runs of blocks that are merged
+        ((333, 260), 8, 2),  # fewer sequences than threads
+        ((129, 7), 4, 1),  # a run of one block and a bit; a tile cut short
     ],
 )
 def test_cpp_decode_any_split_over_threads(threads, lens, heads, kv_heads):
@@ -75,6 +78,23 @@ def test_cpp_decode_any_split_over_threads(threads, lens, heads, kv_heads):
     torch.set_num_threads(threads)
     try:
         out = cpp_decode(q, kc, vc, meta, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hd", [8, 20, 72, 96, 128])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_decode_any_head_dim(hd, threads):
+    """Head dims that are not a multiple of the kernel's vector chunks (20: a scalar tail; 72,
+    96: chunks of 64 and 32 then 8) and context that is not a multiple of its token tile."""
+    assert load_kernel() is not None
+    q, kc, vc, meta, tables, lens = _decode_case(torch.float32, 3, 6, 2, hd, 16, 64, (300, 13, 1))
+    ref = _dense_reference(q, kc, vc, tables, lens, 0.2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpp_decode(q, kc, vc, meta, 0.2)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

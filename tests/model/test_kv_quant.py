@@ -93,6 +93,26 @@ def test_the_cpp_kernel_refuses_a_pool_it_would_misread():
         cpp_decode(q, k[..., :-2].contiguous(), v[..., :-2].contiguous(), meta, 0.2, quant=quant)
 
 
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_packed_rows_cut_over_threads(name, threads):
+    """A long sequence is cut into runs merged afterwards; each run reads the row scales of
+    its own tokens."""
+    assert load_kernel() is not None
+    quant = QUANTS[name]
+    q, k, v, meta, tables, lens = _packed_case(quant, lens=(300,), bs=8)
+    ref = _dense(
+        q, quant.dequantize(k, torch.float32), quant.dequantize(v, torch.float32), tables, lens, 0.2
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpp_decode(q, k, v, meta, 0.2, quant=quant)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("name", FORMATS)
 def test_writes_quantize_and_prefill_reads_the_cached_prefix(backend, name):
