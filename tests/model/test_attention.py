@@ -66,7 +66,7 @@ def test_cpp_decode_matches_dense(dtype, atol):
         ((129, 7), 4, 1),  # a run of one block and a bit; a tile cut short
     ],
 )
-def test_cpp_decode_any_split_over_threads(threads, lens, heads, kv_heads):
+def test_cpp_decode_any_split_over_threads(threads, lens, heads, kv_heads, torch_threads):
     """The kernel cuts sequences into per-thread runs by context; every cut gives the same
     answer, whatever the thread count and however uneven the lengths."""
     assert load_kernel() is not None
@@ -74,29 +74,21 @@ def test_cpp_decode_any_split_over_threads(threads, lens, heads, kv_heads):
         torch.float32, len(lens), heads, kv_heads, 16, 16, 64, lens
     )
     ref = _dense_reference(q, kc, vc, tables, lens, 0.3)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = cpp_decode(q, kc, vc, meta, 0.3)
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(threads)
+    out = cpp_decode(q, kc, vc, meta, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("hd", [8, 20, 72, 96, 128])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpp_decode_any_head_dim(hd, threads):
+def test_cpp_decode_any_head_dim(hd, threads, torch_threads):
     """Head dims that are not a multiple of the kernel's vector chunks (20: a scalar tail; 72,
     96: chunks of 64 and 32 then 8) and context that is not a multiple of its token tile."""
     assert load_kernel() is not None
     q, kc, vc, meta, tables, lens = _decode_case(torch.float32, 3, 6, 2, hd, 16, 64, (300, 13, 1))
     ref = _dense_reference(q, kc, vc, tables, lens, 0.2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = cpp_decode(q, kc, vc, meta, 0.2)
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(threads)
+    out = cpp_decode(q, kc, vc, meta, 0.2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

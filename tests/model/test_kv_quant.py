@@ -95,7 +95,7 @@ def test_the_cpp_kernel_refuses_a_pool_it_would_misread():
 
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_packed_rows_cut_over_threads(name, threads):
+def test_packed_rows_cut_over_threads(name, threads, torch_threads):
     """A long sequence is cut into runs merged afterwards; each run reads the row scales of
     its own tokens."""
     assert load_kernel() is not None
@@ -104,12 +104,8 @@ def test_packed_rows_cut_over_threads(name, threads):
     ref = _dense(
         q, quant.dequantize(k, torch.float32), quant.dequantize(v, torch.float32), tables, lens, 0.2
     )
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = cpp_decode(q, k, v, meta, 0.2, quant=quant)
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(threads)
+    out = cpp_decode(q, k, v, meta, 0.2, quant=quant)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
 
 
