@@ -42,7 +42,7 @@ from splitserve.services.server import CHANNEL_OPTIONS
 from splitserve.services.tracing import inject_metadata, stream_span
 from splitserve.v1 import pb, rpc
 from splitserve.wire import kv_shm
-from splitserve.wire.kv_chunks import ChunkView, parse_chunk
+from splitserve.wire.kv_chunks import ChunkView, off_loop, parse_chunk
 from splitserve.wire.kv_codec import (
     KVAssembler,
     KVCodecError,
@@ -354,12 +354,13 @@ class DecodeServicer(rpc.DecodeServicer):
                         # at all); else the bytes go to a receive buffer, not into our tmpfs
                         segment if chunk.shm_length else None,
                     )
-                # copy, checksum and finite-check off the loop, while the next chunk arrives
+                # copy, checksum and finite-check (off the loop if large) while the next arrives
                 if chunk.shm_length:
-                    await asyncio.to_thread(assembler.add_written, chunk.offset, chunk.shm_length)
+                    n = chunk.shm_length
+                    await off_loop(n, assembler.add_written, chunk.offset, n)
                     self.w.metrics.transfer_bytes("received", chunk.shm_length, shm=True)
                 else:
-                    await asyncio.to_thread(assembler.add, chunk.offset, chunk.data)
+                    await off_loop(len(chunk.data), assembler.add, chunk.offset, chunk.data)
                     self.w.metrics.transfer_bytes("received", len(chunk.data))
         except grpc.RpcError as exc:
             raise TransferError(f"PullKV failed: {_describe(exc)}") from None

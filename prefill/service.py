@@ -30,7 +30,7 @@ from splitserve.prefill.leases import Lease, LeaseCapacityError, LeaseTable, Res
 from splitserve.services.tracing import extract_context, stream_span, tracer
 from splitserve.v1 import pb, rpc
 from splitserve.wire import kv_shm
-from splitserve.wire.kv_chunks import as_wire, encode_chunk
+from splitserve.wire.kv_chunks import as_wire, encode_chunk, off_loop
 from splitserve.wire.kv_codec import CHUNK_BYTES, export_transfer
 from splitserve.workers.kv_prefix import PrefixPlan
 from splitserve.workers.worker import (
@@ -136,7 +136,7 @@ class PrefillServicer(rpc.PrefillServicer):
                     header = self._header(lease) if i == 0 else None
                     if segment is not None:
                         try:  # off the loop: pwrite releases the GIL while it copies
-                            await asyncio.to_thread(segment.write, offset, data)
+                            await off_loop(len(data), segment.write, offset, data)
                         except OSError as exc:  # ENOSPC: a full tmpfs; the rest goes inline
                             log.warning("KV segment write failed, streaming the rest: %s", exc)
                             segment.close()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 
 import pytest
 
 from splitserve.v1 import pb
+from splitserve.wire import kv_chunks
 from splitserve.wire.kv_chunks import as_wire, encode_chunk, parse_chunk
 from splitserve.wire.kv_codec import KVCodecError
 
@@ -99,3 +102,14 @@ def test_a_chunk_with_bytes_and_a_notice_is_refused():
     wire = pb.KVChunk(offset=0, data=b"abc", shm_length=3).SerializeToString()
     with pytest.raises(KVCodecError, match="both data and shm_length"):
         parse_chunk(wire)
+
+
+def test_large_chunks_are_handled_off_the_loop_and_small_ones_on_it():
+    async def where(nbytes: int) -> int:
+        return await kv_chunks.off_loop(nbytes, threading.get_ident)
+
+    async def main() -> tuple[int, int, int]:
+        return threading.get_ident(), await where(100), await where(kv_chunks.INLINE_BYTES)
+
+    loop_thread, small, large = asyncio.run(main())
+    assert small == loop_thread and large != loop_thread

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from splitserve.model.kv_quant import QUANTS
-from splitserve.wire import kv_payload
+from splitserve.wire import kv_codec, kv_payload
 from splitserve.wire.kv_codec import (
     KVAssembler,
     KVCodecError,
@@ -83,6 +83,29 @@ def test_a_bad_row_across_a_chunk_boundary_is_refused():
     asm = KVAssembler(header, "kv_int8", (2, 2, 64, 4, 3, 10))
     chunks = list(chunks)
     asm.add(*chunks[0])  # the bad row is not whole yet
+    with pytest.raises(KVCodecError) as err:
+        asm.add(*chunks[1])
+    assert err.value.reason == "nonfinite"
+
+
+@pytest.mark.parametrize("span", [7, 64, 130, 1 << 20])
+def test_chunks_are_checked_span_by_span(monkeypatch, span):
+    """The assembler checksums and checks a chunk CHECK_SPAN bytes at a time; whatever the span
+    (shorter than a row, not a multiple of one, longer than the chunk), a clean transfer
+    finishes with the sender's CRC and a bad row inside a chunk is refused with that chunk."""
+    monkeypatch.setattr(kv_codec, "CHECK_SPAN", span)
+    kv = packed("int8", (2, 2, 5, 4, 3, 8)).clone()
+    header, chunks = split_transfer(kv, 17, chunk_bytes=500, fmt="kv_int8")
+    asm = KVAssembler(header, "kv_int8", (2, 2, 64, 4, 3, 10))
+    for off, data in chunks:
+        asm.add(off, data)
+    assert torch.equal(asm.finish(), kv)
+    flat = kv.view(-1, 10)
+    flat[73, 8:] = torch.tensor([0x80, 0x7F], dtype=torch.uint8)  # bytes 730..739: chunk 2
+    header, chunks = split_transfer(kv, 17, chunk_bytes=500, fmt="kv_int8")
+    asm = KVAssembler(header, "kv_int8", (2, 2, 64, 4, 3, 10))
+    chunks = list(chunks)
+    asm.add(*chunks[0])
     with pytest.raises(KVCodecError) as err:
         asm.add(*chunks[1])
     assert err.value.reason == "nonfinite"
