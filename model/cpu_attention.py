@@ -43,6 +43,22 @@ def cpp_decode(
     )
 
 
+def cpp_decode_writing(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """A decode-only step in one call: this step's K/V rows into their slots, then
+    `cpp_decode` (float pools; the fused decoder loop uses it when the backend offers it)."""
+    return _module.paged_decode_attention_writing(
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        meta.slot_mapping,
+        meta.decode_block_tables,
+        meta.decode_context_lens,
+        scale,
+    )
+
+
 def select_backend(name: str, device: torch.device, quant: KVQuant | None = None):
     """'torch', 'cpp', or 'auto' (cpp on CPU when it builds, else torch); reading a pool in
     `quant`'s format when given one."""
@@ -56,6 +72,8 @@ def select_backend(name: str, device: torch.device, quant: KVQuant | None = None
         chosen = torch_paged_attention
     else:
         chosen = functools.partial(torch_paged_attention, decode=cpp_decode)
+        # what the fused decoder calls for a step of decodes only (float pools)
+        chosen.decode_writing = cpp_decode_writing
     if quant is None:
         return chosen
     return functools.partial(chosen, quant=quant)

@@ -96,6 +96,9 @@ class FusedDecoder:
         t = x.shape[0]
         cos, sin = self.rotary.cos[positions], self.rotary.sin[positions]  # (T, hd), fresh
         q_end, k_end = self.q_size, self.q_size + self.kv_size
+        # a step of decodes only, on a backend that writes this step's K/V and attends in one
+        # call (model/cpu_attention.py): two torch dispatches and a copy fewer a layer
+        writing = getattr(backend, "decode_writing", None) if meta.num_decodes == t else None
         for layer, (kc, vc) in zip(self.layers, self._layer_caches(kv_cache), strict=True):
             ln1, (qkv_mm, qkv_w), (o_mm, o_w), ln2, (gu_mm, gu_w), (down_mm, down_w) = layer
             qkv = qkv_mm(k_ops.rms_norm(x, ln1, eps), *qkv_w)
@@ -105,7 +108,10 @@ class FusedDecoder:
                 q = q.contiguous()  # the C++ attention reads q as one dense (T, H, hd) run
             k = qkv[:, q_end:k_end].view(t, self.num_kv, hd)
             v = qkv[:, k_end:].view(t, self.num_kv, hd)
-            out = backend(q, k, v, kc, vc, meta, self.scale)
+            if writing is not None:
+                out = writing(q, k, v, kc, vc, meta, self.scale)
+            else:
+                out = backend(q, k, v, kc, vc, meta, self.scale)
             o = o_mm(out.reshape(t, self.q_size), *o_w)
             x.add_(self.comm.all_reduce(o) if self.all_reduce else o)
             gu = gu_mm(k_ops.rms_norm(x, ln2, eps), *gu_w)

@@ -401,6 +401,49 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   return out;
 }
 
+// A decode step's K/V rows (num_seqs, kv_heads, head_dim; a token's rows may sit inside a
+// wider fused-QKV row) written to their slots of the pool, then attended over: what the two
+// index_copy_ dispatches, the attention call and the copy of its output into place did, in one
+// call. Every slot is checked against the pool before anything is written.
+torch::Tensor paged_decode_attention_writing(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                             torch::Tensor k_cache, torch::Tensor v_cache,
+                                             torch::Tensor slot_mapping,
+                                             torch::Tensor block_tables,
+                                             torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(k_cache.dim() == 4 && k.dim() == 3 && v.dim() == 3,
+              "paged_decode_attention_writing: bad ranks");
+  const int64_t n = q.size(0), kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
+  TORCH_CHECK(k.size(0) == n && v.size(0) == n && k.size(1) == kv_heads &&
+                  v.size(1) == kv_heads && k.size(2) == head_dim && v.size(2) == head_dim,
+              "paged_decode_attention_writing: k/v must be (num_seqs, kv_heads, head_dim)");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == head_dim && v.stride(2) == 1 &&
+                  v.stride(1) == head_dim,
+              "paged_decode_attention_writing: a token's k/v rows must be contiguous");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() &&
+                  v.scalar_type() == v_cache.scalar_type() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes(),
+              "paged_decode_attention_writing: k/v must be the cache's dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == n && slot_mapping.is_contiguous(),
+              "paged_decode_attention_writing: one int64 slot per sequence");
+  const int64_t slots = k_cache.size(0) * k_cache.size(1), width = kv_heads * head_dim;
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, "paged_decode_attention_writing: slot ",
+                slot[i], " is outside the pool's ", slots);
+  const int64_t bytes = width * k_cache.element_size();
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t k_step = k.stride(0) * k.element_size(), v_step = v.stride(0) * v.element_size();
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(kc + slot[i] * bytes, kp + i * k_step, bytes);
+    std::memcpy(vc + slot[i] * bytes, vp + i * v_step, bytes);
+  }
+  return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale);
+}
+
 template <typename Rows>
 void run_packed(const torch::Tensor& q, const torch::Tensor& k_cache,
                 const torch::Tensor& v_cache, const torch::Tensor& block_tables,
@@ -447,6 +490,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Tensors only, so the GIL is released (block_linear.cpp says why).
   m.def("paged_decode_attention", &paged_decode_attention,
         "Paged decode attention over a block pool (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("paged_decode_attention_writing", &paged_decode_attention_writing,
+        "Write a decode step's K/V rows into the pool, then paged decode attention (CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("paged_decode_attention_packed", &paged_decode_attention_packed,
         "Paged decode attention over an int8/fp8 block pool with per-row scales (CPU)",

@@ -5,8 +5,19 @@ import torch
 import torch.nn.functional as F
 from gil_probe import ticks_during
 
-from splitserve.model.attention import AttentionMetadata, torch_decode, torch_paged_attention
-from splitserve.model.cpu_attention import cpp_decode, load_kernel, select_backend
+from splitserve.model.attention import (
+    AttentionMetadata,
+    torch_decode,
+    torch_paged_attention,
+    write_kv,
+)
+from splitserve.model.cpu_attention import (
+    cpp_decode,
+    cpp_decode_writing,
+    load_kernel,
+    select_backend,
+)
+from splitserve.model.kv_quant import QUANTS
 
 
 def _decode_case(
@@ -90,6 +101,38 @@ def test_cpp_decode_any_head_dim(hd, threads, torch_threads):
     torch_threads(threads)
     out = cpp_decode(q, kc, vc, meta, 0.2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writing_and_attending_in_one_call_is_the_two_steps(dtype):
+    """The fused decoder's call: this step's K/V rows (views into a fused QKV row, as the loop
+    has them) into their slots, then attention; the pool and the output are exactly what
+    write_kv and the kernel give."""
+    assert load_kernel() is not None
+    q, kc, vc, meta, _, _ = _decode_case(dtype, 6, 8, 2, 16, 4, 64)
+    qkv = torch.randn(6, (8 + 2 + 2) * 16).to(dtype)
+    k, v = qkv[:, 128:160].view(6, 2, 16), qkv[:, 160:].view(6, 2, 16)
+    kc2, vc2 = kc.clone(), vc.clone()
+    write_kv(k, v, kc, vc, meta.slot_mapping)
+    want = cpp_decode(q, kc, vc, meta, 0.25)
+    got = cpp_decode_writing(q, k, v, kc2, vc2, meta, 0.25)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc) and torch.equal(got, want)
+    backend = select_backend("cpp", torch.device("cpu"))
+    assert backend.decode_writing is cpp_decode_writing
+
+
+def test_writing_refuses_a_slot_outside_the_pool_before_writing_anything():
+    assert load_kernel() is not None
+    q, kc, vc, meta, _, _ = _decode_case(torch.float32, 2, 8, 2, 16, 4, 8, (3, 5))
+    k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    meta.slot_mapping = torch.tensor([1, 8 * 4], dtype=torch.long)  # the second one past the end
+    before = kc.clone()
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        cpp_decode_writing(q, k, v, kc, vc, meta, 0.25)
+    assert torch.equal(kc, before)
+    with pytest.raises(RuntimeError, match="k/v must be"):
+        cpp_decode_writing(q, k[:1], v, kc, vc, meta, 0.25)
+    assert select_backend("cpp", torch.device("cpu"), quant=QUANTS["int8"]).__dict__ == {}
 
 
 def test_cpp_decode_lets_go_of_the_gil():
