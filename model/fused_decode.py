@@ -99,9 +99,14 @@ class FusedDecoder:
         # a step of decodes only, on a backend that writes this step's K/V and attends in one
         # call (model/cpu_attention.py): two torch dispatches and a copy fewer a layer
         writing = getattr(backend, "decode_writing", None) if meta.num_decodes == t else None
-        for layer, (kc, vc) in zip(self.layers, self._layer_caches(kv_cache), strict=True):
-            ln1, (qkv_mm, qkv_w), (o_mm, o_w), ln2, (gu_mm, gu_w), (down_mm, down_w) = layer
-            qkv = qkv_mm(k_ops.rms_norm(x, ln1, eps), *qkv_w)
+        reduce = self.comm.all_reduce if self.all_reduce else None
+        caches = self._layer_caches(kv_cache)
+        # each residual add is done with the RMS norm that follows it (add_rms_norm_); the
+        # first layer's input norm has no add before it, the last layer's add no norm after
+        h = k_ops.rms_norm(x, self.layers[0][0], eps)
+        for i, (layer, (kc, vc)) in enumerate(zip(self.layers, caches, strict=True)):
+            _, (qkv_mm, qkv_w), (o_mm, o_w), ln2, (gu_mm, gu_w), (down_mm, down_w) = layer
+            qkv = qkv_mm(h, *qkv_w)
             k_ops.rope_(qkv, cos, sin, self.num_q + self.num_kv, hd)
             q = qkv[:, :q_end].view(t, self.num_q, hd)
             if t > 1:
@@ -113,8 +118,12 @@ class FusedDecoder:
             else:
                 out = backend(q, k, v, kc, vc, meta, self.scale)
             o = o_mm(out.reshape(t, self.q_size), *o_w)
-            x.add_(self.comm.all_reduce(o) if self.all_reduce else o)
-            gu = gu_mm(k_ops.rms_norm(x, ln2, eps), *gu_w)
-            down = down_mm(k_ops.silu_mul(gu), *down_w)
-            x.add_(self.comm.all_reduce(down) if self.all_reduce else down)
+            h = k_ops.add_rms_norm_(x, reduce(o) if reduce else o, ln2, eps)
+            down = down_mm(k_ops.silu_mul(gu_mm(h, *gu_w)), *down_w)
+            if reduce:
+                down = reduce(down)
+            if i + 1 < len(self.layers):
+                h = k_ops.add_rms_norm_(x, down, self.layers[i + 1][0], eps)
+            else:
+                x.add_(down)
         return x

@@ -707,6 +707,22 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
+// x += d in place (the residual add), then rms_norm(x, w): the add and the norm that always
+// follows it in a decoder layer, in one pass over each row. The same float32 add as x.add_(d).
+torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor d, torch::Tensor w, double eps) {
+  TORCH_CHECK(d.scalar_type() == torch::kFloat32 && d.is_contiguous() && d.sizes() == x.sizes(),
+              "add_rms_norm_: d must be contiguous float32 of x's shape");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "add_rms_norm_: x (T, D) contiguous float32");
+  const int64_t T = x.size(0), D = x.size(1);
+  float* xp = x.data_ptr<float>();
+  const float* dp = d.data_ptr<float>();
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * D; i < end * D; ++i) xp[i] += dp[i];
+  });
+  return rms_norm(x, w, eps);
+}
+
 // Rotary embedding, rotate-half layout, in place on the first `rotated` heads of each row of
 // qkv (T, heads * hd): the q and k heads of a fused projection. cos/sin: (T, hd).
 void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t rotated, int64_t hd) {
@@ -845,6 +861,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("quantize_activations", &quantize_activations, "x rounded as block_linear_int8 does");
   m.def("rms_norm", &rms_norm, "x / rms(x) * w per row", py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm_", &add_rms_norm_, "x += d in place, then rms_norm(x, w)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("rope_", &rope_, "rotary embedding in place on the first heads of each row",
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &silu_mul, "silu(gate) * up", py::call_guard<py::gil_scoped_release>());

@@ -125,3 +125,19 @@ def test_int8_refuses_what_it_cannot_multiply():
     with pytest.raises(RuntimeError, match="unknown format"):
         mod.block_linear_int8(torch.randn(2, 256), packed, 9, 40)
     assert mod.block_linear_int8(torch.empty(0, 256), packed, fmt, 40).shape == (0, 40)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_the_residual_add_and_the_norm_in_one_call_are_the_two_calls(rows):
+    """add_rms_norm_ (the fused decoder's residual add and the RMS norm after it) leaves x and
+    returns exactly what x.add_(d) and rms_norm(x) give."""
+    k = bl.load_kernel()
+    assert k is not None
+    g = torch.Generator().manual_seed(rows)
+    x, d, w = torch.randn(rows, 96, generator=g), torch.randn(rows, 96, generator=g), torch.rand(96)
+    want_x = x.clone().add_(d)
+    want = k.rms_norm(want_x, w, 1e-5)
+    got = k.add_rms_norm_(x, d, w, 1e-5)
+    assert torch.equal(x, want_x) and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="x's shape"):
+        k.add_rms_norm_(x, d[:, :95].contiguous(), w, 1e-5)
