@@ -40,6 +40,12 @@ log = logging.getLogger("splitserve")
 REJECT_LOG_INTERVAL_S = 10.0
 # A prefill worker's write-back waits for the hand-off of the same KV to end, at most this long.
 WRITE_BACK_WAIT_S = 5.0
+# KV held by write-backs not yet handed to the store's queue (waiting for a hand-off, or being
+# encoded), at most this many bytes: past it a prompt's write-back is dropped (a later request
+# recomputes what the store would have held) rather than a burst of long prompts keeping a copy
+# of each prompt's KV alive at once (16 prompts of 1,000 tokens: 750 MB of float32 SmolLM2 KV).
+# One write-back is always let through, whatever its size.
+WRITE_BACK_MAX_BYTES = 256 << 20
 
 
 class PrefixStore(Protocol):
@@ -78,6 +84,7 @@ class PrefixTier:
         self.dtype = runner.kv_format  # the model dtype's name, or the packed format's
         self.block_size = engine.engine.block_size
         self._writes: set[asyncio.Task[None]] = set()
+        self._held_bytes = 0  # KV the tasks in _writes hold
 
     async def prepare(self, prompt: Sequence[int], cache_salt: str | None) -> PrefixPlan:
         """Warm the local cache from the kvstore for this prompt; never raises for the store."""
@@ -148,9 +155,20 @@ class PrefixTier:
             return
         if not getattr(self.store, "is_healthy", True):
             return  # it would drop them anyway: don't pay for encoding
+        held = kv.data.nbytes
+        if self._writes and self._held_bytes + held > WRITE_BACK_MAX_BYTES:
+            if self.metrics is not None:
+                self.metrics.kvstore_request("put", "dropped")
+            return
+        self._held_bytes += held
         task = asyncio.create_task(self._put(plan.hashes, plan.num_stored_blocks, kv.data, after))
         self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._writes.discard(t)
+            self._held_bytes -= held
+
+        task.add_done_callback(done)
 
     async def _put(
         self,

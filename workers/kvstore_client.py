@@ -60,6 +60,10 @@ class KVClientCounters:
 
 
 PUT_MIN_BYTES_PER_S = 50e6  # below this a store is too slow to be worth writing to
+# Payload bytes waiting in the background writer's queue, at most this many: past it a put is
+# dropped (and counted) instead of queued, so a store slower than the prompts coming in costs
+# cache hits, not the worker's memory. A put is always queued when the queue is empty.
+QUEUE_BYTES = 256 << 20
 
 
 class KVStoreObserver(Protocol):
@@ -158,6 +162,7 @@ class KVStoreClient:
         put_timeout_s: float = 2.0,
         queue_size: int = 64,
         *,
+        queue_bytes: int = QUEUE_BYTES,
         max_backoff_s: float = 30.0,
         failure_threshold: int = 1,
         metrics: KVStoreObserver | None = None,
@@ -175,6 +180,8 @@ class KVStoreClient:
             on_change=metrics.kvstore_circuit if metrics is not None else None,
         )
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._queued_bytes = 0
         self._queue: asyncio.Queue[_PutJob] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -314,17 +321,23 @@ class KVStoreClient:
         return response.num_stored
 
     def put_background(self, items: Sequence[tuple[bytes, bytes]]) -> bool:
-        """Queues a put without waiting; False (and dropped) when the queue is full."""
+        """Queues a put without waiting; False (and dropped) when the queue is full, in
+        puts or in bytes (QUEUE_BYTES)."""
         if not items:
             return True
         queue = self._writer_queue()
+        nbytes = sum(len(p) for _, p in items)
         try:
+            if self._queued_bytes and self._queued_bytes + nbytes > self._queue_bytes:
+                raise asyncio.QueueFull
             # The caller's trace context travels with its blocks: the writer task serves
             # every request, so its own context belongs to none of them.
             queue.put_nowait((list(items), inject_metadata()))
         except asyncio.QueueFull:
             self.counters.dropped_puts += len(items)
+            self._observe("put", "dropped")
             return False
+        self._queued_bytes += nbytes
         return True
 
     def _writer_queue(self) -> asyncio.Queue[_PutJob]:
@@ -346,6 +359,7 @@ class KVStoreClient:
                 log.exception("kvstore %s: background put failed", self.address)
                 self.counters.dropped_puts += len(items)
             finally:
+                self._queued_bytes -= sum(len(p) for _, p in items)
                 queue.task_done()
 
     async def flush(self, timeout_s: float = 5.0) -> bool:
@@ -369,6 +383,7 @@ class KVStoreClient:
             while not self._queue.empty():
                 self.counters.dropped_puts += len(self._queue.get_nowait()[0])
             self._queue = None
+            self._queued_bytes = 0
         if self._channel is not None:
             await self._channel.close()
             self._channel, self._stub = None, None

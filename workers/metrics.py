@@ -85,7 +85,8 @@ class WorkerMetrics:
         )
         self._kvstore_requests = counter(
             "kvstore_requests_total",
-            "kvstore calls by outcome: ok, error, or skipped while the circuit was open",
+            "kvstore calls by outcome: ok, error, skipped while the circuit was open, or dropped "
+            "(a write-back over its memory budget)",
             ("op", "outcome"),
         )
         self.kvstore_circuit_state = gauge(
@@ -126,7 +127,7 @@ class WorkerMetrics:
         self._kvstore_rejected.labels(*self._labels, reason).inc()
 
     def kvstore_request(self, op: str, outcome: str) -> None:
-        """`op`: match, get or put; `outcome`: ok, error or skipped."""
+        """`op`: match, get or put; `outcome`: ok, error, skipped or dropped (puts only)."""
         self._kvstore_requests.labels(*self._labels, op, outcome).inc()
 
     def kvstore_circuit(self, state: int, opened: bool) -> None:

@@ -72,6 +72,24 @@ async def test_put_background_is_bounded_drops_when_full_and_never_waits(address
 
 
 @pytest.mark.asyncio
+async def test_put_background_is_bounded_in_bytes_too(address: str) -> None:
+    """Queued payload bytes stay under queue_bytes (a put is still taken when nothing is queued,
+    whatever its size), and are given back as the writer sends them."""
+    keys = make_keys(6, "bytes")
+    size = len(payload(keys[0]))
+    client = KVStoreClient(address, queue_bytes=2 * size + 1)
+    big = [(k, payload(k)) for k in keys[:3]]  # more than the budget on its own
+    assert client.put_background(big)  # an empty queue takes it
+    assert not client.put_background([(keys[3], payload(keys[3]))])
+    assert await client.flush(timeout_s=5)
+    assert [client.put_background([(k, payload(k))]) for k in keys[3:]] == [True, True, False]
+    assert await client.flush(timeout_s=5)
+    assert await client.match(keys) == 5
+    assert (client.counters.puts, client.counters.dropped_puts) == (5, 2)
+    await client.close()
+
+
+@pytest.mark.asyncio
 async def test_dead_store_answers_misses_fast_and_logs_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
