@@ -4,9 +4,10 @@ With int8 activations (`--linear-backend blocks-int8`) SmolLM2's matmuls take ~2
 batch-1 decode step on 2 cores, and the rest of the step was Python: per layer about 25
 nn.Module calls and torch dispatches (RMS norm alone is eight ops on CPU), each a few
 microseconds, 30 layers deep. This loop calls the kernels directly, nine calls a layer: two
-RMS norms, four int8 block matmuls, rotary in place on the fused QKV rows, the attention
-backend (which writes the new K/V and attends, as in the module path) and silu * up, all but
-the attention from model/csrc/block_linear.cpp.
+residual adds each with the RMS norm after it, four int8 block matmuls, rotary in place on the
+fused QKV rows, the attention backend (which writes the new K/V and attends, as in the module
+path; for a step of decodes only, in one C++ call) and silu * up, all but the attention from
+model/csrc/block_linear.cpp.
 
 It computes what the modules compute, in float32 with another order of operations (the C++
 RMS norm sums in float64, for instance), so it is used only where the numbers are not held
