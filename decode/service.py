@@ -358,7 +358,7 @@ class DecodeServicer(rpc.DecodeServicer):
                 if chunk.shm_length:
                     n = chunk.shm_length
                     await off_loop(n, assembler.add_written, chunk.offset, n)
-                    self.w.metrics.transfer_bytes("received", chunk.shm_length, shm=True)
+                    self.w.metrics.transfer_bytes("received", n, shm=True)
                 else:
                     await off_loop(len(chunk.data), assembler.add, chunk.offset, chunk.data)
                     self.w.metrics.transfer_bytes("received", len(chunk.data))

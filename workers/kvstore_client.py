@@ -44,8 +44,9 @@ MAX_KEYS_PER_REQUEST = 4096  # the kvstore's default limit
 _CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", 5_000)]
 
 
-# A queued background put: the blocks, and the trace context of the request that wrote them.
-_PutJob = tuple[list[tuple[bytes, bytes]], tuple[tuple[str, str], ...]]
+# A queued background put: the blocks, the trace context of the request that wrote them, and
+# their payload bytes (counted against QUEUE_BYTES until sent).
+_PutJob = tuple[list[tuple[bytes, bytes]], tuple[tuple[str, str], ...], int]
 
 
 @dataclass
@@ -332,7 +333,7 @@ class KVStoreClient:
                 raise asyncio.QueueFull
             # The caller's trace context travels with its blocks: the writer task serves
             # every request, so its own context belongs to none of them.
-            queue.put_nowait((list(items), inject_metadata()))
+            queue.put_nowait((list(items), inject_metadata(), nbytes))
         except asyncio.QueueFull:
             self.counters.dropped_puts += len(items)
             self._observe("put", "dropped")
@@ -352,14 +353,14 @@ class KVStoreClient:
 
     async def _write_loop(self, queue: asyncio.Queue[_PutJob]) -> None:
         while True:
-            items, metadata = await queue.get()
+            items, metadata, nbytes = await queue.get()
             try:
                 await self.put(items, metadata)
             except Exception:  # a bug must not kill the writer and silently stop all puts
                 log.exception("kvstore %s: background put failed", self.address)
                 self.counters.dropped_puts += len(items)
             finally:
-                self._queued_bytes -= sum(len(p) for _, p in items)
+                self._queued_bytes -= nbytes
                 queue.task_done()
 
     async def flush(self, timeout_s: float = 5.0) -> bool:
