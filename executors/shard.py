@@ -22,6 +22,7 @@ from splitserve.model.kv_quant import STORAGE_DTYPE, check_device, kv_quant
 from splitserve.model.llama import Collectives, LlamaModel
 from splitserve.model.loader import Weights
 from splitserve.model.parallel import ShardSpec
+from splitserve.services import heap
 from splitserve.wire.step_wire import StepWire
 
 log = logging.getLogger("splitserve")
@@ -160,11 +161,4 @@ def release_load_memory() -> bool:
     pages for reuse, so a worker's resident size carried the load's garbage for its whole
     life: ~90 MiB of 610 for SmolLM2 (Q4_1) with a 64 MiB KV pool, measured. False where
     there is no glibc `malloc_trim` (musl, macOS): nothing to do there."""
-    import ctypes
-
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return False
-    trim(0)
-    return True
+    return heap.trim()

@@ -56,6 +56,7 @@ from splitserve.executors.shard import ModelShard
 from splitserve.model.attention import PagedAttentionBackend
 from splitserve.model.loader import Weights
 from splitserve.model.parallel import ParallelConfigError, ShardSpec, head_split
+from splitserve.services import heap
 from splitserve.wire.step_wire import StepWire
 
 log = logging.getLogger("splitserve")
@@ -601,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="JSON: model and engine config, layer range")
     args = p.parse_args(argv)
     rank = args.rank
+    heap.tune()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{rank} %(message)s")
     for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 decides when we stop
         signal.signal(sig, signal.SIG_IGN)

@@ -9,7 +9,8 @@ asyncio queues, posted with `loop.call_soon_threadsafe`:
     add_request / abort / call ──► commands ──► run every queued command, then step()
     RequestStream (asyncio.Queue) ◄──────────── outputs, errors, load snapshots
 
-The thread blocks on the command queue whenever the engine has nothing to do (no busy loop).
+The thread blocks on the command queue whenever the engine has nothing to do (no busy loop);
+once idle for IDLE_TRIM_S after a burst, it gives the heap's free pages back first.
 One `EngineThread` does all of an engine's torch work, loading included (`AsyncEngine.load`):
 with OpenMP, a thread that starts parallel regions after another thread already has its own
 team gets slower regions (cores idle ~12% between them on a 2-core machine), so the thread
@@ -37,6 +38,7 @@ from splitserve.engine.outputs import KVExport, RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.executors.pipeline.executor import StageUnavailableError
 from splitserve.executors.tensor_parallel import ShardGroupError
+from splitserve.services import heap
 from splitserve.workers.engine_stream import (
     DuplicateRequestError,
     EngineClosedError,
@@ -63,6 +65,11 @@ __all__ = [
 
 log = logging.getLogger("splitserve")
 T = TypeVar("T")
+
+# After this many idle seconds following a burst of steps, the engine thread hands the heap's
+# free pages back to the OS (services/heap.py): a worker's resident size falls back to its idle
+# size instead of staying at its peak, and a steady stream of requests never pays for it.
+IDLE_TRIM_S = 1.0
 
 
 class EngineThread:
@@ -347,18 +354,27 @@ class AsyncEngine:
 
     # ---- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
-        busy = False
-        while self._run_commands(block=not busy):
+        busy = trim_owed = False  # trim_owed: steps ran since the heap was last trimmed
+        while True:
+            wait = 0.0 if busy else IDLE_TRIM_S if trim_owed else None
+            ran = self._run_commands(wait)
+            if ran is None:
+                return
+            if not ran and not busy and trim_owed:  # idle for IDLE_TRIM_S
+                heap.trim()
+                trim_owed = False
             busy = self._step()
+            trim_owed |= busy
             if not busy:
                 self._publish_load()
 
-    def _run_commands(self, block: bool) -> bool:
-        """Run every queued command (waiting for one if `block`); False on the stop sentinel."""
+    def _run_commands(self, wait: float | None) -> bool | None:
+        """Run every queued command, waiting up to `wait` s for the first (None: for ever);
+        whether any ran, or None on the stop sentinel."""
         try:
-            command = self._commands.get(block=block)
+            command = self._commands.get_nowait() if wait == 0 else self._commands.get(timeout=wait)
         except queue.Empty:
-            return True
+            return False
         while command is not None:
             try:
                 command()
@@ -369,7 +385,7 @@ class AsyncEngine:
             except queue.Empty:
                 return True
         self._stop_engine()
-        return False
+        return None
 
     def _step(self) -> bool:
         """One engine step; False when it could do nothing, so the thread may sleep.

@@ -30,6 +30,7 @@ from splitserve.executors.build import create_engine
 from splitserve.executors.flags import add_engine_args, engine_config
 from splitserve.executors.pipeline.executor import StageUnavailableError
 from splitserve.executors.tensor_parallel import ShardGroupError
+from splitserve.services import heap
 from splitserve.services.parent import follow_launcher
 from splitserve.services.security import TLSConfig, add_tls_arguments, open_channel
 from splitserve.services.server import (
@@ -471,6 +472,7 @@ def run_worker(
     init_tracing(role)
     install_uvloop()
     fast_gil_handoff()
+    heap.tune()
     try:
         tls = TLSConfig.from_args(args)
         if tls is not None:

@@ -47,6 +47,7 @@ from splitserve.executors.tensor_parallel import ShardGroupError
 from splitserve.model.kv_quant import kv_format_name, kv_row
 from splitserve.model.loader import ModelLoadError, open_checkpoint
 from splitserve.model.parallel import ParallelConfigError, stage_layer_ranges
+from splitserve.services import heap
 from splitserve.services.parent import follow_launcher
 from splitserve.services.security import TLSConfig, add_tls_arguments, open_channel
 from splitserve.services.server import (
@@ -507,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the worker died before we got going
     fast_gil_handoff()
+    heap.tune()
     compute = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
     try:
         tls = TLSConfig.from_args(args)  # a bad flag fails before the slow load

@@ -12,6 +12,7 @@ from workers_util import prompt, tiny_engine
 from splitserve.engine.engine import CapacityError, LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.workers import engine_loop
 from splitserve.workers.engine_loop import (
     AsyncEngine,
     DuplicateRequestError,
@@ -84,6 +85,27 @@ async def test_idle_thread_sleeps():
     await asyncio.sleep(0.3)
     assert aengine.engine.stats.num_steps == steps
     assert time.process_time() - cpu < 0.1  # a spinning thread would burn the whole 0.3 s
+    await aengine.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_heap_is_trimmed_once_after_a_burst_never_while_busy(monkeypatch):
+    trims: list[int] = []  # the engine's step count at each trim
+    aengine = await started()
+    monkeypatch.setattr(engine_loop, "IDLE_TRIM_S", 0.2)
+    monkeypatch.setattr(
+        engine_loop.heap, "trim", lambda: trims.append(aengine.engine.stats.num_steps)
+    )
+    await asyncio.sleep(0.4)
+    assert trims == []  # nothing ran since start: nothing to give back
+    await collect(await aengine.add_request("a", prompt(5), SamplingParams(max_tokens=40)))
+    steps = aengine.engine.stats.num_steps
+    assert trims == []  # not between the steps of a request
+    await asyncio.sleep(0.6)
+    assert trims == [steps]  # once, after the burst, and not again while idle
+    await aengine.call(lambda e: None)  # a command alone is no burst
+    await asyncio.sleep(0.4)
+    assert trims == [steps]
     await aengine.shutdown()
 
 
