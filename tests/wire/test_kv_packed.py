@@ -1,6 +1,7 @@
 """Packed low-precision KV (kv_int8, kv_fp8_e4m3) on the wire: round trips, and never read as
 another format."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,3 +110,30 @@ def test_chunks_are_checked_span_by_span(monkeypatch, span):
     with pytest.raises(KVCodecError) as err:
         asm.add(*chunks[1])
     assert err.value.reason == "nonfinite"
+
+
+@pytest.mark.parametrize("row", [10, 11])  # even: scales read as a strided column; odd: copied
+def test_every_bad_scale_is_refused_and_the_largest_finite_one_kept(row):
+    clean = np.zeros((6, row), dtype=np.uint8)
+    check_finite(clean.tobytes(), "kv_int8", row)
+    for scale, bad in ((0x7F7F, False), (0x7F80, True), (0x7FC1, True), (0x8000, True),
+                       (0xFF80, True), (0x0001, False)):  # fmt: skip
+        rows = clean.copy()
+        rows[4, -2:] = (scale & 0xFF, scale >> 8)  # little-endian bfloat16
+        if not bad:
+            check_finite(rows.tobytes(), "kv_int8", row)
+            continue
+        with pytest.raises(KVCodecError) as err:
+            check_finite(rows.tobytes(), "kv_int8", row)
+        assert err.value.reason == "nonfinite", hex(scale)
+
+
+def test_the_assembler_says_when_every_byte_is_in():
+    kv = packed("int8", (2, 2, 5, 4, 3, 8)).clone()
+    header, chunks = split_transfer(kv, 17, chunk_bytes=500, fmt="kv_int8")
+    asm = KVAssembler(header, "kv_int8", (2, 2, 64, 4, 3, 10))
+    chunks = list(chunks)
+    for off, data in chunks:
+        assert not asm.complete
+        asm.add(off, data)
+    assert asm.complete and torch.equal(asm.finish(), kv)
