@@ -11,8 +11,9 @@ Elsewhere (musl, macOS) both do nothing.
 
 Measured and not done: fixing glibc's mmap threshold (it rises, up to 32 MiB, to the size of
 the largest mapped block freed so far, after which blocks below it come from the arenas). At
-8 MiB it kept ~80 MiB less after a burst, but a prefill's attention scores (~18 MB a layer for a
-512-token chunk) were then mapped and faulted in anew each time: ~5% fewer tokens/s.
+256 KiB it cost a quarter of the throughput under load (every transient tensor mapped and
+faulted in anew); at 8 MiB it kept ~80 MiB less after a burst, which the idle trim gets back
+anyway, and did not lower the peak (docs/benchmarks.md, "Worker memory").
 """
 
 from __future__ import annotations
