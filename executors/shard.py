@@ -82,7 +82,10 @@ class ModelShard:
             if self.model.fused is not None:
                 self.linears += f"; steps of <= {MAX_TOKENS} tokens in one fused loop"
         log.info("linear layers: %s", self.linears)
-        release_load_memory()  # every process that loads a shard: engine, TP rank, stage
+        # Every process that loads a shard (engine, TP rank, stage): reading and repacking the
+        # weights frees as much as it keeps, and glibc would keep those pages for the process's
+        # whole life (~90 MiB of 610 for SmolLM2 Q4_1 with a 64 MiB pool, measured).
+        heap.trim()
         heads = self.model.heads
         self.num_blocks = num_blocks
         quant = self.kv_quant
@@ -152,13 +155,3 @@ class ModelShard:
             )
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         self.kv_cache[:, :, ids] = data.to(self.device)
-
-
-def release_load_memory() -> bool:
-    """Give the heap that loading freed back to the OS (glibc keeps it otherwise).
-
-    Reading and repacking a shard's weights frees as much as it keeps; glibc holds on to freed
-    pages for reuse, so a worker's resident size carried the load's garbage for its whole
-    life: ~90 MiB of 610 for SmolLM2 (Q4_1) with a 64 MiB KV pool, measured. False where
-    there is no glibc `malloc_trim` (musl, macOS): nothing to do there."""
-    return heap.trim()

@@ -1,4 +1,5 @@
-"""Loading a model shard gives the heap that loading freed back to the OS (release_load_memory)."""
+"""Freed heap goes back to the OS (services/heap.trim, called after a shard loads), and a loaded
+checkpoint lets its file pages go."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 # but the last, which pins the heap's top so that free() can't shrink it by itself.
 PROBE = textwrap.dedent(
     """
-    from splitserve.executors.shard import release_load_memory
+    from splitserve.services.heap import trim
 
     def rss_mib():
         status = open("/proc/self/status").read()
@@ -22,7 +23,7 @@ PROBE = textwrap.dedent(
     last = pieces[-1]
     del pieces
     held = rss_mib()
-    released = release_load_memory()
+    released = trim()
     print(released, held, rss_mib())
     """
 )
