@@ -7,7 +7,11 @@ microseconds, 30 layers deep. This loop calls the kernels directly, nine calls a
 residual adds each with the RMS norm after it, four int8 block matmuls, rotary in place on the
 fused QKV rows, the attention backend (which writes the new K/V and attends, as in the module
 path; for a step of decodes only, in one C++ call) and silu * up, all but the attention from
-model/csrc/block_linear.cpp.
+model/csrc/block_linear.cpp. For a step of decodes only on the C++ attention backend and
+without tensor parallelism, block_linear.cpp's `DecoderStack` runs this same loop in one C++
+call (same kernels, same arguments, same order: bit-for-bit the loop's numbers), which takes
+out the interpreter between the ~270 calls: 7.1 -> 6.5 ms a batch-1 step on a 2-vCPU Sapphire
+Rapids VM (docs/benchmarks.md).
 
 It computes what the modules compute, in float32 with another order of operations (the C++
 RMS norm sums in float64, for instance), so it is used only where the numbers are not held
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from splitserve.model import cpu_attention
 from splitserve.model.attention import AttentionMetadata
 from splitserve.model.block_linear import BlockLinear, load_kernel
 
@@ -56,6 +61,42 @@ class FusedDecoder:
         self.comm = model.comm
         self.all_reduce = model.shard.tp_size > 1
         self._caches: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.stack = self._native_stack()
+
+    def _native_stack(self):
+        """block_linear.cpp's DecoderStack over these layers: the whole loop below in one C++
+        call, for a step of decodes only on the C++ attention backend without tensor
+        parallelism (no Python all-reduce between the layers). None where it can't be made."""
+        attention = cpu_attention.load_kernel()
+        if self.all_reduce or attention is None or not hasattr(self.kernel, "DecoderStack"):
+            return None
+        matmuls = {mat[0] for layer in self.layers for mat in (layer[1], layer[2], *layer[4:])}
+        if matmuls == {self.kernel.block_linear_int8}:
+            int8 = True
+        elif matmuls == {self.kernel.block_linear}:
+            int8 = False
+        else:
+            return None
+        packed, fmts, rows = [], [], []
+        for layer in self.layers:
+            for _, (weight, fmt, n) in (layer[1], layer[2], *layer[4:]):
+                packed.append(weight)
+                fmts.append(fmt)
+                rows.append(n)
+        return self.kernel.DecoderStack(
+            [layer[0] for layer in self.layers],
+            [layer[3] for layer in self.layers],
+            packed,
+            fmts,
+            rows,
+            int8,
+            self.num_q,
+            self.num_kv,
+            self.head_dim,
+            self.eps,
+            self.scale,
+            attention.writing_capsule(),
+        )
 
     @classmethod
     def build(cls, model, int8_only: bool = True) -> FusedDecoder | None:
@@ -100,6 +141,16 @@ class FusedDecoder:
         # a step of decodes only, on a backend that writes this step's K/V and attends in one
         # call (model/cpu_attention.py): two torch dispatches and a copy fewer a layer
         writing = getattr(backend, "decode_writing", None) if meta.num_decodes == t else None
+        if writing is cpu_attention.cpp_decode_writing and self.stack is not None:
+            return self.stack.run(
+                x,
+                cos,
+                sin,
+                kv_cache,
+                meta.slot_mapping,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+            )
         reduce = self.comm.all_reduce if self.all_reduce else None
         caches = self._layer_caches(kv_cache)
         # each residual add is done with the RMS norm that follows it (add_rms_norm_); the

@@ -846,6 +846,93 @@ bool has_openmp() {
 #endif
 }
 
+// --- a decode step's whole decoder stack in one call (model/fused_decode.py) ---
+// The same kernel calls as the Python loop there, in the same order with the same arguments,
+// so the results are bit-for-bit the loop's; what goes is the interpreter between them (nine
+// calls a layer). Attention comes from the other extension (paged_decode.cpp, built with other
+// flags) through a function pointer it hands over in a capsule: write this step's K/V into the
+// pool, then attend.
+using AttendWriting = torch::Tensor (*)(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                                        torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                                        double);
+constexpr const char* kAttendCapsule = "splitserve.paged_decode_attention_writing";
+
+class DecoderStack {
+ public:
+  // Per layer: ln1, ln2 (D,) float32; four packed weights (qkv, o, gate_up, down) with their
+  // formats and output rows; int8 selects block_linear_int8 over block_linear.
+  DecoderStack(std::vector<torch::Tensor> ln1, std::vector<torch::Tensor> ln2,
+               std::vector<torch::Tensor> packed, std::vector<int64_t> fmts,
+               std::vector<int64_t> rows, bool int8, int64_t num_q, int64_t num_kv,
+               int64_t head_dim, double eps, double scale, py::capsule attend)
+      : ln1_(std::move(ln1)), ln2_(std::move(ln2)), packed_(std::move(packed)),
+        fmts_(std::move(fmts)), rows_(std::move(rows)), int8_(int8), num_q_(num_q),
+        num_kv_(num_kv), head_dim_(head_dim), eps_(eps), scale_(scale) {
+    const size_t n = ln1_.size();
+    TORCH_CHECK(n > 0 && ln2_.size() == n && packed_.size() == 4 * n && fmts_.size() == 4 * n &&
+                    rows_.size() == 4 * n,
+                "DecoderStack: 2 norms and 4 packed weights (with formats and rows) per layer");
+    TORCH_CHECK(std::string(attend.name()) == kAttendCapsule,
+                "DecoderStack: the attention capsule is not ", kAttendCapsule);
+    attend_ = reinterpret_cast<AttendWriting>(attend.get_pointer());
+    TORCH_CHECK(rows_[0] == (num_q + 2 * num_kv) * head_dim,
+                "DecoderStack: the fused QKV rows do not match the heads");
+  }
+
+  // x (T, D) float32, updated in place and returned; cos/sin (T, head_dim); kv_cache the pool
+  // (layers, 2, blocks, block_size, kv_heads, head_dim); the rest as paged_decode_attention_writing.
+  torch::Tensor run(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv_cache,
+                    torch::Tensor slot_mapping, torch::Tensor block_tables,
+                    torch::Tensor context_lens) {
+    const int64_t layers = static_cast<int64_t>(ln1_.size());
+    TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(0) == layers && kv_cache.size(1) == 2,
+                "DecoderStack.run: the pool must be (", layers, ", 2, blocks, block_size, heads, hd)");
+    if (!pool_.defined() || !pool_.is_same(kv_cache)) {  // views made once per pool
+      pool_ = kv_cache;
+      caches_.clear();
+      for (int64_t i = 0; i < layers; ++i) {
+        auto layer = kv_cache.select(0, i);
+        caches_.emplace_back(layer.select(0, 0), layer.select(0, 1));
+      }
+    }
+    const int64_t t = x.size(0), q_size = num_q_ * head_dim_, kv_size = num_kv_ * head_dim_;
+    auto mm = [&](const torch::Tensor& in, size_t w) {
+      return int8_ ? block_linear_int8(in, packed_[w], fmts_[w], rows_[w])
+                   : block_linear(in, packed_[w], fmts_[w], rows_[w]);
+    };
+    auto h = rms_norm(x, ln1_[0], eps_);
+    for (int64_t i = 0; i < layers; ++i) {
+      const size_t w = 4 * static_cast<size_t>(i);
+      auto qkv = mm(h, w);
+      rope_(qkv, cos, sin, num_q_ + num_kv_, head_dim_);
+      auto q = qkv.narrow(1, 0, q_size).view({t, num_q_, head_dim_});
+      if (t > 1) q = q.contiguous();
+      auto k = qkv.narrow(1, q_size, kv_size).view({t, num_kv_, head_dim_});
+      auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({t, num_kv_, head_dim_});
+      auto out = attend_(q, k, v, caches_[i].first, caches_[i].second, slot_mapping, block_tables,
+                         context_lens, scale_);
+      auto o = mm(out.reshape({t, q_size}), w + 1);
+      h = add_rms_norm_(x, o, ln2_[i], eps_);
+      auto down = mm(silu_mul(mm(h, w + 2)), w + 3);
+      if (i + 1 < layers)
+        h = add_rms_norm_(x, down, ln1_[i + 1], eps_);
+      else
+        x.add_(down);
+    }
+    return x;
+  }
+
+ private:
+  std::vector<torch::Tensor> ln1_, ln2_, packed_;
+  std::vector<int64_t> fmts_, rows_;
+  bool int8_;
+  int64_t num_q_, num_kv_, head_dim_;
+  double eps_, scale_;
+  AttendWriting attend_ = nullptr;
+  torch::Tensor pool_;
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> caches_;
+};
+
 // The kernels touch only tensors, so they let go of the GIL: a worker's gRPC threads (and a
 // pipeline stage's event loop) then run while a step computes, instead of waiting for the
 // interpreter's switch interval between two calls.
@@ -870,4 +957,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_path", &int8_path, "the int8 kernel this build runs: avx512-vnni, avx2, portable");
   m.def("has_avx512", &has_avx512, "whether the kernel was built with AVX-512");
   m.def("has_openmp", &has_openmp, "whether the kernel was built with OpenMP (threads)");
+  // module_local: the portable build of this file (block_linear.py) defines the same class in
+  // another module, and pybind's type registry is otherwise shared by every module
+  py::class_<DecoderStack>(m, "DecoderStack", py::module_local(),
+                           "a decode step's decoder layers in one call (model/fused_decode.py)")
+      .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                    std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>, bool,
+                    int64_t, int64_t, int64_t, double, double, py::capsule>())
+      .def("run", &DecoderStack::run, py::call_guard<py::gil_scoped_release>());
 }

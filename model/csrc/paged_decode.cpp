@@ -496,4 +496,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention_packed", &paged_decode_attention_packed,
         "Paged decode attention over an int8/fp8 block pool with per-row scales (CPU)",
         py::call_guard<py::gil_scoped_release>());
+  // For block_linear.cpp's DecoderStack, which calls the writing kernel from C++: both modules
+  // link the same libtorch, so a torch::Tensor passes between them as it is.
+  m.def("writing_capsule", [] {
+    return py::capsule(reinterpret_cast<void*>(&paged_decode_attention_writing),
+                       "splitserve.paged_decode_attention_writing");
+  });
 }

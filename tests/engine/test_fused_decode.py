@@ -4,6 +4,8 @@ close to transformers' answers."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 from test_engine_smollm2 import PARAMS, engine_for
@@ -74,3 +76,49 @@ def test_int8_engine_uses_the_loop_and_stays_near_the_reference(
     assert sum(agree) >= 80, agree
     assert sum(a >= 10 for a in agree) >= 3, agree
     assert sum(diffs) / len(diffs) < 0.1  # the chosen tokens' logprobs, where both chose them
+
+
+@pytest.mark.parametrize("linear_backend", ["blocks-int8", "blocks"])
+def test_the_native_stack_is_the_loop_bit_for_bit(smollm2_checkpoint, linear_backend):
+    # block_linear.cpp's DecoderStack runs a decode-only step's 30 layers in one C++ call: the
+    # same kernels with the same arguments in the same order as the Python loop, so outputs
+    # and the pool's new K/V are equal, not just close.
+    shard = engine_for(smollm2_checkpoint, linear_backend=linear_backend).runner.executor.shard
+    model = shard.model
+    native = FusedDecoder.build(model, int8_only=linear_backend == "blocks-int8")
+    plain = FusedDecoder.build(model, int8_only=linear_backend == "blocks-int8")
+    assert native.stack is not None
+    plain.stack = None
+    bs = shard.block_size
+    caches = [torch.zeros_like(shard.kv_cache) for _ in range(2)]
+    prompt = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(1))
+    pre = AttentionMetadata.build(bs, [[1, 2]], [0], [20])
+    for kv in caches:
+        run(model, prompt, torch.arange(20), kv, pre, shard.backend, None)
+    dec = AttentionMetadata.build(bs, [[1, 2], [1, 2], [4]], [20, 17, 0], [1, 1, 1])
+    ids, pos = torch.tensor([5, 77, 9]), torch.tensor([20, 17, 0])
+    for _ in range(2):  # twice: the second step reads what the first wrote
+        outs = [run(model, ids, pos, kv, dec, shard.backend, f) for kv, f in
+                zip(caches, (native, plain), strict=True)]  # fmt: skip
+        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(caches[0], caches[1])
+        pos = pos + 1
+        dec = AttentionMetadata.build(bs, [[1, 2], [1, 2], [4]], pos.tolist(), [1, 1, 1])
+
+
+def test_the_native_stack_refuses_a_foreign_capsule(smollm2_checkpoint):
+    shard = engine_for(smollm2_checkpoint, linear_backend="blocks-int8").runner.executor.shard
+    loop = shard.model.fused
+    assert loop.stack is not None  # the int8 engine runs its decode steps through it
+    layer = loop.layers[0]
+    mats = (layer[1], layer[2], *layer[4:])
+    args = [[layer[0]], [layer[3]], *([m[1][j] for m in mats] for j in range(3))]
+    args += [True, loop.num_q, loop.num_kv, loop.head_dim, loop.eps, loop.scale]
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    name = b"somebody.else"  # a capsule with another name: its pointer is never called
+    with pytest.raises(RuntimeError, match="attention capsule"):
+        loop.kernel.DecoderStack(*args, new(1, name, None))
+    with pytest.raises(TypeError):  # not a capsule at all
+        loop.kernel.DecoderStack(*args, "paged_decode_attention_writing")
