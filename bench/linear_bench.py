@@ -20,7 +20,9 @@ from typing import Any
 from splitserve.bench.report import final_line, finish, times
 
 FINAL_KEY = "linear_blocks_vs_onednn_at_16_rows"
-QUANTIZED = ("blocks-int8", "int8", "int4")  # timed besides blocks, onednn and torch
+# timed besides blocks, onednn and torch; blocks-int8-vnni is blocks-int8 with its AMX path
+# switched off (the same numbers: on a CPU with AMX, how much the tiles gain)
+QUANTIZED = ("blocks-int8", "blocks-int8-vnni", "int8", "int4")
 LAYER_WEIGHTS = {
     "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "o": ("self_attn.o_proj",),
@@ -49,7 +51,8 @@ def add_parser(bsub: Any) -> None:
         "--backends",
         default=",".join(QUANTIZED),
         help="backends to time besides blocks, onednn and torch: blocks-int8 (the same blocks, "
-        "int8 activations), int8, int4 (--quantization) (default: %(default)s)",
+        "int8 activations; AMX tiles from 16 rows where the CPU has them), blocks-int8-vnni "
+        "(the same without AMX), int8, int4 (--quantization) (default: %(default)s)",
     )
     p.set_defaults(run=run)
 
@@ -89,8 +92,8 @@ def _modules(weight, copies: int, backend: str, stored=None):
     for _ in range(copies):
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         lin.weight.data = weight.clone()
-        if backend in ("blocks", "blocks-int8"):
-            mod = to_blocks(lin, stored, int8=backend == "blocks-int8")
+        if backend in ("blocks", "blocks-int8", "blocks-int8-vnni"):
+            mod = to_blocks(lin, stored, int8=backend != "blocks")
             if mod is None:
                 return None
         elif backend == "int8":
@@ -151,12 +154,14 @@ def run(args: Any) -> int:
                 x = torch.randn(m, weight.shape[1], generator=torch.Generator().manual_seed(m))
                 want = x @ weight.t()
                 for b in backends:
+                    load_kernel().set_amx(b != "blocks-int8-vnni")
                     sec = _time(mods[b], x, seconds)
                     results[b][str(m)] = results[b].get(str(m), 0.0) + sec
                     err = (mods[b][0](x) - want).abs().max().item()
                     errors[b] = max(errors.get(b, 0.0), err)
                     bar.update()
             del mods
+    load_kernel().set_amx(True)
     lines = _report(ckpt.path, layers, rows, results, errors, args.threads, kernel_usable())
     lines.insert(1, "blocks formats: " + ", ".join(f"{k} {v}" for k, v in formats.items()))
     lines += _quant_report(rows, results)

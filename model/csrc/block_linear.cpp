@@ -63,6 +63,15 @@
 #if defined(SPLITSERVE_AVX512) && defined(__AVX512VNNI__)
 #define SPLITSERVE_VNNI 1
 #endif
+// AMX (Sapphire Rapids and later): the int8 path's larger batches go through tile dot products;
+// the kernel still asks Linux for the tile state at run time (amx_permitted) and falls back to
+// VNNI if refused.
+#if defined(SPLITSERVE_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define SPLITSERVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <atomic>
+#endif
 #if !defined(SPLITSERVE_VNNI) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define SPLITSERVE_AVX2 1
 #include <immintrin.h>
@@ -388,6 +397,137 @@ void int8_tile(const Int8Args& a) {
   const __mmask16 m = a.ncols >= 16 ? 0xffff : static_cast<__mmask16>((1u << a.ncols) - 1);
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(a.y + r * a.ldy, m, acc[r]);
 }
+
+#if defined(SPLITSERVE_AMX)
+// AMX: one tile instruction multiplies 16 rows of x by a block's 16 columns x 32 inputs
+// (TDPBSUD: signed activations x unsigned codes; TDPBSSD for Q8_0's signed codes), which gives
+// the integer each row's VNNI dots sum to, with no +128 offset. A tile's codes are already in
+// the B-operand layout (byte 4c+k of group g = column c, input 4g+k), so unpacking them is the
+// VNNI path's group_codes stored to memory. The dots come out of the tile one block at a time,
+// since every block has its own scales, and then go through the VNNI path's float operations
+// in its order: the two paths give the same numbers bit for bit.
+constexpr int64_t kAmxMinRows = 16;  // below it VNNI; bench linear measured the crossover
+std::atomic<bool> g_amx_enabled{true};
+
+// Linux hands a process the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); a tile instruction before that dies with SIGILL.
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0, 1 and 6, 7 the dots (16 rows x 16 int32; two sets, so that one block's tile work
+// runs while the previous block's dots are scaled); 2 x, 16 rows x 32 int8; 3 the codes, 8
+// groups of 64; 4 and 5 the same for half a block (Q6_K's two scales: 16 inputs, 4 groups).
+void amx_configure() {
+  TileConfig c;
+  const int rows[8] = {16, 16, 16, 8, 16, 4, 16, 16}, bytes[8] = {64, 64, 32, 64, 16, 64, 64, 64};
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = static_cast<uint8_t>(rows[t]);
+    c.colsb[t] = static_cast<uint16_t>(bytes[t]);
+  }
+  _tile_loadconfig(&c);
+}
+
+// One block's integer dots for 16 rows of x into out[0:256] (Q6_K: its second half's into
+// out[256:512]), through dot tiles C0 and C1. The tile intrinsics take the tile's number as
+// text (it goes into the instruction), hence a macro rather than a template parameter.
+#define SPLITSERVE_AMX_DOTS(C0, C1)          \
+  if (FMT == kQ6_K) {                        \
+    _tile_loadd(4, xb, a.K);                 \
+    _tile_loadd(5, codes, 64);               \
+    _tile_zero(C0);                          \
+    _tile_dpbsud(C0, 4, 5);                  \
+    _tile_loadd(4, xb + 16, a.K);            \
+    _tile_loadd(5, codes + 256, 64);         \
+    _tile_zero(C1);                          \
+    _tile_dpbsud(C1, 4, 5);                  \
+    _tile_stored(C1, out + 256, 64);         \
+  } else {                                   \
+    _tile_loadd(2, xb, a.K);                 \
+    _tile_loadd(3, codes, 64);               \
+    _tile_zero(C0);                          \
+    if (FMT == kQ8_0)                        \
+      _tile_dpbssd(C0, 2, 3);                \
+    else                                     \
+      _tile_dpbsud(C0, 2, 3);                \
+  }                                          \
+  _tile_stored(C0, out, 64);
+
+template <int FMT>
+inline void amx_block_dots(const Int8Args& a, const uint8_t* tile, const int8_t* xb,
+                           uint8_t* codes, int32_t* out, bool second) {
+  const Fields f = fields_of(tile, FMT);
+  for (int g = 0; g < 8; ++g) _mm512_store_si512(codes + 64 * g, group_codes(f, FMT, g));
+  if (second) {
+    SPLITSERVE_AMX_DOTS(6, 7)
+  } else {
+    SPLITSERVE_AMX_DOTS(0, 1)
+  }
+}
+#undef SPLITSERVE_AMX_DOTS
+
+// Like int8_tile, for all M rows of x (xq padded with zero rows to a multiple of 16). xo[i]:
+// da * sum(q) of row-block i, the float int8_tile computes per row in its loop.
+template <int FMT>
+void amx_tile_column(const Int8Args& a, int64_t M, const float* xo) {
+  alignas(64) uint8_t codes[2][8 * 64];
+  alignas(64) int32_t dots[2][2 * 16 * 16];
+  for (int64_t r0 = 0; r0 < M; r0 += 16) {
+    const int R = static_cast<int>(std::min<int64_t>(16, M - r0));
+    const int8_t* xr = a.xq + r0 * a.K;
+    __m512 acc[16];
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    amx_block_dots<FMT>(a, a.tiles, xr, codes[0], dots[0], false);
+    for (int64_t b = 0; b < a.nblk; ++b) {
+      const uint8_t* tile = a.tiles + b * a.tbytes;
+      if (b + 1 < a.nblk) {  // the next block's tile work first: it overlaps the scaling below
+        if (b + 3 < a.nblk) __builtin_prefetch(tile + 3 * a.tbytes, 0, 0);
+        const int64_t nb = b + 1;
+        amx_block_dots<FMT>(a, tile + a.tbytes, xr + nb * kBlock, codes[nb & 1], dots[nb & 1],
+                            nb & 1);
+      }
+      const int32_t* d = dots[b & 1];
+      __m512 s0, s1, o;
+      scale_vectors(tile, FMT, s0, s1, o);
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = (r0 + r) * a.nblk + b;
+        const __m512 vda = _mm512_set1_ps(a.xd[i]);
+        __m512i dot = _mm512_load_si512(d + 16 * r);
+        if (FMT == kQ6_K) {
+          const __m512i hi = _mm512_sub_epi32(_mm512_load_si512(d + 256 + 16 * r),
+                                              _mm512_set1_epi32(32 * a.xs[2 * i + 1]));
+          dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(32 * a.xs[2 * i]));
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s0, vda), acc[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s1, vda), acc[r]);
+          continue;
+        }
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s0, vda), acc[r]);
+        if (FMT != kQ8_0) acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xo[i]), acc[r]);
+      }
+    }
+    const __mmask16 m = a.ncols >= 16 ? 0xffff : static_cast<__mmask16>((1u << a.ncols) - 1);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(a.y + (r0 + r) * a.ldy, m, acc[r]);
+  }
+}
+
+void amx_dispatch(int64_t fmt, const Int8Args& a, int64_t M, const float* xo) {
+  switch (fmt) {
+    case kQ4_1: return amx_tile_column<kQ4_1>(a, M, xo);
+    case kQ8_0: return amx_tile_column<kQ8_0>(a, M, xo);
+    case kQ5_1: return amx_tile_column<kQ5_1>(a, M, xo);
+    case kQ4_K: return amx_tile_column<kQ4_K>(a, M, xo);
+    case kQ5_K: return amx_tile_column<kQ5_K>(a, M, xo);
+    default: return amx_tile_column<kQ6_K>(a, M, xo);
+  }
+}
+#endif  // SPLITSERVE_AMX
 #elif defined(SPLITSERVE_AVX2)
 // AVX2 without AVX-512 (a Xeon of that generation): the same integers from vpmaddubsw +
 // vpmaddwd, eight columns per 256-bit half. vpmaddubsw saturates a pair's sum at 16 bits:
@@ -642,7 +782,13 @@ torch::Tensor block_linear_int8(torch::Tensor x, torch::Tensor packed, int64_t f
   const int64_t M = x.size(0), K = x.size(1);
   if (M == 0) return y;
   const int64_t nblk = K / kBlock, tbytes = tile_bytes(fmt), ntiles = (n + kTile - 1) / kTile;
+#if defined(SPLITSERVE_AMX)
+  const bool amx = M >= kAmxMinRows && g_amx_enabled.load(std::memory_order_relaxed) &&
+                   amx_permitted();
+  std::vector<int8_t> xq((amx ? (M + 15) / 16 * 16 : M) * K);  // AMX reads whole 16-row tiles
+#else
   std::vector<int8_t> xq(M * K);
+#endif
   std::vector<float> xd(M * nblk);
   std::vector<int32_t> xs(2 * M * nblk);
   const float* xp = x.data_ptr<float>();
@@ -652,6 +798,23 @@ torch::Tensor block_linear_int8(torch::Tensor x, torch::Tensor packed, int64_t f
   });
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
+#if defined(SPLITSERVE_AMX)
+  if (amx) {
+    std::vector<float> xo(M * nblk);  // da * sum(q) per row-block, as int8_tile computes it
+    for (int64_t i = 0; i < M * nblk; ++i)
+      xo[i] = xd[i] * static_cast<float>(xs[2 * i] + xs[2 * i + 1]);
+    at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+      amx_configure();  // tile state is per thread
+      for (int64_t t = begin; t < end; ++t) {
+        const Int8Args a{wp + t * nblk * tbytes, nblk, tbytes, K, xq.data(), xd.data(), xs.data(),
+                         yp + t * kTile, n, std::min<int64_t>(kTile, n - t * kTile)};
+        amx_dispatch(fmt, a, M, xo.data());
+      }
+      _tile_release();
+    });
+    return y;
+  }
+#endif
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t r0 = 0; r0 < M; r0 += kInt8Rows) {
@@ -828,6 +991,35 @@ std::string int8_path() {
 #endif
 }
 
+// Whether block_linear_int8 multiplies batches of >= amx_min_rows() rows with AMX tiles: built
+// with AMX, granted the tile state by Linux, and not switched off by set_amx.
+bool amx_active() {
+#if defined(SPLITSERVE_AMX)
+  return g_amx_enabled.load() && amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// Switches the AMX path on or off (tests and `bench linear` compare it with VNNI); returns
+// whether it is active after the call.
+bool set_amx(bool on) {
+#if defined(SPLITSERVE_AMX)
+  g_amx_enabled.store(on);
+#else
+  (void)on;
+#endif
+  return amx_active();
+}
+
+int64_t amx_min_rows() {
+#if defined(SPLITSERVE_AMX)
+  return kAmxMinRows;
+#else
+  return 0;
+#endif
+}
+
 bool has_avx512() {
 #if defined(SPLITSERVE_AVX512)
   return true;
@@ -956,6 +1148,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", &has_vnni, "whether the int8 kernel was built with AVX-512 VNNI");
   m.def("int8_path", &int8_path, "the int8 kernel this build runs: avx512-vnni, avx2, portable");
   m.def("has_avx512", &has_avx512, "whether the kernel was built with AVX-512");
+  m.def("amx_active", &amx_active, "whether int8 batches of amx_min_rows() rows or more use AMX");
+  m.def("set_amx", &set_amx, "switch the AMX path on or off; returns amx_active()");
+  m.def("amx_min_rows", &amx_min_rows, "rows from which the int8 path uses AMX (0: not built)");
   m.def("has_openmp", &has_openmp, "whether the kernel was built with OpenMP (threads)");
   // module_local: the portable build of this file (block_linear.py) defines the same class in
   // another module, and pybind's type registry is otherwise shared by every module

@@ -23,7 +23,9 @@ def test_quick_run(smollm2_path, tmp_path, capsys):
     assert any(line.split()[:1] == ["16"] for line in lines)
     data = json.loads(out.read_text())
     assert data["rows"] == [1, 16]
-    assert set(data["seconds"]) == {"blocks", "onednn", "torch", "blocks-int8", "int8", "int4"}
+    assert set(data["seconds"]) == {
+        "blocks", "onednn", "torch", "blocks-int8", "blocks-int8-vnni", "int8", "int4"
+    }  # fmt: skip
     assert all(v > 0 for per in data["seconds"].values() for v in per.values())
     # float32 throughout: only the order of the additions differs
     errors = data["max_abs_err"]
@@ -31,4 +33,6 @@ def test_quick_run(smollm2_path, tmp_path, capsys):
     # quantized at load: their rounding shows, but stays a rounding
     assert 1e-3 < errors["int8"] < 5 and 1e-3 < errors["int4"] < 5
     assert 1e-3 < errors["blocks-int8"] < 5  # int8 activations: a rounding too
+    # with AMX (16 rows here) or without: the same numbers
+    assert errors["blocks-int8-vnni"] == errors["blocks-int8"]
     assert any(line.startswith("int8 activations (blocks-int8) and quantized") for line in lines)

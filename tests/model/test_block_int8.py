@@ -115,6 +115,42 @@ def test_every_int8_path_gives_the_same_numbers_bit_for_bit():
         assert want.abs().max() > 200
 
 
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        lines = [line for line in f if line.startswith("flags")]
+    return set(lines[0].split(":")[1].split()) if lines else set()
+
+
+def test_amx_gives_the_vnni_paths_numbers_bit_for_bit():
+    # On a CPU with AMX-INT8 (Sapphire Rapids and later) batches of amx_min_rows() rows or more
+    # go through tile dot products: the same integers per block, then the VNNI path's float
+    # operations in its order. Elsewhere the switch can't turn it on.
+    k = bl.load_kernel()
+    if not {"amx_tile", "amx_int8", "avx512_vnni"} <= cpu_flags():
+        assert not k.amx_active() and not k.set_amx(True)
+        return
+    assert k.amx_active() and k.amx_min_rows() == 16  # built for it and granted the tile state
+    gen = torch.Generator().manual_seed(4)
+    cases = []
+    for qtype in SERVED:
+        _, fmt, packed = packed_weight(qtype, 40, 256)  # 40: a last tile of 8 columns
+        for rows in (16, 17, 33, 100):
+            x = torch.randn(rows, 256, generator=gen) * 3
+            x[rows // 2, 32:64] = 0.0  # a block whose activations round to all zeros
+            cases.append((fmt, packed, 40, x))
+    cases += [(fmt, packed, n, x.repeat(9, 1)) for fmt, packed, n, x in extremes()]
+    try:
+        for fmt, packed, n, x in cases:
+            assert k.set_amx(False) is False
+            vnni = k.block_linear_int8(x, packed, fmt, n)
+            assert k.set_amx(True) is True
+            amx = k.block_linear_int8(x, packed, fmt, n)
+            assert torch.equal(amx, vnni), (fmt, x.shape[0])
+            assert torch.equal(amx[:3], k.block_linear_int8(x[:3], packed, fmt, n))  # VNNI rows
+    finally:
+        k.set_amx(True)
+
+
 def test_int8_refuses_what_it_cannot_multiply():
     _, fmt, packed = packed_weight(Q.Q4_1, 40, 256)
     mod = bl.load_kernel()
