@@ -406,7 +406,7 @@ void int8_tile(const Int8Args& a) {
 // VNNI path's group_codes stored to memory. The dots come out of the tile one block at a time,
 // since every block has its own scales, and then go through the VNNI path's float operations
 // in its order: the two paths give the same numbers bit for bit.
-constexpr int64_t kAmxMinRows = 16;  // below it VNNI; bench linear measured the crossover
+constexpr int64_t kAmxMinRows = 8;  // below it VNNI (bench linear: at par at 6-8 rows)
 std::atomic<bool> g_amx_enabled{true};
 
 // Linux hands a process the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
@@ -460,11 +460,10 @@ void amx_configure() {
   }                                          \
   _tile_stored(C0, out, 64);
 
+// One block's dots, its codes already unpacked at `codes`; `second`: the other pair of tiles.
 template <int FMT>
-inline void amx_block_dots(const Int8Args& a, const uint8_t* tile, const int8_t* xb,
-                           uint8_t* codes, int32_t* out, bool second) {
-  const Fields f = fields_of(tile, FMT);
-  for (int g = 0; g < 8; ++g) _mm512_store_si512(codes + 64 * g, group_codes(f, FMT, g));
+inline void amx_block_dots(const Int8Args& a, const uint8_t* codes, const int8_t* xb,
+                           int32_t* out, bool second) {
   if (second) {
     SPLITSERVE_AMX_DOTS(6, 7)
   } else {
@@ -474,28 +473,38 @@ inline void amx_block_dots(const Int8Args& a, const uint8_t* tile, const int8_t*
 #undef SPLITSERVE_AMX_DOTS
 
 // Like int8_tile, for all M rows of x (xq padded with zero rows to a multiple of 16). xo[i]:
-// da * sum(q) of row-block i, the float int8_tile computes per row in its loop.
+// da * sum(q) of row-block i, the float int8_tile computes per row in its loop. `work`: room
+// for the tile column's unpacked codes and scale vectors (amx_work_bytes). The codes are
+// unpacked for all blocks first: a tile load right after the vector stores that wrote its
+// bytes waits for them to leave the store buffer, which stalled every block when the two
+// alternated.
+inline int64_t amx_work_bytes(int64_t nblk) { return nblk * (8 * 64 + 3 * 64); }
+
 template <int FMT>
-void amx_tile_column(const Int8Args& a, int64_t M, const float* xo) {
-  alignas(64) uint8_t codes[2][8 * 64];
+void amx_tile_column(const Int8Args& a, int64_t M, const float* xo, uint8_t* work) {
+  uint8_t* codes = work;
+  __m512* scales = reinterpret_cast<__m512*>(work + a.nblk * 8 * 64);  // s0, s1, o per block
+  for (int64_t b = 0; b < a.nblk; ++b) {
+    const uint8_t* tile = a.tiles + b * a.tbytes;
+    if (b + 2 < a.nblk) __builtin_prefetch(tile + 2 * a.tbytes, 0, 0);
+    const Fields f = fields_of(tile, FMT);
+    for (int g = 0; g < 8; ++g) _mm512_store_si512(codes + b * 512 + 64 * g, group_codes(f, FMT, g));
+    scale_vectors(tile, FMT, scales[3 * b], scales[3 * b + 1], scales[3 * b + 2]);
+  }
   alignas(64) int32_t dots[2][2 * 16 * 16];
   for (int64_t r0 = 0; r0 < M; r0 += 16) {
     const int R = static_cast<int>(std::min<int64_t>(16, M - r0));
     const int8_t* xr = a.xq + r0 * a.K;
     __m512 acc[16];
     for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-    amx_block_dots<FMT>(a, a.tiles, xr, codes[0], dots[0], false);
+    amx_block_dots<FMT>(a, codes, xr, dots[0], false);
     for (int64_t b = 0; b < a.nblk; ++b) {
-      const uint8_t* tile = a.tiles + b * a.tbytes;
       if (b + 1 < a.nblk) {  // the next block's tile work first: it overlaps the scaling below
-        if (b + 3 < a.nblk) __builtin_prefetch(tile + 3 * a.tbytes, 0, 0);
         const int64_t nb = b + 1;
-        amx_block_dots<FMT>(a, tile + a.tbytes, xr + nb * kBlock, codes[nb & 1], dots[nb & 1],
-                            nb & 1);
+        amx_block_dots<FMT>(a, codes + nb * 512, xr + nb * kBlock, dots[nb & 1], nb & 1);
       }
       const int32_t* d = dots[b & 1];
-      __m512 s0, s1, o;
-      scale_vectors(tile, FMT, s0, s1, o);
+      const __m512 s0 = scales[3 * b], s1 = scales[3 * b + 1], o = scales[3 * b + 2];
       for (int r = 0; r < R; ++r) {
         const int64_t i = (r0 + r) * a.nblk + b;
         const __m512 vda = _mm512_set1_ps(a.xd[i]);
@@ -517,14 +526,14 @@ void amx_tile_column(const Int8Args& a, int64_t M, const float* xo) {
   }
 }
 
-void amx_dispatch(int64_t fmt, const Int8Args& a, int64_t M, const float* xo) {
+void amx_dispatch(int64_t fmt, const Int8Args& a, int64_t M, const float* xo, uint8_t* work) {
   switch (fmt) {
-    case kQ4_1: return amx_tile_column<kQ4_1>(a, M, xo);
-    case kQ8_0: return amx_tile_column<kQ8_0>(a, M, xo);
-    case kQ5_1: return amx_tile_column<kQ5_1>(a, M, xo);
-    case kQ4_K: return amx_tile_column<kQ4_K>(a, M, xo);
-    case kQ5_K: return amx_tile_column<kQ5_K>(a, M, xo);
-    default: return amx_tile_column<kQ6_K>(a, M, xo);
+    case kQ4_1: return amx_tile_column<kQ4_1>(a, M, xo, work);
+    case kQ8_0: return amx_tile_column<kQ8_0>(a, M, xo, work);
+    case kQ5_1: return amx_tile_column<kQ5_1>(a, M, xo, work);
+    case kQ4_K: return amx_tile_column<kQ4_K>(a, M, xo, work);
+    case kQ5_K: return amx_tile_column<kQ5_K>(a, M, xo, work);
+    default: return amx_tile_column<kQ6_K>(a, M, xo, work);
   }
 }
 #endif  // SPLITSERVE_AMX
@@ -805,10 +814,12 @@ torch::Tensor block_linear_int8(torch::Tensor x, torch::Tensor packed, int64_t f
       xo[i] = xd[i] * static_cast<float>(xs[2 * i] + xs[2 * i + 1]);
     at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
       amx_configure();  // tile state is per thread
+      std::vector<uint8_t> buf(amx_work_bytes(nblk) + 64);
+      uint8_t* work = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
       for (int64_t t = begin; t < end; ++t) {
         const Int8Args a{wp + t * nblk * tbytes, nblk, tbytes, K, xq.data(), xd.data(), xs.data(),
                          yp + t * kTile, n, std::min<int64_t>(kTile, n - t * kTile)};
-        amx_dispatch(fmt, a, M, xo.data());
+        amx_dispatch(fmt, a, M, xo.data(), work);
       }
       _tile_release();
     });

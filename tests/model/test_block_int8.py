@@ -129,12 +129,12 @@ def test_amx_gives_the_vnni_paths_numbers_bit_for_bit():
     if not {"amx_tile", "amx_int8", "avx512_vnni"} <= cpu_flags():
         assert not k.amx_active() and not k.set_amx(True)
         return
-    assert k.amx_active() and k.amx_min_rows() == 16  # built for it and granted the tile state
+    assert k.amx_active() and k.amx_min_rows() == 8  # built for it and granted the tile state
     gen = torch.Generator().manual_seed(4)
     cases = []
     for qtype in SERVED:
         _, fmt, packed = packed_weight(qtype, 40, 256)  # 40: a last tile of 8 columns
-        for rows in (16, 17, 33, 100):
+        for rows in (8, 9, 16, 17, 33, 100):
             x = torch.randn(rows, 256, generator=gen) * 3
             x[rows // 2, 32:64] = 0.0  # a block whose activations round to all zeros
             cases.append((fmt, packed, 40, x))
@@ -146,7 +146,7 @@ def test_amx_gives_the_vnni_paths_numbers_bit_for_bit():
             assert k.set_amx(True) is True
             amx = k.block_linear_int8(x, packed, fmt, n)
             assert torch.equal(amx, vnni), (fmt, x.shape[0])
-            assert torch.equal(amx[:3], k.block_linear_int8(x[:3], packed, fmt, n))  # VNNI rows
+            assert torch.equal(amx[:3], k.block_linear_int8(x[:3], packed, fmt, n))  # 3 rows: VNNI
     finally:
         k.set_amx(True)
 
