@@ -1,7 +1,8 @@
 """Building the C++ kernels under model/csrc on first use, once per process.
 
 Each kernel is compiled with torch's cpp_extension the first time it is asked for and cached
-under ~/.cache/torch_extensions (keyed by source and flags), so later processes only load it.
+under ~/.cache/torch_extensions (keyed by source and flags, and by the CPU's features through
+its name: `tagged`), so later processes only load it.
 If the compiler or headers are missing the failure is logged once and the caller falls back to
 a torch path that computes the same thing.
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import logging
 import os
 import threading
@@ -27,6 +30,25 @@ CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # name -> module, or None when the build failed
 BUILD_WAIT_S = 600.0  # a cold build takes about a minute on 2 busy cores
+
+
+@functools.cache
+def cpu_tag() -> str:
+    """A short hash of this CPU's feature flags. The kernels are built with -march=native, and
+    torch keys its cache only on source and flags: a build cached on a machine with AVX-512 or
+    AMX, loaded from a shared home or volume on one without, would die of SIGILL. Each CPU
+    kind gets its own build instead."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(" ".join(sorted(flags.split())).encode()).hexdigest()[:10]
+
+
+def tagged(name: str) -> str:
+    """The extension's name as built and cached on this CPU."""
+    return f"{name}_{cpu_tag()}"
 
 
 @contextlib.contextmanager
@@ -53,6 +75,7 @@ def _exclusive(path: str, timeout_s: float):
 def _load(name: str, source: str, cflags: list[str]):
     from torch.utils.cpp_extension import _get_build_directory, load
 
+    name = tagged(name)
     folder = _get_build_directory(name, verbose=False)
     with _exclusive(os.path.join(folder, "splitserve.flock"), BUILD_WAIT_S):
         stale = os.path.join(folder, "lock")  # torch's; nobody alive holds it while we hold ours

@@ -16,7 +16,7 @@ NAME = "splitserve_block_linear"
 
 def test_a_lock_left_by_a_dead_build_is_removed(monkeypatch):
     assert bl.load_kernel() is not None  # built (or loaded from the cache) the normal way
-    stale = os.path.join(_get_build_directory(NAME, verbose=False), "lock")
+    stale = os.path.join(_get_build_directory(cpp_ext.tagged(NAME), verbose=False), "lock")
     with open(stale, "w"):  # what torch leaves when its builder is SIGKILLed mid-build
         pass
     monkeypatch.delitem(cpp_ext._built, NAME)  # forget this process's module: build again
@@ -27,6 +27,14 @@ def test_a_lock_left_by_a_dead_build_is_removed(monkeypatch):
     assert not worker.is_alive(), "the build waited on a stale lock"
     assert result[0] is not None and result[0].has_avx512() in (True, False)
     assert not os.path.exists(stale)
+
+
+def test_builds_are_kept_apart_per_cpu_kind():
+    # -march=native code cached for one CPU must not be loaded on another (SIGILL)
+    tag = cpp_ext.cpu_tag()
+    assert len(tag) == 10 and tag == cpp_ext.cpu_tag()
+    assert cpp_ext.tagged(NAME) == f"{NAME}_{tag}"
+    assert os.path.basename(bl.load_kernel().__file__).startswith(cpp_ext.tagged(NAME))
 
 
 def test_waiting_for_a_live_builder_is_bounded(tmp_path):
