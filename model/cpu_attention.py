@@ -59,6 +59,25 @@ def cpp_decode_writing(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale
     )
 
 
+def cpp_decode_writing_packed(
+    q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, quant: KVQuant
+):
+    """`cpp_decode_writing` for an int8/fp8 pool: this step's K/V rows packed into their slots
+    byte for byte as `quant.quantize` packs them, then the packed kernel, in one call."""
+    return _module.paged_decode_attention_packed_writing(
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        meta.slot_mapping,
+        meta.decode_block_tables,
+        meta.decode_context_lens,
+        scale,
+        quant.code,
+    )
+
+
 def select_backend(name: str, device: torch.device, quant: KVQuant | None = None):
     """'torch', 'cpp', or 'auto' (cpp on CPU when it builds, else torch); reading a pool in
     `quant`'s format when given one."""
@@ -72,8 +91,11 @@ def select_backend(name: str, device: torch.device, quant: KVQuant | None = None
         chosen = torch_paged_attention
     else:
         chosen = functools.partial(torch_paged_attention, decode=cpp_decode)
-        # what the fused decoder calls for a step of decodes only (float pools)
+        # what the fused decoder calls for a step of decodes only
         chosen.decode_writing = cpp_decode_writing
     if quant is None:
         return chosen
-    return functools.partial(chosen, quant=quant)
+    packed = functools.partial(chosen, quant=quant)
+    if getattr(chosen, "decode_writing", None) is not None:
+        packed.decode_writing = functools.partial(cpp_decode_writing_packed, quant=quant)
+    return packed

@@ -61,12 +61,14 @@ class FusedDecoder:
         self.comm = model.comm
         self.all_reduce = model.shard.tp_size > 1
         self._caches: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
-        self.stack = self._native_stack()
+        self.stack = self._native_stack()  # for a float pool
+        self.packed_stacks: dict[int, object] = {}  # KVQuant.code -> the stack for such a pool
 
-    def _native_stack(self):
+    def _native_stack(self, kv_format: int = -1):
         """block_linear.cpp's DecoderStack over these layers: the whole loop below in one C++
         call, for a step of decodes only on the C++ attention backend without tensor
-        parallelism (no Python all-reduce between the layers). None where it can't be made."""
+        parallelism (no Python all-reduce between the layers), for a float pool (kv_format -1)
+        or a packed one (KVQuant.code). None where it can't be made."""
         attention = cpu_attention.load_kernel()
         if self.all_reduce or attention is None or not hasattr(self.kernel, "DecoderStack"):
             return None
@@ -95,8 +97,20 @@ class FusedDecoder:
             self.head_dim,
             self.eps,
             self.scale,
-            attention.writing_capsule(),
+            attention.writing_capsule() if kv_format < 0 else attention.packed_writing_capsule(),
+            kv_format,
         )
+
+    def _stack_for(self, writing):
+        """The native stack that does what `writing` (the backend's decode_writing) does."""
+        if writing is cpu_attention.cpp_decode_writing:
+            return self.stack
+        if getattr(writing, "func", None) is cpu_attention.cpp_decode_writing_packed:
+            code = writing.keywords["quant"].code
+            if code not in self.packed_stacks:
+                self.packed_stacks[code] = None if self.stack is None else self._native_stack(code)
+            return self.packed_stacks[code]
+        return None
 
     @classmethod
     def build(cls, model, int8_only: bool = True) -> FusedDecoder | None:
@@ -141,8 +155,9 @@ class FusedDecoder:
         # a step of decodes only, on a backend that writes this step's K/V and attends in one
         # call (model/cpu_attention.py): two torch dispatches and a copy fewer a layer
         writing = getattr(backend, "decode_writing", None) if meta.num_decodes == t else None
-        if writing is cpu_attention.cpp_decode_writing and self.stack is not None:
-            return self.stack.run(
+        stack = self._stack_for(writing) if writing is not None else None
+        if stack is not None:
+            return stack.run(
                 x,
                 cos,
                 sin,

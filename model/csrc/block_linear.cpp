@@ -1054,11 +1054,15 @@ bool has_openmp() {
 // so the results are bit-for-bit the loop's; what goes is the interpreter between them (nine
 // calls a layer). Attention comes from the other extension (paged_decode.cpp, built with other
 // flags) through a function pointer it hands over in a capsule: write this step's K/V into the
-// pool, then attend.
+// pool (packed into int8/fp8 rows for such a pool), then attend.
 using AttendWriting = torch::Tensor (*)(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                                         torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                                         double);
+using AttendPackedWriting = torch::Tensor (*)(torch::Tensor, torch::Tensor, torch::Tensor,
+                                              torch::Tensor, torch::Tensor, torch::Tensor,
+                                              torch::Tensor, torch::Tensor, double, int64_t);
 constexpr const char* kAttendCapsule = "splitserve.paged_decode_attention_writing";
+constexpr const char* kAttendPackedCapsule = "splitserve.paged_decode_attention_packed_writing";
 
 class DecoderStack {
  public:
@@ -1067,17 +1071,24 @@ class DecoderStack {
   DecoderStack(std::vector<torch::Tensor> ln1, std::vector<torch::Tensor> ln2,
                std::vector<torch::Tensor> packed, std::vector<int64_t> fmts,
                std::vector<int64_t> rows, bool int8, int64_t num_q, int64_t num_kv,
-               int64_t head_dim, double eps, double scale, py::capsule attend)
+               int64_t head_dim, double eps, double scale, py::capsule attend,
+               int64_t kv_format)
       : ln1_(std::move(ln1)), ln2_(std::move(ln2)), packed_(std::move(packed)),
         fmts_(std::move(fmts)), rows_(std::move(rows)), int8_(int8), num_q_(num_q),
-        num_kv_(num_kv), head_dim_(head_dim), eps_(eps), scale_(scale) {
+        num_kv_(num_kv), head_dim_(head_dim), eps_(eps), scale_(scale), kv_format_(kv_format) {
     const size_t n = ln1_.size();
     TORCH_CHECK(n > 0 && ln2_.size() == n && packed_.size() == 4 * n && fmts_.size() == 4 * n &&
                     rows_.size() == 4 * n,
                 "DecoderStack: 2 norms and 4 packed weights (with formats and rows) per layer");
-    TORCH_CHECK(std::string(attend.name()) == kAttendCapsule,
-                "DecoderStack: the attention capsule is not ", kAttendCapsule);
-    attend_ = reinterpret_cast<AttendWriting>(attend.get_pointer());
+    // kv_format: -1 a float pool, else the packed pool's format (0 int8, 1 fp8_e4m3)
+    const char* want = kv_format < 0 ? kAttendCapsule : kAttendPackedCapsule;
+    TORCH_CHECK(kv_format >= -1 && kv_format <= 1, "DecoderStack: unknown KV format ", kv_format);
+    TORCH_CHECK(std::string(attend.name()) == want, "DecoderStack: the attention capsule is not ",
+                want);
+    if (kv_format < 0)
+      attend_ = reinterpret_cast<AttendWriting>(attend.get_pointer());
+    else
+      attend_packed_ = reinterpret_cast<AttendPackedWriting>(attend.get_pointer());
     TORCH_CHECK(rows_[0] == (num_q + 2 * num_kv) * head_dim,
                 "DecoderStack: the fused QKV rows do not match the heads");
   }
@@ -1112,8 +1123,11 @@ class DecoderStack {
       if (t > 1) q = q.contiguous();
       auto k = qkv.narrow(1, q_size, kv_size).view({t, num_kv_, head_dim_});
       auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({t, num_kv_, head_dim_});
-      auto out = attend_(q, k, v, caches_[i].first, caches_[i].second, slot_mapping, block_tables,
-                         context_lens, scale_);
+      auto out = kv_format_ < 0
+                     ? attend_(q, k, v, caches_[i].first, caches_[i].second, slot_mapping,
+                               block_tables, context_lens, scale_)
+                     : attend_packed_(q, k, v, caches_[i].first, caches_[i].second, slot_mapping,
+                                      block_tables, context_lens, scale_, kv_format_);
       auto o = mm(out.reshape({t, q_size}), w + 1);
       h = add_rms_norm_(x, o, ln2_[i], eps_);
       auto down = mm(silu_mul(mm(h, w + 2)), w + 3);
@@ -1131,7 +1145,9 @@ class DecoderStack {
   bool int8_;
   int64_t num_q_, num_kv_, head_dim_;
   double eps_, scale_;
+  int64_t kv_format_;
   AttendWriting attend_ = nullptr;
+  AttendPackedWriting attend_packed_ = nullptr;
   torch::Tensor pool_;
   std::vector<std::pair<torch::Tensor, torch::Tensor>> caches_;
 };
@@ -1169,6 +1185,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            "a decode step's decoder layers in one call (model/fused_decode.py)")
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>, bool,
-                    int64_t, int64_t, int64_t, double, double, py::capsule>())
+                    int64_t, int64_t, int64_t, double, double, py::capsule, int64_t>(),
+           py::arg("ln1"), py::arg("ln2"), py::arg("packed"), py::arg("fmts"), py::arg("rows"),
+           py::arg("int8"), py::arg("num_q"), py::arg("num_kv"), py::arg("head_dim"),
+           py::arg("eps"), py::arg("scale"), py::arg("attend"), py::arg("kv_format") = -1)
       .def("run", &DecoderStack::run, py::call_guard<py::gil_scoped_release>());
 }

@@ -485,6 +485,91 @@ torch::Tensor paged_decode_attention_packed(torch::Tensor q, torch::Tensor k_cac
   return out;
 }
 
+// One K or V row (head_dim floats) packed as model/kv_quant.py's KVQuant.quantize packs it,
+// byte for byte: scale = bfloat16(max|x| / qmax) (round to nearest even, max|x| at least
+// 1e-30), values x / scale clamped to +-qmax, then rounded half to even to int8 or converted to
+// float8_e4m3fn, then the scale's two bytes. This file is otherwise built with -ffast-math,
+// which would turn the divisions into multiplications by a reciprocal and drop the NaN
+// checks; the pool's bytes must not depend on which path wrote them.
+#pragma GCC push_options
+#pragma GCC optimize("no-fast-math")
+namespace {
+void pack_row(const float* x, int64_t head_dim, bool fp8, uint8_t* out) {
+  const float qmax = fp8 ? 448.0f : 127.0f;
+  float amax = 0.0f;
+  bool nan = false;
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const float a = std::fabs(x[d]);
+    nan |= std::isnan(a);
+    amax = a > amax ? a : amax;
+  }
+  if (nan) amax = std::numeric_limits<float>::quiet_NaN();
+  else if (amax < 1e-30f) amax = 1e-30f;
+  const c10::BFloat16 scale(amax / qmax);
+  const float s = static_cast<float>(scale);
+  for (int64_t d = 0; d < head_dim; ++d) {
+    float v = x[d] / s;
+    if (!std::isnan(v)) v = std::min(std::max(v, -qmax), qmax);
+    if (fp8) {
+      out[d] = c10::Float8_e4m3fn(v).x;
+    } else {
+      const float r = std::nearbyint(v);  // the default mode: half to even, as torch.round
+      out[d] = static_cast<uint8_t>(static_cast<int8_t>(std::isnan(r) ? 0 : static_cast<int>(r)));
+    }
+  }
+  std::memcpy(out + head_dim, &scale.x, 2);
+}
+}  // namespace
+#pragma GCC pop_options
+
+// A decode step's K/V rows (num_seqs, kv_heads, head_dim float32; a token's rows may sit inside
+// a wider fused-QKV row) packed into their slots of an int8/fp8 pool, then
+// paged_decode_attention_packed: what KVQuant.quantize, the write and the attention call did
+// in a dozen torch dispatches a layer, in one call. Every slot is checked first.
+torch::Tensor paged_decode_attention_packed_writing(torch::Tensor q, torch::Tensor k,
+                                                    torch::Tensor v, torch::Tensor k_cache,
+                                                    torch::Tensor v_cache,
+                                                    torch::Tensor slot_mapping,
+                                                    torch::Tensor block_tables,
+                                                    torch::Tensor context_lens, double scale,
+                                                    int64_t format) {
+  TORCH_CHECK(format == 0 || format == 1,
+              "paged_decode_attention_packed_writing: unknown format ", format);
+  TORCH_CHECK(k_cache.dim() == 4 && k.dim() == 3 && v.dim() == 3 &&
+                  k_cache.scalar_type() == torch::kUInt8 && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes(),
+              "paged_decode_attention_packed_writing: the pools must be packed uint8 rows");
+  const int64_t n = q.size(0), kv_heads = k_cache.size(2), head_dim = k_cache.size(3) - 2;
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 &&
+                  k.size(0) == n && v.size(0) == n && k.size(1) == kv_heads &&
+                  v.size(1) == kv_heads && k.size(2) == head_dim && v.size(2) == head_dim &&
+                  k.stride(2) == 1 && k.stride(1) == head_dim && v.stride(2) == 1 &&
+                  v.stride(1) == head_dim,
+              "paged_decode_attention_packed_writing: k/v must be float32 (num_seqs, kv_heads, "
+              "head_dim) with each token's rows contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == n && slot_mapping.is_contiguous(),
+              "paged_decode_attention_packed_writing: one int64 slot per sequence");
+  const int64_t slots = k_cache.size(0) * k_cache.size(1), row = head_dim + 2;
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, "paged_decode_attention_packed_writing: slot ",
+                slot[i], " is outside the pool's ", slots);
+  uint8_t* kc = k_cache.data_ptr<uint8_t>();
+  uint8_t* vc = v_cache.data_ptr<uint8_t>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      pack_row(kp + i * k.stride(0) + h * head_dim, head_dim, format == 1,
+               kc + (slot[i] * kv_heads + h) * row);
+      pack_row(vp + i * v.stride(0) + h * head_dim, head_dim, format == 1,
+               vc + (slot[i] * kv_heads + h) * row);
+    }
+  return paged_decode_attention_packed(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                       format);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Tensors only, so the GIL is released (block_linear.cpp says why).
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -496,10 +581,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention_packed", &paged_decode_attention_packed,
         "Paged decode attention over an int8/fp8 block pool with per-row scales (CPU)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("paged_decode_attention_packed_writing", &paged_decode_attention_packed_writing,
+        "Pack a decode step's K/V rows into an int8/fp8 pool, then attend over it (CPU)",
+        py::call_guard<py::gil_scoped_release>());
   // For block_linear.cpp's DecoderStack, which calls the writing kernel from C++: both modules
   // link the same libtorch, so a torch::Tensor passes between them as it is.
   m.def("writing_capsule", [] {
     return py::capsule(reinterpret_cast<void*>(&paged_decode_attention_writing),
                        "splitserve.paged_decode_attention_writing");
+  });
+  m.def("packed_writing_capsule", [] {
+    return py::capsule(reinterpret_cast<void*>(&paged_decode_attention_packed_writing),
+                       "splitserve.paged_decode_attention_packed_writing");
   });
 }

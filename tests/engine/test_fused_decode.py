@@ -5,6 +5,7 @@ close to transformers' answers."""
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from test_engine_smollm2 import PARAMS, engine_for
 from splitserve.bench.quant_quality import same_prefix
 from splitserve.model.attention import AttentionMetadata
 from splitserve.model.fused_decode import MAX_TOKENS, FusedDecoder
+from splitserve.model.kv_quant import QUANTS
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +124,37 @@ def test_the_native_stack_refuses_a_foreign_capsule(smollm2_checkpoint):
         loop.kernel.DecoderStack(*args, new(1, name, None))
     with pytest.raises(TypeError):  # not a capsule at all
         loop.kernel.DecoderStack(*args, "paged_decode_attention_writing")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
+def test_the_native_stack_on_a_packed_pool_is_the_torch_path_bit_for_bit(
+    smollm2_checkpoint, kv_cache_dtype
+):
+    # On an int8/fp8 pool the stack packs each decode token's K/V rows in C++; the pool and the
+    # outputs must be exactly what the Python loop gives through the generic backend path
+    # (KVQuant.quantize in torch, then the packed kernel).
+    engine = engine_for(
+        smollm2_checkpoint, linear_backend="blocks-int8", kv_cache_dtype=kv_cache_dtype
+    )
+    shard = engine.runner.executor.shard
+    model = shard.model
+    native = FusedDecoder.build(model)
+    plain = FusedDecoder.build(model)
+    plain.stack = None
+    generic = functools.partial(shard.backend)  # the same attention, without decode_writing
+    assert getattr(generic, "decode_writing", None) is None
+    bs = shard.block_size
+    caches = [torch.zeros_like(shard.kv_cache) for _ in range(2)]
+    prompt = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(2))
+    pre = AttentionMetadata.build(bs, [[1, 2]], [0], [20])
+    for kv in caches:
+        run(model, prompt, torch.arange(20), kv, pre, shard.backend, None)
+    ids, pos = torch.tensor([5, 77, 9]), torch.tensor([20, 17, 0])
+    for _ in range(2):
+        dec = AttentionMetadata.build(bs, [[1, 2], [1, 2], [4]], pos.tolist(), [1, 1, 1])
+        got = run(model, ids, pos, caches[0], dec, shard.backend, native)
+        want = run(model, ids, pos, caches[1], dec, generic, plain)
+        assert torch.equal(got, want)
+        assert torch.equal(caches[0], caches[1])
+        pos = pos + 1
+    assert native.packed_stacks[QUANTS[kv_cache_dtype].code] is not None  # the stack ran

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from gil_probe import ticks_during
 
+from splitserve.model import cpu_attention
 from splitserve.model.attention import (
     AttentionMetadata,
     torch_decode,
@@ -132,7 +133,10 @@ def test_writing_refuses_a_slot_outside_the_pool_before_writing_anything():
     assert torch.equal(kc, before)
     with pytest.raises(RuntimeError, match="k/v must be"):
         cpp_decode_writing(q, k[:1], v, kc, vc, meta, 0.25)
-    assert select_backend("cpp", torch.device("cpu"), quant=QUANTS["int8"]).__dict__ == {}
+    # a packed pool's backend offers the packing writer instead (tests/model/test_kv_quant.py)
+    packed = select_backend("cpp", torch.device("cpu"), quant=QUANTS["int8"])
+    assert packed.decode_writing.func is cpu_attention.cpp_decode_writing_packed
+    assert getattr(select_backend("torch", torch.device("cpu")), "decode_writing", None) is None
 
 
 def test_cpp_decode_lets_go_of_the_gil():

@@ -165,3 +165,50 @@ def test_the_kernel_reads_every_code_as_torch_does(name):
     out = cpp_decode(torch.randn(1, 4, 64), k, v, meta, 0.125, quant=quant)
     want = codes.view(quant.value_dtype).float().view(1, 4, 64)
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_the_cpp_writer_packs_rows_byte_for_byte_as_quantize(name):
+    """A decode step on the C++ backend packs its K/V rows in the kernel: the pool must hold
+    exactly the bytes KVQuant.quantize gives (the prefill path's), whoever wrote them."""
+    quant = QUANTS[name]
+    attend = select_backend("cpp", torch.device("cpu"), quant)
+    assert attend.decode_writing.keywords["quant"] is quant
+    g = torch.Generator().manual_seed(5)
+    n, kvh, hd, bs = 6, 3, 64, 4
+    for magnitude in (1e-6, 1e-2, 1.0, 40.0, 3e4):
+        k = torch.randn(n, kvh, hd, generator=g) * magnitude
+        v = torch.randn(n, kvh, hd, generator=g) * magnitude
+        k[0, 0] = 0.0  # an all-zero row: the 1e-30 floor, codes 0
+        v[1, 2] = torch.arange(hd) * 0.5 - 16  # ties after scaling, both ways
+        k[2, 1, 5] = -k[2, 1].abs().max() * 2  # the row's largest |value| negative
+        qkv = torch.cat([torch.randn(n, 9 * hd), k.flatten(1), v.flatten(1)], 1)
+        k_view = qkv[:, 9 * hd : 12 * hd].view(n, kvh, hd)  # inside a fused QKV row
+        v_view = qkv[:, 12 * hd :].view(n, kvh, hd)
+        kc = torch.zeros(8, bs, kvh, hd + 2, dtype=torch.uint8)
+        vc = torch.zeros_like(kc)
+        tables = [[1, 3], [0], [2, 5], [4], [6], [7]]
+        lens = [6, 2, 5, 1, 3, 4]
+        meta = AttentionMetadata.build(bs, tables, [x - 1 for x in lens], [1] * n)
+        q = qkv[:, : 9 * hd].reshape(n, 9, hd).contiguous()
+        out = attend.decode_writing(q, k_view, v_view, kc, vc, meta, 0.125)
+        slots = meta.slot_mapping
+        assert torch.equal(kc.view(-1, kvh, hd + 2)[slots], quant.quantize(k))
+        assert torch.equal(vc.view(-1, kvh, hd + 2)[slots], quant.quantize(v))
+        assert torch.equal(out, cpp_decode(q, kc, vc, meta, 0.125, quant=quant))
+
+
+def test_the_cpp_writer_refuses_what_it_would_misread():
+    quant = QUANTS["int8"]
+    attend = select_backend("cpp", torch.device("cpu"), quant)
+    kc = torch.zeros(2, 4, 1, 18, dtype=torch.uint8)
+    q, k = torch.randn(1, 2, 16), torch.randn(1, 1, 16)
+    meta = AttentionMetadata.build(4, [[1]], [2], [1])
+    with pytest.raises(RuntimeError, match="float32"):
+        attend.decode_writing(q, k.double(), k.double(), kc, kc.clone(), meta, 0.25)
+    with pytest.raises(RuntimeError, match="packed uint8"):
+        attend.decode_writing(q, k, k, kc.float(), kc.float(), meta, 0.25)
+    far = AttentionMetadata.build(4, [[9]], [2], [1])  # block 9 of a 2-block pool
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        attend.decode_writing(q, k, k, kc, kc.clone(), far, 0.25)
+    assert torch.equal(kc, torch.zeros_like(kc))  # nothing written before the check
