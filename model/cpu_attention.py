@@ -43,10 +43,8 @@ def cpp_decode(
     )
 
 
-def cpp_decode_writing(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-    """A decode-only step in one call: this step's K/V rows into their slots, then
-    `cpp_decode` (float pools; the fused decoder loop uses it when the backend offers it)."""
-    return _module.paged_decode_attention_writing(
+def _writing_args(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> tuple:
+    return (
         q,
         k,
         v,
@@ -59,22 +57,21 @@ def cpp_decode_writing(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale
     )
 
 
+def cpp_decode_writing(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """A decode-only step in one call: this step's K/V rows into their slots, then
+    `cpp_decode` (the fused decoder loop uses it when the backend offers it)."""
+    return _module.paged_decode_attention_writing(
+        *_writing_args(q, k, v, k_cache, v_cache, meta, scale)
+    )
+
+
 def cpp_decode_writing_packed(
     q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, quant: KVQuant
 ):
     """`cpp_decode_writing` for an int8/fp8 pool: this step's K/V rows packed into their slots
     byte for byte as `quant.quantize` packs them, then the packed kernel, in one call."""
     return _module.paged_decode_attention_packed_writing(
-        q,
-        k,
-        v,
-        k_cache,
-        v_cache,
-        meta.slot_mapping,
-        meta.decode_block_tables,
-        meta.decode_context_lens,
-        scale,
-        quant.code,
+        *_writing_args(q, k, v, k_cache, v_cache, meta, scale), quant.code
     )
 
 

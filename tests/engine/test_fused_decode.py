@@ -80,32 +80,37 @@ def test_int8_engine_uses_the_loop_and_stays_near_the_reference(
     assert sum(diffs) / len(diffs) < 0.1  # the chosen tokens' logprobs, where both chose them
 
 
+def assert_same_decode_steps(shard, seed, native, plain, plain_backend=None):
+    """A 20-token prefill into two zeroed pools, then two steps of three decodes (the second
+    reads what the first wrote; one overwrites a prompt slot): `native` on the shard's backend
+    and `plain` on `plain_backend` must give equal outputs and equal pools."""
+    model, bs = shard.model, shard.block_size
+    caches = [torch.zeros_like(shard.kv_cache) for _ in range(2)]
+    prompt = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(seed))
+    pre = AttentionMetadata.build(bs, [[1, 2]], [0], [20])
+    for kv in caches:
+        run(model, prompt, torch.arange(20), kv, pre, shard.backend, None)
+    ids, pos = torch.tensor([5, 77, 9]), torch.tensor([20, 17, 0])
+    for _ in range(2):
+        dec = AttentionMetadata.build(bs, [[1, 2], [1, 2], [4]], pos.tolist(), [1, 1, 1])
+        got = run(model, ids, pos, caches[0], dec, shard.backend, native)
+        want = run(model, ids, pos, caches[1], dec, plain_backend or shard.backend, plain)
+        assert torch.equal(got, want)
+        assert torch.equal(caches[0], caches[1])
+        pos = pos + 1
+
+
 @pytest.mark.parametrize("linear_backend", ["blocks-int8", "blocks"])
 def test_the_native_stack_is_the_loop_bit_for_bit(smollm2_checkpoint, linear_backend):
     # block_linear.cpp's DecoderStack runs a decode-only step's 30 layers in one C++ call: the
     # same kernels with the same arguments in the same order as the Python loop, so outputs
     # and the pool's new K/V are equal, not just close.
     shard = engine_for(smollm2_checkpoint, linear_backend=linear_backend).runner.executor.shard
-    model = shard.model
-    native = FusedDecoder.build(model, int8_only=linear_backend == "blocks-int8")
-    plain = FusedDecoder.build(model, int8_only=linear_backend == "blocks-int8")
+    native = FusedDecoder.build(shard.model, int8_only=linear_backend == "blocks-int8")
+    plain = FusedDecoder.build(shard.model, int8_only=linear_backend == "blocks-int8")
     assert native.stack is not None
     plain.stack = None
-    bs = shard.block_size
-    caches = [torch.zeros_like(shard.kv_cache) for _ in range(2)]
-    prompt = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(1))
-    pre = AttentionMetadata.build(bs, [[1, 2]], [0], [20])
-    for kv in caches:
-        run(model, prompt, torch.arange(20), kv, pre, shard.backend, None)
-    dec = AttentionMetadata.build(bs, [[1, 2], [1, 2], [4]], [20, 17, 0], [1, 1, 1])
-    ids, pos = torch.tensor([5, 77, 9]), torch.tensor([20, 17, 0])
-    for _ in range(2):  # twice: the second step reads what the first wrote
-        outs = [run(model, ids, pos, kv, dec, shard.backend, f) for kv, f in
-                zip(caches, (native, plain), strict=True)]  # fmt: skip
-        assert torch.equal(outs[0], outs[1])
-        assert torch.equal(caches[0], caches[1])
-        pos = pos + 1
-        dec = AttentionMetadata.build(bs, [[1, 2], [1, 2], [4]], pos.tolist(), [1, 1, 1])
+    assert_same_decode_steps(shard, 1, native, plain)
 
 
 def test_the_native_stack_refuses_a_foreign_capsule(smollm2_checkpoint):
@@ -137,24 +142,10 @@ def test_the_native_stack_on_a_packed_pool_is_the_torch_path_bit_for_bit(
         smollm2_checkpoint, linear_backend="blocks-int8", kv_cache_dtype=kv_cache_dtype
     )
     shard = engine.runner.executor.shard
-    model = shard.model
-    native = FusedDecoder.build(model)
-    plain = FusedDecoder.build(model)
+    native = FusedDecoder.build(shard.model)
+    plain = FusedDecoder.build(shard.model)
     plain.stack = None
     generic = functools.partial(shard.backend)  # the same attention, without decode_writing
     assert getattr(generic, "decode_writing", None) is None
-    bs = shard.block_size
-    caches = [torch.zeros_like(shard.kv_cache) for _ in range(2)]
-    prompt = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(2))
-    pre = AttentionMetadata.build(bs, [[1, 2]], [0], [20])
-    for kv in caches:
-        run(model, prompt, torch.arange(20), kv, pre, shard.backend, None)
-    ids, pos = torch.tensor([5, 77, 9]), torch.tensor([20, 17, 0])
-    for _ in range(2):
-        dec = AttentionMetadata.build(bs, [[1, 2], [1, 2], [4]], pos.tolist(), [1, 1, 1])
-        got = run(model, ids, pos, caches[0], dec, shard.backend, native)
-        want = run(model, ids, pos, caches[1], dec, generic, plain)
-        assert torch.equal(got, want)
-        assert torch.equal(caches[0], caches[1])
-        pos = pos + 1
+    assert_same_decode_steps(shard, 2, native, plain, generic)
     assert native.packed_stacks[QUANTS[kv_cache_dtype].code] is not None  # the stack ran
