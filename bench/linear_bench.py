@@ -51,7 +51,7 @@ def add_parser(bsub: Any) -> None:
         "--backends",
         default=",".join(QUANTIZED),
         help="backends to time besides blocks, onednn and torch: blocks-int8 (the same blocks, "
-        "int8 activations; AMX tiles from 16 rows where the CPU has them), blocks-int8-vnni "
+        "int8 activations; AMX tiles from 8 rows where the CPU has them), blocks-int8-vnni "
         "(the same without AMX), int8, int4 (--quantization) (default: %(default)s)",
     )
     p.set_defaults(run=run)

@@ -350,6 +350,24 @@ struct Int8Args {
 };
 
 #if defined(SPLITSERVE_VNNI)
+// One block's integer dots of one row added into that row's 16 accumulators: the float
+// operations every vector path shares, in one order, so VNNI and AMX give the same numbers bit
+// for bit. `dot`: the block's signed dots (Q6_K: its first 16 inputs', `hi` the other 16's);
+// da_sum = da * float(sum of the row's block codes), which Q6_K and Q8_0 do not use.
+template <int FMT>
+inline __m512 add_block(__m512 acc, __m512i dot, __m512i hi, __m512 s0, __m512 s1, __m512 o,
+                        float da, float da_sum, int32_t sum_lo, int32_t sum_hi) {
+  const __m512 vda = _mm512_set1_ps(da);
+  if (FMT == kQ6_K) {  // codes are q + 32, one scale per half block
+    dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(32 * sum_lo));
+    hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(32 * sum_hi));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s0, vda), acc);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s1, vda), acc);
+  }
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s0, vda), acc);
+  return FMT == kQ8_0 ? acc : _mm512_fmadd_ps(o, _mm512_set1_ps(da_sum), acc);
+}
+
 template <int FMT, int R>
 void int8_tile(const Int8Args& a) {
   __m512 acc[R];
@@ -379,19 +397,14 @@ void int8_tile(const Int8Args& a) {
       const int64_t i = r * a.nblk + b;
       const float da = a.xd[i];
       const int32_t sum_lo = a.xs[2 * i], sum_hi = a.xs[2 * i + 1];
-      const __m512 vda = _mm512_set1_ps(da);
-      if (FMT == kQ6_K) {  // codes are q + 32, one scale per half block
-        lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(32 * sum_lo));
-        hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(32 * sum_hi));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(s0, vda), acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s1, vda), acc[r]);
+      const float da_sum = da * static_cast<float>(sum_lo + sum_hi);
+      if (FMT == kQ6_K) {
+        acc[r] = add_block<FMT>(acc[r], lo, hi, s0, s1, o, da, da_sum, sum_lo, sum_hi);
         continue;
       }
       __m512i dot = _mm512_add_epi32(lo, hi);
       if (FMT == kQ8_0) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * (sum_lo + sum_hi)));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s0, vda), acc[r]);
-      if (FMT != kQ8_0)
-        acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(da * static_cast<float>(sum_lo + sum_hi)), acc[r]);
+      acc[r] = add_block<FMT>(acc[r], dot, hi, s0, s1, o, da, da_sum, sum_lo, sum_hi);
     }
   }
   const __mmask16 m = a.ncols >= 16 ? 0xffff : static_cast<__mmask16>((1u << a.ncols) - 1);
@@ -473,7 +486,9 @@ inline void amx_block_dots(const Int8Args& a, const uint8_t* codes, const int8_t
 #undef SPLITSERVE_AMX_DOTS
 
 // Like int8_tile, for all M rows of x (xq padded with zero rows to a multiple of 16). xo[i]:
-// da * sum(q) of row-block i, the float int8_tile computes per row in its loop. `work`: room
+// da * sum(q) of row-block i, worked out once per call rather than per tile column and row
+// (measured: a model pass at 128 rows 1.30x VNNI's speed when computed here, 1.75-1.92x
+// with it). `work`: room
 // for the tile column's unpacked codes and scale vectors (amx_work_bytes). The codes are
 // unpacked for all blocks first: a tile load right after the vector stores that wrote its
 // bytes waits for them to leave the store buffer, which stalled every block when the two
@@ -507,18 +522,10 @@ void amx_tile_column(const Int8Args& a, int64_t M, const float* xo, uint8_t* wor
       const __m512 s0 = scales[3 * b], s1 = scales[3 * b + 1], o = scales[3 * b + 2];
       for (int r = 0; r < R; ++r) {
         const int64_t i = (r0 + r) * a.nblk + b;
-        const __m512 vda = _mm512_set1_ps(a.xd[i]);
-        __m512i dot = _mm512_load_si512(d + 16 * r);
-        if (FMT == kQ6_K) {
-          const __m512i hi = _mm512_sub_epi32(_mm512_load_si512(d + 256 + 16 * r),
-                                              _mm512_set1_epi32(32 * a.xs[2 * i + 1]));
-          dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(32 * a.xs[2 * i]));
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s0, vda), acc[r]);
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s1, vda), acc[r]);
-          continue;
-        }
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s0, vda), acc[r]);
-        if (FMT != kQ8_0) acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xo[i]), acc[r]);
+        const __m512i dot = _mm512_load_si512(d + 16 * r);
+        const __m512i hi = FMT == kQ6_K ? _mm512_load_si512(d + 256 + 16 * r) : dot;
+        acc[r] = add_block<FMT>(acc[r], dot, hi, s0, s1, o, a.xd[i], xo[i], a.xs[2 * i],
+                                a.xs[2 * i + 1]);
       }
     }
     const __mmask16 m = a.ncols >= 16 ? 0xffff : static_cast<__mmask16>((1u << a.ncols) - 1);

@@ -400,6 +400,21 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   return out;
 }
 
+// The step's slots, one int64 per sequence, each checked against the pool (blocks x
+// block_size) before a writer touches anything.
+static const int64_t* checked_slots(const char* what, const torch::Tensor& slot_mapping, int64_t n,
+                             const torch::Tensor& cache) {
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == n && slot_mapping.is_contiguous(),
+              what, ": one int64 slot per sequence");
+  const int64_t slots = cache.size(0) * cache.size(1);
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, what, ": slot ", slot[i],
+                " is outside the pool's ", slots);
+  return slot;
+}
+
 // A decode step's K/V rows (num_seqs, kv_heads, head_dim; a token's rows may sit inside a
 // wider fused-QKV row) written to their slots of the pool, then attended over: what the two
 // index_copy_ dispatches, the attention call and the copy of its output into place did, in one
@@ -422,14 +437,8 @@ torch::Tensor paged_decode_attention_writing(torch::Tensor q, torch::Tensor k, t
                   v.scalar_type() == v_cache.scalar_type() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes(),
               "paged_decode_attention_writing: k/v must be the cache's dtype");
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 &&
-                  slot_mapping.size(0) == n && slot_mapping.is_contiguous(),
-              "paged_decode_attention_writing: one int64 slot per sequence");
-  const int64_t slots = k_cache.size(0) * k_cache.size(1), width = kv_heads * head_dim;
-  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, "paged_decode_attention_writing: slot ",
-                slot[i], " is outside the pool's ", slots);
+  const int64_t width = kv_heads * head_dim;
+  const int64_t* slot = checked_slots("paged_decode_attention_writing", slot_mapping, n, k_cache);
   const int64_t bytes = width * k_cache.element_size();
   char* kc = static_cast<char*>(k_cache.data_ptr());
   char* vc = static_cast<char*>(v_cache.data_ptr());
@@ -547,14 +556,9 @@ torch::Tensor paged_decode_attention_packed_writing(torch::Tensor q, torch::Tens
                   v.stride(1) == head_dim,
               "paged_decode_attention_packed_writing: k/v must be float32 (num_seqs, kv_heads, "
               "head_dim) with each token's rows contiguous");
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 &&
-                  slot_mapping.size(0) == n && slot_mapping.is_contiguous(),
-              "paged_decode_attention_packed_writing: one int64 slot per sequence");
-  const int64_t slots = k_cache.size(0) * k_cache.size(1), row = head_dim + 2;
-  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(slot[i] >= 0 && slot[i] < slots, "paged_decode_attention_packed_writing: slot ",
-                slot[i], " is outside the pool's ", slots);
+  const int64_t row = head_dim + 2;
+  const int64_t* slot =
+      checked_slots("paged_decode_attention_packed_writing", slot_mapping, n, k_cache);
   uint8_t* kc = k_cache.data_ptr<uint8_t>();
   uint8_t* vc = v_cache.data_ptr<uint8_t>();
   const float* kp = k.data_ptr<float>();
