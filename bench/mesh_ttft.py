@@ -12,7 +12,9 @@ kvstore). Per request index i, the three cases use the same cache salt, so:
     warm_local  through `router` again: prefill-1 has it in its own prefix cache
 
 The decode worker's metrics, scraped before and after each case, give the KV it pulled and the
-time that took (`TransferStats`), as a rate and as a share of the case's mean TTFT.
+time that took (`TransferStats`), as a rate and as a share of the case's mean TTFT. The share
+compares sizes only: the router streams prefill's first token before the hand-off
+(router/dispatch.py), so the transfer delays the second token, not the first.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -88,6 +89,9 @@ class _Request:
         self.plan: PrefixPlan | None = None  # set when prefilled here with a kvstore
         self.adopted = False  # the prompt KV came from a prefill worker
         self.first_logprob: pb.TokenLogprob | None = None  # the prefill worker's, if sent
+        # The router streamed the prefill worker's token already (first_token_sent): the first
+        # response says it was left out, and an adopted stream's copy of it is dropped.
+        self.first_token_sent = False
 
 
 class DecodeServicer(rpc.DecodeServicer):
@@ -168,6 +172,11 @@ class DecodeServicer(rpc.DecodeServicer):
 
     # ---- opening a request -----------------------------------------------------------------
     async def _open(self, request: pb.DecodeRequest, context: Ctx) -> _Request:
+        req = await self._open_stream(request, context)
+        req.first_token_sent = request.first_token_sent
+        return req
+
+    async def _open_stream(self, request: pb.DecodeRequest, context: Ctx) -> _Request:
         prompt = list(request.prompt_token_ids)
         params = to_params(request.sampling)
         self.w.engine.engine.check_request(prompt, params)
@@ -178,10 +187,19 @@ class DecodeServicer(rpc.DecodeServicer):
             if request.HasField("kv"):
                 raise RequestError("a resumed request is prefilled here; it can't come with kv")
             self.w.engine.engine.check_resume(prompt, params, resume)
+        if request.first_token_sent and not request.HasField("kv"):
+            raise RequestError("first_token_sent needs kv and first_token_id")
         if not request.HasField("kv"):
             return await self._prefill_here(request_id, prompt, params, salt, context, resume)
         if not request.HasField("first_token_id"):
             raise RequestError("a request with kv needs first_token_id")
+        if request.first_token_sent:
+            # Should the KV not be adopted, the prompt is prefilled here followed by the token
+            # the client already has, and the stream goes on after it; its prompt logprobs went
+            # out with that token.
+            resume = [request.first_token_id]
+            self.w.engine.engine.check_resume(prompt, params, resume)
+            params = replace(params, prompt_logprobs=None)
         if request.kv.num_tokens != len(prompt):
             raise RequestError(
                 f"kv covers {request.kv.num_tokens} tokens, the prompt has {len(prompt)}"
@@ -190,7 +208,7 @@ class DecodeServicer(rpc.DecodeServicer):
         if stream is None:  # the pool stayed full: compute the prompt here, in the engine's queue
             self._release_remote(request.kv)
             self.w.metrics.transfer_fallback()
-            return await self._prefill_here(request_id, prompt, params, salt, context)
+            return await self._prefill_here(request_id, prompt, params, salt, context, resume)
         try:
             adopted = await self._adopt(stream, request, _time_left(context))
         except BaseException:
@@ -205,7 +223,7 @@ class DecodeServicer(rpc.DecodeServicer):
         stream.close()
         self._release_remote(request.kv)
         self.w.metrics.transfer_fallback()
-        return await self._prefill_here(request_id, prompt, params, salt, context)
+        return await self._prefill_here(request_id, prompt, params, salt, context, resume)
 
     async def _reserve(
         self,
@@ -423,7 +441,12 @@ class DecodeServicer(rpc.DecodeServicer):
         first = True
         async for out in req.stream:
             response = self._response(out, req.params)
-            if first and req.first_logprob is not None and response.logprobs:
+            if first and req.first_token_sent:
+                response.first_token_withheld = True
+                if req.adopted and response.token_ids:  # adopting emits the first token
+                    del response.token_ids[0]
+                    del response.logprobs[:1]
+            elif first and req.first_logprob is not None and response.logprobs:
                 response.logprobs[0].CopyFrom(req.first_logprob)
             first = False
             yield response

@@ -11,17 +11,22 @@ remotely: only when the prompt's uncached part on that worker is long (>= `disag
 a prefill worker is healthy, and the least loaded prefill worker isn't backed up (outstanding
 prefill tokens <= `prefill_queue_max_tokens`). The request's `disaggregate` overrides. A
 remote prefill that fails (UNAVAILABLE, full, or hung) is retried on another prefill worker,
-and when none is left the decode worker prefills locally. The decode worker's stream carries
-every token, prefill's first one included (decode/service.py), so one stream is relayed
-whichever path ran; only a first token that ends the request comes from prefill itself.
+and when none is left the decode worker prefills locally. Prefill's first token goes to the
+caller as soon as prefill returns it, before the KV hand-off, so the hand-off is not part of
+the time to first token; the decode worker is told so (`first_token_sent`) and streams only
+the tokens after it (if it cannot adopt the KV, it prefills prompt + that token itself). A
+request with several candidates per prompt (`best_of` > 1) waits for the decode worker's first
+message instead: its other candidates start then, to find the prompt cached there
+(router/choices.py).
 
 Failures and migration. A worker call fails when it returns UNAVAILABLE (the process died, or
 is shutting down), when its stream ends without a finish reason, or when the worker hangs:
 a health check of it failed while the call got nothing from it (`Worker.wait_down`), or a
 stream got no message for `stream_idle_timeout_s`. The call is cancelled, the worker marked
 failed, and the request goes to another healthy decode worker:
-- before any token was relayed, afresh (with the same KV lease, if prefill handed one over),
-  at most `decode_retries` times; a full worker (RESOURCE_EXHAUSTED) counts the same;
+- before the decode worker relayed a token (prefill's first token may have gone out already),
+  afresh (with the same KV lease, if prefill handed one over), at most `decode_retries` times;
+  a full worker (RESOURCE_EXHAUSTED) counts the same;
 - after tokens were relayed, resumed: prompt + the tokens already relayed are prefilled there
   (`DecodeRequest.resume_token_ids`), and the stream goes on with the next token, so the client
   sees no gap and no duplicate. Greedy output is the same as without the failure, and so is a
@@ -252,7 +257,13 @@ class _Run:
     deadline: Deadline
     ticket: LoadTicket | None = None  # on the decode worker serving it now
     relayed: list[int] = field(default_factory=list)  # output tokens the caller already has
+    from_prefill: int = 0  # of those, sent from prefill's response (0 or 1): not decoded yet
     attempts: list[str] = field(default_factory=list)  # "address: what went wrong"
+
+    @property
+    def decoded(self) -> bool:
+        """A decode worker has relayed tokens."""
+        return len(self.relayed) > self.from_prefill
 
     def time_left(self) -> float:
         left = self.deadline.time_left()
@@ -381,10 +392,15 @@ class Dispatcher:
         if first is not None:
             _hand_off(decode_req, first)
         try:
+            if first is not None and req.best_of == 1:
+                decode_req.first_token_sent = True
+                run.relayed.append(first.first_token_id)
+                run.from_prefill = 1
+                yield _first_only(first, False)
             async for ev in self._decode(run, decode_req, first):
                 yield ev
         finally:
-            if first is not None and not run.relayed:  # the lease may never have been pulled
+            if first is not None and not run.decoded:  # the lease may never have been pulled
                 self._release_lease(first)
 
     # ---- prefill -----------------------------------------------------------------------------
@@ -477,6 +493,8 @@ class Dispatcher:
                         ev.num_cached_tokens = first.num_cached_tokens
                         if not run.relayed and not ev.prompt_logprobs:  # prefill computed them
                             ev.prompt_logprobs = list(first.prompt_logprobs)
+                    if not ev.token_ids and not ev.finish_reason:
+                        continue  # the first message of a hand-off whose token went out
                     run.relayed += ev.token_ids
                     yield ev
                 return
@@ -487,7 +505,7 @@ class Dispatcher:
             if failure.dead:
                 self.registry.mark_failed(worker)
                 dead.append(worker)
-            if run.relayed:
+            if run.decoded:
                 migrations += 1
                 phase, allowed = "mid_stream", migrations <= self.config.max_migrations
             else:
@@ -506,13 +524,13 @@ class Dispatcher:
             log.warning(
                 "request %s: decode on %s %s; %s on %s",
                 run.req.request_id, worker.address, failure.why,
-                f"resuming after {len(run.relayed)} tokens" if run.relayed else "retrying",
+                f"resuming after {len(run.relayed)} tokens" if run.decoded else "retrying",
                 ticket.worker.address,
             )  # fmt: skip
             self.hooks.on_migrate(phase, failure.reason)
             run.ticket.release()
             run.ticket = ticket
-            if run.relayed:  # the KV is redone there from prompt + what was relayed
+            if run.decoded:  # the KV is redone there from prompt + what was relayed
                 decode_req = _decode_request(run.req)
                 decode_req.resume_token_ids.extend(run.relayed)
                 decode_req.sampling.ClearField("prompt_logprobs")  # relayed with the first
@@ -580,6 +598,7 @@ class Dispatcher:
         slot.call = call
         watch = _Watch(call, worker, self.config.stream_idle_timeout_s)
         finished = False
+        check_first = decode_req.first_token_sent  # the caller has the first token already
         try:
             if slot.stopped:
                 call.cancel()
@@ -589,12 +608,12 @@ class Dispatcher:
                 prompt_work = 0
                 cached = resp.usage.cached_prompt_tokens if resp.HasField("usage") else None
                 finished = resp.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                token_ids, logprobs = list(resp.token_ids), list(resp.logprobs)
+                if check_first and not resp.first_token_withheld:
+                    del token_ids[:1], logprobs[:1]  # a worker that predates the field sent it
+                check_first = False
                 yield WorkerTokens(
-                    list(resp.token_ids),
-                    list(resp.logprobs),
-                    resp.finish_reason,
-                    cached,
-                    list(resp.prompt_logprobs),
+                    token_ids, logprobs, resp.finish_reason, cached, list(resp.prompt_logprobs)
                 )
                 if finished:
                     return

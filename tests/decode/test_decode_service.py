@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+from models import TINY
 from ports import free_port
 from workers_util import (
     aio_channel,
@@ -93,6 +94,57 @@ async def test_disaggregated_equals_one_engine_with_logprobs():
         )
         assert dec.worker.metrics.value("kv_transfer_fallbacks_total") == 0
         assert len(pre.servicer.leases) == 0
+        assert_idle(dec)
+
+
+@pytest.mark.asyncio
+async def test_a_first_token_already_sent_is_left_out_of_the_stream():
+    sampling = pb.SamplingOptions(max_tokens=N, temperature=0, ignore_eos=True, logprobs=1)
+    async with (
+        running(serve_prefill(tiny_engine())) as pre,
+        running(serve_decode(tiny_engine())) as dec,
+        aio_channel(dec.address) as channel,
+    ):
+        first = await prefill(pre.address, sampling)
+        req = with_kv(first, sampling=sampling, first_token_sent=True)
+        responses = await generate(rpc.DecodeStub(channel), req)
+        assert responses[0].first_token_withheld
+        assert not any(r.first_token_withheld for r in responses[1:])
+        assert tokens(responses) == expected()[1:]  # the router sent expected()[0]
+        assert [len(r.logprobs) for r in responses] == [len(r.token_ids) for r in responses]
+        assert responses[-1].usage.completion_tokens == N  # the first one counts
+        assert dec.worker.metrics.value("kv_transfer_fallbacks_total") == 0
+        assert_idle(dec)
+
+
+@pytest.mark.asyncio
+async def test_a_first_token_already_sent_is_kept_when_the_kv_cannot_be_pulled():
+    """The fallback prefills prompt + the token the client has, and goes on after it: a
+    sampled first token other than this worker's own draw must not be replaced."""
+    sampling = pb.SamplingOptions(max_tokens=N, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    async with (
+        running(serve_decode(tiny_engine(), pull_timeout_s=2)) as dec,
+        aio_channel(dec.address) as channel,
+    ):
+        own = expected()[0]
+        other = (
+            own + 1
+        ) % TINY.vocab_size  # what, say, a temperature-1 draw on the prefill worker gave
+        dead = pb.KVHandle(prefill_address=f"127.0.0.1:{free_port()}", lease_id="x")
+        dead.num_tokens = len(P)
+        req = pb.DecodeRequest(
+            request_id="d1",
+            prompt_token_ids=P,
+            sampling=sampling,
+            kv=dead,
+            first_token_id=other,
+            first_token_sent=True,
+        )
+        responses = await generate(rpc.DecodeStub(channel), req)
+        assert responses[0].first_token_withheld
+        assert tokens(responses) == expected([*P, other], N - 1)
+        assert not any(r.prompt_logprobs for r in responses)  # they went out with the token
+        assert dec.worker.metrics.value("kv_transfer_fallbacks_total") == 1
         assert_idle(dec)
 
 
@@ -229,6 +281,17 @@ async def test_client_cancel_and_abort_return_blocks():
         (
             pb.DecodeRequest(prompt_token_ids=P, kv=pb.KVHandle(num_tokens=3), first_token_id=5),
             "kv covers",
+        ),
+        (pb.DecodeRequest(prompt_token_ids=P, first_token_sent=True), "first_token_sent needs"),
+        (  # the client has its one token: nothing is left to generate
+            pb.DecodeRequest(
+                prompt_token_ids=P,
+                sampling=pb.SamplingOptions(max_tokens=1),
+                kv=pb.KVHandle(num_tokens=len(P)),
+                first_token_id=5,
+                first_token_sent=True,
+            ),
+            "leave nothing to generate",
         ),
     ],
 )

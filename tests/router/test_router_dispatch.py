@@ -202,15 +202,73 @@ def test_disaggregation_decision() -> None:
         plan(10)
 
 
-def test_disaggregated_request_hands_the_kv_to_decode() -> None:
+def withheld(*ids: int, finish: int = 0) -> pb.DecodeResponse:
+    """A decode worker's first message for a hand-off whose first token the router sent."""
+    return pb.DecodeResponse(token_ids=ids, finish_reason=finish, first_token_withheld=True)
+
+
+HANDED_OFF = [withheld(), tokens(8, 9, finish=pb.FINISH_REASON_LENGTH)]
+
+
+def test_disaggregated_request_sends_prefills_token_before_the_hand_off() -> None:
+    prefill, decode = FakePrefill(first_token()), FakeDecode(HANDED_OFF)
+    dispatcher, registry = setup([prefill], [decode])
+
+    async def scenario() -> list[WorkerTokens]:
+        async with aclosing(dispatcher.stream(request(512), CallSlot())) as events:
+            first = await anext(events)
+            assert decode.requests == []  # out before the decode worker was even called
+            return [first] + [ev async for ev in events]
+
+    events = asyncio.run(scenario())
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]  # the empty message is not relayed
+    sent = decode.requests[0]
+    assert sent.kv.lease_id == "L1" and sent.first_token_id == 7 and sent.first_token_sent
+    assert all(ev.num_cached_tokens == 32 for ev in events)  # the prefill worker's cache hit
+    assert prefill.released == [] and idle(registry)
+
+
+def test_a_decode_worker_that_predates_first_token_sent_has_its_copy_dropped() -> None:
+    # It streams the first token again (DONE starts with 7) and does not say it withheld it.
     prefill, decode = FakePrefill(first_token()), FakeDecode(DONE)
     dispatcher, registry = setup([prefill], [decode])
     events = asyncio.run(collect(dispatcher, request(512)))
-    assert [ev.token_ids for ev in events] == [[7], [8, 9]]  # the decode stream has them all
-    sent = decode.requests[0]
-    assert sent.kv.lease_id == "L1" and sent.first_token_id == 7
-    assert all(ev.num_cached_tokens == 32 for ev in events)  # the prefill worker's cache hit
-    assert prefill.released == [] and idle(registry)
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]] and idle(registry)
+
+
+def test_several_candidates_per_prompt_wait_for_the_decode_workers_first_token() -> None:
+    # best_of > 1: the other candidates start on the first token, and should find the prompt
+    # cached on the decode worker by then (router/choices.py).
+    prefill, decode = FakePrefill(first_token()), FakeDecode(DONE)
+    dispatcher, registry = setup([prefill], [decode])
+    req = request(512)
+    req = ValidatedRequest(req.request_id, req.prompt_token_ids, req.params, best_of=2)
+    events = asyncio.run(collect(dispatcher, req))
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]
+    assert not decode.requests[0].first_token_sent and idle(registry)
+
+
+def test_decode_failing_after_prefills_token_retries_with_the_same_lease() -> None:
+    prefill = FakePrefill(first_token())
+    down, up = FakeDecode(error=rpc_error(UNAVAILABLE)), FakeDecode(HANDED_OFF)
+    dispatcher, registry = setup([prefill], [down, up], FirstHealthy(), decode_retries=1)
+    events = asyncio.run(collect(dispatcher, request(512)))
+    assert [ev.token_ids for ev in events] == [[7], [8, 9]]  # no gap, no duplicate
+    retried = up.requests[0]
+    assert retried.kv.lease_id == "L1" and retried.first_token_sent  # not recomputed
+    assert list(retried.resume_token_ids) == [] and prefill.released == [] and idle(registry)
+
+
+def test_decode_failing_mid_stream_after_a_hand_off_resumes_from_every_token_sent() -> None:
+    prefill = FakePrefill(first_token())
+    dying = FakeDecode([withheld(8)], error=rpc_error(UNAVAILABLE))
+    spare = FakeDecode([tokens(9, finish=pb.FINISH_REASON_LENGTH)])
+    dispatcher, registry = setup([prefill], [dying, spare], FirstHealthy())
+    events = asyncio.run(collect(dispatcher, request(512)))
+    assert [ev.token_ids for ev in events] == [[7], [8], [9]]
+    resumed = spare.requests[0]
+    assert list(resumed.resume_token_ids) == [7, 8] and not resumed.HasField("kv")
+    assert not resumed.first_token_sent and idle(registry)
 
 
 def test_a_first_token_that_ends_the_request_skips_decode() -> None:
