@@ -497,9 +497,12 @@ def splitserve_server(
         topology = mr.colocated_topology(engine_flags)
         run.description = "splitserve: router + 1 colocated worker (separate processes)"
     else:
-        topology = disagg_serve_topology(engine_flags)
+        threads = int(engine_flags[engine_flags.index("--threads") + 1])
+        each = max(1, threads // 2)  # the server's threads, split between its two engines
+        topology = disagg_serve_topology(mr.set_flag(engine_flags, "--threads", str(each)))
         run.description = (
-            "splitserve: router + 1 prefill + 1 decode + kvstore, every prompt prefilled remotely"
+            "splitserve: router + 1 prefill + 1 decode + kvstore, every prompt prefilled "
+            f"remotely, {each} compute thread{'s' if each > 1 else ''} per worker"
         )
     with mr.bench_errors(log_dir), mr.running_mesh(topology, log_dir, STARTUP_TIMEOUT_S) as mesh:
         run.startup_s = mesh.started_s
@@ -792,7 +795,12 @@ def report_lines(settings: ServeSettings, runs: Sequence[ServerRun], threads: in
         f"{'EOS ignored' if settings.ignore_eos else 'EOS honoured'}, arrivals "
         f"{settings.arrival}; output tokens {s0.output_len} per request",
         f"machine: {m['cpu']}, {m['logical_cpus']} CPUs shared by every process of the run"
-        + (f"; every server {threads} compute threads" if threads else ""),
+        + (
+            f"; every server {threads} compute threads (disaggregated: split between its "
+            "prefill and decode workers)"
+            if threads
+            else ""
+        ),
     ]
     for spec in settings.datasets:
         lines.append(f"  {spec.name}: {_dataset_words(spec)}")

@@ -67,7 +67,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="cpu, or cuda / cuda:N: the engine on that GPU, tensor-parallel rank r on cuda:N+r "
         "over NCCL (default: %(default)s)",
     )
-    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch/OpenMP threads per engine process (default: OMP_NUM_THREADS, which "
+        "`splitserve up` sets to an even share of the host's CPUs when it starts several engine "
+        "processes on it; else one per CPU)",
+    )
     g.add_argument(
         "--attention-backend",
         default="auto",

@@ -649,7 +649,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _set_threads(engine_cfg: EngineConfig) -> None:
-    """The configured threads; by default the CPU's cores shared evenly between the ranks."""
+    """The configured threads; else OMP_NUM_THREADS (the launcher's share of a host shared by
+    several workers, or the operator's); else the CPU's cores shared evenly between the ranks."""
+    if not engine_cfg.num_threads and os.environ.get("OMP_NUM_THREADS"):
+        return  # torch read it at start-up
     n = engine_cfg.num_threads or max(1, (os.cpu_count() or 1) // engine_cfg.tensor_parallel_size)
     torch.set_num_threads(n)
 

@@ -368,29 +368,51 @@ class _Builder:
         )
 
     def _omp_env(self, num_workers: int) -> dict[str, str]:
-        """GOMP_SPINCOUNT=5000 when this host's engine threads fill its CPUs, which the router
-        (and the clients of a benchmark) share with them.
+        """How the engine processes on this host share its CPUs: OMP_NUM_THREADS and
+        GOMP_SPINCOUNT for every worker (each TP rank and pipeline stage is one process).
 
-        OpenMP threads spin-wait for the next parallel region, by default for ~300,000 spins
-        (a millisecond or more): right for an engine that owns its cores, costly for one that
-        shares them. Between two steps the spinning threads hold the cores the router needs
-        to stream the last token, and a step's parallel region waits for a thread the OS took
-        off its core. A decode step of the int8 path is ~150 regions tens of microseconds
-        apart, so a short spin still bridges them, and the threads sleep between steps.
-        Measured on 2 noisy cores, `bench serve` random 128/64 under blocks-int8, one run
-        each: colocated 78 -> 130 tok/s at c=1, 201 -> 294 at c=8, 263 -> 386 at c=32;
-        disaggregated (4 threads on 2 cores) 73 -> 128 tok/s at c=1 and 166 -> 169 at c=8
-        against OMP_WAIT_POLICY=PASSIVE, which this replaced (passive threads sleep after
-        every region: a batch-1 step went from 4.6 to 16 ms). docs/benchmarks.md has the
-        runs. Only for processes on this host; never overrides the user's own
-        OMP_WAIT_POLICY or GOMP_SPINCOUNT."""
+        Threads. Without --threads, each engine process gets an equal share of the CPUs
+        (OMP_NUM_THREADS = CPUs // processes, at least 1) instead of torch's default of one
+        thread per CPU each. Two workers of 2 threads on 2 cores keep 4 OpenMP threads on 2
+        cores, and a parallel region waits whenever the OS took one of its threads off a core:
+        measured on a 2-vCPU AMD EPYC, `bench serve` random 256/128 under blocks-int8, a
+        disaggregated mesh at 32 concurrent did 163-164 output tok/s with 2 + 2 threads and
+        215 with 1 + 1, its prefill steps 1,079-1,145 ms against 737 (docs/benchmarks.md).
+        One process keeps torch's default; --threads (per engine process) wins, and so does
+        the operator's own OMP_NUM_THREADS.
+
+        Spinning. GOMP_SPINCOUNT=5000 when this host's engine threads fill its CPUs, which
+        the router (and the clients of a benchmark) share with them. OpenMP threads
+        spin-wait for the next parallel region, by default for ~300,000 spins (a millisecond
+        or more): right for an engine that owns its cores, costly for one that shares them.
+        Between two steps the spinning threads hold the cores the router needs to stream the
+        last token, and a step's parallel region waits for a thread the OS took off its core.
+        A decode step of the int8 path is ~150 regions tens of microseconds apart, so a short
+        spin still bridges them, and the threads sleep between steps. Measured on 2 noisy
+        cores, `bench serve` random 128/64 under blocks-int8, one run each: colocated 78 ->
+        130 tok/s at c=1, 201 -> 294 at c=8, 263 -> 386 at c=32; disaggregated (4 threads on
+        2 cores) 73 -> 128 tok/s at c=1 and 166 -> 169 at c=8 against
+        OMP_WAIT_POLICY=PASSIVE, which this replaced (passive threads sleep after every
+        region: a batch-1 step went from 4.6 to 16 ms). Never overrides the operator's own
+        OMP_WAIT_POLICY or GOMP_SPINCOUNT.
+
+        Only for processes on this host: compose and Kubernetes size their containers."""
         args = self.args
-        if self.placement.by_name or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+        if self.placement.by_name:
             return {}
         cpus = os.cpu_count() or 1
-        per_process = args.threads or cpus  # torch's default: one thread per CPU
         processes = num_workers * args.tensor_parallel_size * args.pipeline_stages
-        return {"GOMP_SPINCOUNT": "5000"} if processes * per_process >= cpus else {}
+        env: dict[str, str] = {}
+        own = os.environ.get("OMP_NUM_THREADS")
+        per_process = args.threads or (int(own) if own and own.isdigit() and int(own) > 0 else None)
+        if per_process is None:
+            per_process = cpus if processes == 1 else max(1, cpus // processes)
+            if processes > 1 and own is None:
+                env["OMP_NUM_THREADS"] = str(per_process)
+        spin_set = {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)
+        if not spin_set and processes * per_process >= cpus:
+            env["GOMP_SPINCOUNT"] = "5000"
+        return env
 
     def _worker(
         self,

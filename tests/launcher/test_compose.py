@@ -117,8 +117,9 @@ def test_ports_env_and_dependencies_match(compose, launcher):
             assert svc["expose"] == [str(spec.ports["internal"])]
         else:
             assert svc["expose"] == ports and "ports" not in svc
-        # GOMP_SPINCOUNT is sized to this host's CPUs (topology._omp_env): local only
-        local = {k: v for k, v in spec.env.items() if k != "GOMP_SPINCOUNT"}
+        # sized to this host's CPUs (topology._omp_env): local only
+        host = ("GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+        local = {k: v for k, v in spec.env.items() if k not in host}
         assert local.items() <= svc["environment"].items()
         assert svc["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
         assert svc["depends_on"] == {

@@ -250,6 +250,40 @@ def test_workers_filling_the_cpus_spin_briefly(monkeypatch, argv, cpus, short):
     assert all("GOMP_SPINCOUNT" not in w.env for w in topology(*argv, placement=COMPOSE).workers)
 
 
+@pytest.mark.parametrize(
+    "argv,cpus,threads",
+    [
+        ((), 2, "1"),  # prefill + decode: a core each, not 2 threads each on 2 cores
+        ((), 16, "8"),
+        (("--prefill", "2", "--decode", "2"), 16, "4"),
+        (("--prefill", "3", "--decode", "3"), 4, "1"),  # more processes than CPUs: 1 each
+        (("--colocated", "--tensor-parallel-size", "2"), 8, "4"),  # each rank a process
+        (("--colocated", "--decode", "2", "--pipeline-stages", "2"), 8, "2"),
+        (("--colocated",), 2, None),  # one engine process: torch's default, every CPU
+        (("--threads", "2"), 2, None),  # the operator's choice, passed as --threads
+    ],
+)
+def test_engine_processes_share_the_hosts_cpus(monkeypatch, argv, cpus, threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    for w in topology(*argv).workers:
+        assert w.env.get("OMP_NUM_THREADS") == threads, w.name
+    router = next(s for s in topology(*argv).services if s.name == "router")
+    assert "OMP_NUM_THREADS" not in router.env
+    # compose places services in containers this host doesn't size: left to the operator
+    assert all("OMP_NUM_THREADS" not in w.env for w in topology(*argv, placement=COMPOSE).workers)
+
+
+def test_the_operators_own_omp_num_threads_wins(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    t = topology()
+    assert all("OMP_NUM_THREADS" not in w.env for w in t.workers)  # inherited as it is
+    assert all(w.env.get("GOMP_SPINCOUNT") == "5000" for w in t.workers)  # 2 x 2 fill 2 CPUs
+
+
 @pytest.mark.parametrize("var", ["OMP_WAIT_POLICY", "GOMP_SPINCOUNT"])
 def test_the_users_own_openmp_waiting_wins(monkeypatch, var):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
