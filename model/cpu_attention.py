@@ -75,6 +75,11 @@ def cpp_decode_writing_packed(
     )
 
 
+# Which of block_linear.cpp's DecoderStack kinds a writer stands for (model/fused_decode.py):
+# -1 the float pool's; a packed writer carries its pool's KVQuant.code.
+cpp_decode_writing.kv_format = -1
+
+
 def select_backend(name: str, device: torch.device, quant: KVQuant | None = None):
     """'torch', 'cpp', or 'auto' (cpp on CPU when it builds, else torch); reading a pool in
     `quant`'s format when given one."""
@@ -94,5 +99,7 @@ def select_backend(name: str, device: torch.device, quant: KVQuant | None = None
         return chosen
     packed = functools.partial(chosen, quant=quant)
     if getattr(chosen, "decode_writing", None) is not None:
-        packed.decode_writing = functools.partial(cpp_decode_writing_packed, quant=quant)
+        writing = functools.partial(cpp_decode_writing_packed, quant=quant)
+        writing.kv_format = quant.code
+        packed.decode_writing = writing
     return packed

@@ -102,15 +102,17 @@ class FusedDecoder:
         )
 
     def _stack_for(self, writing):
-        """The native stack that does what `writing` (the backend's decode_writing) does."""
-        if writing is cpu_attention.cpp_decode_writing:
+        """The native stack that does what `writing` (the backend's decode_writing, or None)
+        does: the one for the pool format the writer names (`kv_format`, model/cpu_attention.py);
+        None for a writer that names none, or where no native stack can be made."""
+        kv_format = getattr(writing, "kv_format", None)
+        if kv_format is None or self.stack is None:
+            return None
+        if kv_format < 0:
             return self.stack
-        if getattr(writing, "func", None) is cpu_attention.cpp_decode_writing_packed:
-            code = writing.keywords["quant"].code
-            if code not in self.packed_stacks:
-                self.packed_stacks[code] = None if self.stack is None else self._native_stack(code)
-            return self.packed_stacks[code]
-        return None
+        if kv_format not in self.packed_stacks:
+            self.packed_stacks[kv_format] = self._native_stack(kv_format)
+        return self.packed_stacks[kv_format]
 
     @classmethod
     def build(cls, model, int8_only: bool = True) -> FusedDecoder | None:
@@ -155,7 +157,7 @@ class FusedDecoder:
         # a step of decodes only, on a backend that writes this step's K/V and attends in one
         # call (model/cpu_attention.py): two torch dispatches and a copy fewer a layer
         writing = getattr(backend, "decode_writing", None) if meta.num_decodes == t else None
-        stack = self._stack_for(writing) if writing is not None else None
+        stack = self._stack_for(writing)
         if stack is not None:
             return stack.run(
                 x,

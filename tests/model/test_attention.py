@@ -119,7 +119,7 @@ def test_writing_and_attending_in_one_call_is_the_two_steps(dtype):
     got = cpp_decode_writing(q, k, v, kc2, vc2, meta, 0.25)
     assert torch.equal(kc2, kc) and torch.equal(vc2, vc) and torch.equal(got, want)
     backend = select_backend("cpp", torch.device("cpu"))
-    assert backend.decode_writing is cpp_decode_writing
+    assert backend.decode_writing is cpp_decode_writing and cpp_decode_writing.kv_format == -1
 
 
 def test_writing_refuses_a_slot_outside_the_pool_before_writing_anything():
@@ -136,6 +136,7 @@ def test_writing_refuses_a_slot_outside_the_pool_before_writing_anything():
     # a packed pool's backend offers the packing writer instead (tests/model/test_kv_quant.py)
     packed = select_backend("cpp", torch.device("cpu"), quant=QUANTS["int8"])
     assert packed.decode_writing.func is cpu_attention.cpp_decode_writing_packed
+    assert packed.decode_writing.kv_format == QUANTS["int8"].code  # its DecoderStack's format
     assert getattr(select_backend("torch", torch.device("cpu")), "decode_writing", None) is None
 
 
