@@ -406,7 +406,7 @@ class _Builder:
         own = os.environ.get("OMP_NUM_THREADS")
         per_process = args.threads or (int(own) if own and own.isdigit() and int(own) > 0 else None)
         if per_process is None:
-            per_process = cpus if processes == 1 else max(1, cpus // processes)
+            per_process = max(1, cpus // processes)  # one process: every CPU, torch's default
             if processes > 1 and own is None:
                 env["OMP_NUM_THREADS"] = str(per_process)
         spin_set = {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)
