@@ -19,8 +19,12 @@ from splitserve.launcher.up import free_port, free_ports
 __all__ = ["free_port", "free_ports", "offset_band", "up_args"]
 from splitserve.launcher.topology import Topology
 
-# --port-offset: the plan's highest port (pipeline stages, 50200 and up) must stay below 65536.
-OFFSETS = range(1000, 15000)
+# --port-offset: the plan's highest port (pipeline stages, 50200 and up) must stay below 65536,
+# and the 50051 cluster above Linux's ephemeral range (32768-60999), where an outgoing
+# connection of any process may take a port between our check that it is free and the bind (a
+# pipeline stage once lost 127.0.0.1:53416 that way); the 9100 cluster then lies at
+# 20100-24400, below ROUTER_PORTS.
+OFFSETS = range(11000, 15000)
 PLAN_SPAN = 300  # wider than either cluster of bases in any plan a test starts
 
 
